@@ -1,0 +1,71 @@
+"""Command line: `python -m node {generate,serve,cache,bench}` and `python -m node --demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from node.blas import bind_fast_blas
+from node.errors import NodeError
+
+logger = logging.getLogger("node")
+
+
+def _progress(message: str) -> None:
+    print(f"[node] {message}", file=sys.stderr, flush=True)
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default', an mlx-lm folder or a .gguf file")
+
+
+def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", default=None, help="agent checkpoints (default ~/.agent_caches or $NODE_CACHE_DIR)")
+
+
+def _generate_parser(commands) -> None:
+    p = commands.add_parser("generate", help="complete a prompt (optionally as a persistent agent)")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--agent", default=None, help="use and checkpoint this persistent agent's cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object with text and usage")
+    _add_model(p)
+    _add_cache_dir(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m node", description=__doc__)
+    parser.add_argument("--demo", action="store_true", help="run the multi-node demo on the default model")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command")
+    _generate_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    bind_fast_blas()
+    from node import commands
+
+    try:
+        if args.demo:
+            return commands.run_demo(args)
+        if args.command is None:
+            build_parser().print_help()
+            return 0
+        return commands.dispatch(args, _progress)
+    except NodeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(obj: dict) -> None:
+    print(json.dumps(obj, indent=None))

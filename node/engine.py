@@ -1,0 +1,149 @@
+"""The loaded model: weights, tokenizer, chat template and a fingerprint of all three.
+
+On the CPU backend weights are kept in fp32 (only fp32 matmul goes through BLAS there; bf16 and
+quantized matmuls are 4-1000x slower); on Metal and CUDA the model keeps its own dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.utils import dequantize_model, load_model
+from transformers import AutoTokenizer
+
+from node.errors import ModelSpecError
+from node.kv_cache import make_caches
+from node.model_spec import resolve_model_folder
+
+logger = logging.getLogger(__name__)
+
+# Tokens that end an assistant turn in chat templates, beyond the tokenizer's own EOS.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    folder: str
+    fingerprint: str
+    backend: str
+    dtype: str
+    load_s: float
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length)
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Digest of what defines the model's KV: config, weight layout and source, tokenizer."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(_safetensors_header(path))
+    for name in ("node_source.json", "tokenizer.json", "tokenizer.model"):
+        if (folder / name).exists():
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def backend() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+def _prepare_for_backend(model: nn.Module) -> str:
+    if backend() != "cpu":
+        return str(next(iter(dict(_float_leaves(model)).values())).dtype)
+    if any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()):
+        model = dequantize_model(model)
+    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    return "float32"
+
+
+def _float_leaves(model: nn.Module):
+    from mlx.utils import tree_flatten
+
+    return [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
+class Engine:
+    """A model, its tokenizer and the helpers that turn text into token ids and back."""
+
+    def __init__(self, model: nn.Module, tokenizer, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_ids = self._stop_token_ids(tokenizer)
+
+    @classmethod
+    def load(cls, spec: str = "default", progress: Callable[[str], None] = logger.info) -> Engine:
+        started = time.perf_counter()
+        folder = resolve_model_folder(spec, progress)
+        try:
+            model, config = load_model(folder, lazy=False)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as e:
+            raise ModelSpecError(f"cannot load the model in {folder}: {e}") from e
+        dtype = _prepare_for_backend(model)
+        mx.eval(model.parameters())
+        info = ModelInfo(
+            name=spec if spec != "default" else "gemma-3-270m (default, GGUF Q4_K_M)",
+            folder=str(folder),
+            fingerprint=model_fingerprint(folder),
+            backend=backend(),
+            dtype=dtype,
+            load_s=time.perf_counter() - started,
+        )
+        return cls(model, tokenizer, info)
+
+    @staticmethod
+    def _stop_token_ids(tokenizer) -> frozenset[int]:
+        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return frozenset(ids)
+
+    @property
+    def context_limit(self) -> int:
+        return int(getattr(self.model.args, "max_position_embeddings", 0) or 1 << 20)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template():
+            raise ModelSpecError(f"model {self.info.name} has no chat template")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes the BOS token itself.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+
+    def make_caches(self) -> list:
+        return make_caches(self.model)
+
+    def describe(self) -> dict:
+        return json.loads(json.dumps(self.info.__dict__))

@@ -1,0 +1,195 @@
+"""Generation over an explicit, reusable KV cache.
+
+A `CachedContext` is a list of per-layer caches plus the token ids whose keys and values they hold.
+`generate` reuses the longest common prefix of that context and the new prompt, prefills only the
+rest (in chunks), then decodes with greedy or temperature/top-p sampling until EOS, a stop string,
+`max_tokens` or cancellation, streaming text through a callback.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from node import kv_cache
+from node.errors import PromptTooLong
+
+PREFILL_CHUNK = 512
+TextCallback = Callable[[str], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    prefill_s: float
+    generate_s: float
+    restore_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "eos" | "length" | "stop" | "cancelled"
+    stop_sequence: str | None
+    usage: Usage
+
+
+@dataclass
+class CachedContext:
+    caches: list
+    tokens: list[int] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return kv_cache.nbytes(self.caches)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def reusable_prefix(context: CachedContext, prompt: list[int]) -> int:
+    """How many leading prompt tokens the context can serve (at least one token must be fed)."""
+    return min(common_prefix_length(context.tokens, prompt), len(prompt) - 1)
+
+
+def rewind(context: CachedContext, position: int, fresh_caches: Callable[[], list]) -> int:
+    """Trim the context to `position` tokens; start over when the caches cannot go that far back."""
+    if position < len(context.tokens) and not kv_cache.can_trim_to(context.caches, position):
+        context.caches, context.tokens = fresh_caches(), []
+        return 0
+    kv_cache.trim_to(context.caches, position)
+    del context.tokens[position:]
+    return position
+
+
+def prefill(model, context: CachedContext, tokens: list[int], progress: ProgressCallback | None) -> None:
+    done = 0
+    while done < len(tokens):
+        chunk = tokens[done : done + PREFILL_CHUNK]
+        model(mx.array(chunk)[None], cache=context.caches)
+        mx.eval([c.keys for c in context.caches] + [c.values for c in context.caches])
+        context.tokens.extend(chunk)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(tokens))
+    mx.clear_cache()
+
+
+class _TextStream:
+    """Incremental detokenization that never emits half a character or part of a stop string."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
+        self.decode, self.stop = decode, stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stop_sequence: str | None = None
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.decode(self.ids)
+        for s in self.stop:
+            index = self.text.find(s)
+            if index >= 0:
+                self.text, self.stop_sequence = self.text[:index], s
+                return self.flush()
+        safe = len(self.text) - self.holdback
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._emit(safe)
+
+    def flush(self) -> str:
+        return self._emit(len(self.text.rstrip("\ufffd")) if self.stop_sequence is None else len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta, self.emitted = self.text[self.emitted : upto], upto
+        return delta
+
+
+def generate(
+    engine,
+    context: CachedContext,
+    prompt: list[int],
+    params: SamplingParams,
+    on_text: TextCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_prefill: ProgressCallback | None = None,
+) -> Completion:
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) + params.max_tokens > engine.context_limit:
+        raise PromptTooLong(
+            f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
+            f"context of {engine.context_limit} tokens"
+        )
+    started = time.perf_counter()
+    cached = rewind(context, reusable_prefix(context, prompt), engine.make_caches)
+    prefill(engine.model, context, prompt[cached:-1], on_prefill)
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    sampler = make_sampler(params.temperature, params.top_p)
+    stream = _TextStream(engine.decode, params.stop)
+    generated: list[int] = []
+    next_input, finish, first_token_at = prompt[-1], "length", None
+    while len(generated) < params.max_tokens:
+        if should_stop is not None and should_stop():
+            finish = "cancelled"
+            break
+        logits = engine.model(mx.array([next_input])[None], cache=context.caches)[:, -1, :]
+        token = sampler(logits).item()
+        context.tokens.append(next_input)
+        first_token_at = first_token_at or time.perf_counter()
+        generated.append(token)
+        if token in engine.eos_token_ids:
+            finish = "eos"
+            break
+        delta = stream.add(token)
+        if delta and on_text is not None:
+            on_text(delta)
+        if stream.stop_sequence is not None:
+            finish = "stop"
+            break
+        next_input = token
+    tail = stream.flush()
+    if tail and on_text is not None:
+        on_text(tail)
+    finished = time.perf_counter()
+    first_token_at = first_token_at or finished
+    usage = Usage(
+        prompt_tokens=len(prompt),
+        cached_tokens=cached,
+        prefilled_tokens=len(prompt) - cached,
+        generated_tokens=len(generated),
+        prefill_s=round(first_token_at - started, 4),
+        generate_s=round(finished - first_token_at, 4),
+    )
+    return Completion(stream.text, tuple(generated), finish, stream.stop_sequence, usage)

@@ -1,0 +1,148 @@
+"""KV caches that can be rewound anywhere, also for sliding-window layers.
+
+mlx-lm gives Gemma 3's sliding layers a `RotatingKVCache`, which cannot be trimmed once it has
+wrapped (mlx-lm issue 980): a conversation that diverges past the window loses prefix reuse.
+`SlidingHistoryCache` instead keeps every position since `base` in order and hands attention only
+the last `window` of them, so trimming is exact. Positions older than the window are dropped from
+memory once they are checkpointed (`compact`); a rewind further back is served from the checkpoint
+on disk, which keeps the full history.
+
+Every cache here stores positions `[base, offset)`; global layers use mlx-lm's `KVCache` (base 0).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+LayerCache = KVCache
+
+
+class SlidingHistoryCache(KVCache):
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+        self.base = 0
+
+    def _visible_start(self, offset: int) -> int:
+        return max(0, offset - (self.window - 1))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        start = self._visible_start(self.offset) - self.base
+        used = self.offset - self.base
+        if self.keys is None or used + n > self.keys.shape[2]:
+            self._grow(keys, values, used, n)
+        self.keys[..., used : used + n, :] = keys
+        self.values[..., used : used + n, :] = values
+        self.offset += n
+        return self.keys[..., start : used + n, :], self.values[..., start : used + n, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, used: int, n: int) -> None:
+        steps = (self.step + n - 1) // self.step
+        shape = (*keys.shape[:2], steps * self.step)
+        new_k = mx.zeros((*shape, keys.shape[3]), keys.dtype)
+        new_v = mx.zeros((*shape, values.shape[3]), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :used, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :used, :], new_v], axis=2)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
+        if N == 1:
+            return None
+        mask = create_causal_mask(N, self.offset, window_size=self.window)
+        return mask[:, self._visible_start(self.offset) :]
+
+    def keys_and_values(self) -> tuple[mx.array, mx.array]:
+        used = self.offset - self.base
+        return self.keys[..., :used, :], self.values[..., :used, :]
+
+    def can_trim_to(self, position: int) -> bool:
+        return self.base == 0 or self._visible_start(position) >= self.base
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, n)
+        if not self.can_trim_to(self.offset - n):
+            raise ValueError("cannot rewind a sliding cache past the history it holds in memory")
+        self.offset -= n
+        return n
+
+    def compact(self) -> None:
+        """Forget positions that attention can no longer see (call once they are on disk)."""
+        start = self._visible_start(self.offset)
+        if self.keys is None or start <= self.base:
+            return
+        keep_k, keep_v = self.keys[..., start - self.base : self.offset - self.base, :], None
+        keep_v = self.values[..., start - self.base : self.offset - self.base, :]
+        self.keys, self.values = mx.contiguous(keep_k), mx.contiguous(keep_v)
+        self.base = start
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_caches(model) -> list[KVCache]:
+    """One rewindable cache per layer, mirroring the model's own choice of cache type."""
+    native = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
+    caches: list[KVCache] = []
+    for cache in native:
+        if isinstance(cache, RotatingKVCache):
+            caches.append(SlidingHistoryCache(cache.max_size))
+        elif type(cache) is KVCache:
+            caches.append(KVCache())
+        else:
+            raise TypeError(f"unsupported layer cache {type(cache).__name__}")
+    return caches
+
+
+def cache_base(cache: KVCache) -> int:
+    return getattr(cache, "base", 0)
+
+
+def can_trim_to(caches: list[KVCache], position: int) -> bool:
+    return all(getattr(c, "can_trim_to", lambda p: True)(position) for c in caches)
+
+
+def trim_to(caches: list[KVCache], position: int) -> None:
+    for cache in caches:
+        if cache.offset > position:
+            cache.trim(cache.offset - position)
+
+
+def compact(caches: list[KVCache]) -> None:
+    for cache in caches:
+        if isinstance(cache, SlidingHistoryCache):
+            cache.compact()
+
+
+def positions(cache: KVCache, start: int, stop: int) -> tuple[mx.array, mx.array]:
+    """Keys and values of absolute positions [start, stop) of one layer."""
+    base = cache_base(cache)
+    if start < base:
+        raise ValueError(f"positions before {base} are no longer in memory")
+    return cache.keys[..., start - base : stop - base, :], cache.values[..., start - base : stop - base, :]
+
+
+def install(cache: KVCache, keys: mx.array, values: mx.array, base: int) -> None:
+    """Fill a fresh layer cache with positions [base, base + keys.shape[2])."""
+    cache.keys, cache.values = keys, values
+    if isinstance(cache, SlidingHistoryCache):
+        cache.base = base
+    elif base != 0:
+        raise ValueError("a full-history cache must start at position 0")
+    cache.offset = base + keys.shape[2]
+
+
+def nbytes(caches: list[KVCache]) -> int:
+    return sum(cache.nbytes for cache in caches)
+
+
+def history_start(cache: KVCache, offset: int) -> int:
+    """First position a layer needs in memory to continue after `offset`."""
+    if isinstance(cache, SlidingHistoryCache):
+        return cache._visible_start(offset)
+    return 0
