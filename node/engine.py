@@ -11,6 +11,7 @@ import json
 import logging
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,11 +20,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 from mlx_lm.utils import dequantize_model, load_model
-from transformers import AutoTokenizer
 
 from node.errors import ModelSpecError
 from node.kv_cache import make_caches
 from node.model_spec import resolve_model_folder
+from node.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,12 @@ class Engine:
         started = time.perf_counter()
         folder = resolve_model_folder(spec, progress)
         try:
-            model, config = load_model(folder, lazy=False)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            with ThreadPoolExecutor(1) as pool:  # the vocabulary parses while the weights load
+                tokenizer = pool.submit(TextTokenizer, folder)
+                model, _ = load_model(folder, lazy=False)
+                tokenizer = tokenizer.result()
+        except ModelSpecError:
+            raise
         except Exception as e:
             raise ModelSpecError(f"cannot load the model in {folder}: {e}") from e
         dtype = _prepare_for_backend(model)
@@ -109,24 +114,23 @@ class Engine:
         return cls(model, tokenizer, info)
 
     @staticmethod
-    def _stop_token_ids(tokenizer) -> frozenset[int]:
-        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        vocab = tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return frozenset(ids)
+    def _stop_token_ids(tokenizer: TextTokenizer) -> frozenset[int]:
+        ids = {tokenizer.eos_token_id, *tokenizer.extra_eos_ids}
+        ids.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
+        return frozenset(i for i in ids if i is not None)
 
     @property
     def context_limit(self) -> int:
         return int(getattr(self.model.args, "max_position_embeddings", 0) or 1 << 20)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.tokenizer.encode(text)
         if add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        return self.tokenizer.decode(ids)
 
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -134,9 +138,7 @@ class Engine:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.has_chat_template():
             raise ModelSpecError(f"model {self.info.name} has no chat template")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the BOS token itself.

@@ -43,8 +43,8 @@ def _check_folder(path: Path) -> Path:
             f"{path} is not an mlx-lm model folder: expected config.json, *.safetensors and "
             "tokenizer files"
         )
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
-        raise ModelSpecError(f"{path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if not (path / "tokenizer.json").exists():
+        raise ModelSpecError(f"{path} has no tokenizer.json (a fast tokenizer is required)")
     return path
 
 

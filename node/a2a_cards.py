@@ -1,0 +1,77 @@
+"""Agent cards: JSON data in `agent_cards/`, filled with the served URL (and auth scheme) at start-up.
+
+Each file holds one card in the A2A v1.0 JSON form with `{url}` placeholders. The node card lists
+no skills of its own: it gets the skill entries of the skill cards the node hosts, so each skill is
+described once.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+from google.protobuf.json_format import ParseDict
+
+from a2a.types import AgentCard
+
+NODE_CARD = "node"
+URL_PLACEHOLDER = "{url}"
+API_KEY_HEADER = "X-API-Key"
+
+
+def cards_dir() -> Path:
+    """`agent_cards/` of a source checkout, or its copy inside an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "agent_cards", package / "_agent_cards"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no agent_cards folder next to {package}")
+
+
+@cache
+def load_card_data(name: str) -> dict:
+    return json.loads((cards_dir() / f"{name}.json").read_text())
+
+
+def skill_path(skill_id: str) -> str:
+    return f"/skills/{skill_id}"
+
+
+def node_card(base_url: str, skills: tuple[str, ...], api_key: bool) -> AgentCard:
+    data = json.loads(json.dumps(load_card_data(NODE_CARD)))
+    data["skills"] = [entry for skill_id in skills for entry in load_card_data(skill_id)["skills"]]
+    return _build(data, base_url.rstrip("/") + "/", api_key)
+
+
+def skill_card(base_url: str, skill_id: str, api_key: bool) -> AgentCard:
+    data = json.loads(json.dumps(load_card_data(skill_id)))
+    return _build(data, base_url.rstrip("/") + skill_path(skill_id) + "/", api_key)
+
+
+def _build(data: dict, url: str, api_key: bool) -> AgentCard:
+    filled = _fill(data, url)
+    if api_key:
+        filled.update(_security())
+    return ParseDict(filled, AgentCard())
+
+
+def _fill(value, url: str):
+    if isinstance(value, str):
+        return value.replace(URL_PLACEHOLDER, url)
+    if isinstance(value, list):
+        return [_fill(item, url) for item in value]
+    if isinstance(value, dict):
+        return {key: _fill(item, url) for key, item in value.items()}
+    return value
+
+
+def _security() -> dict:
+    """The node accepts its key either as a bearer token or in the X-API-Key header."""
+    return {
+        "securitySchemes": {
+            "bearer": {"httpAuthSecurityScheme": {"scheme": "Bearer", "description": "the node's API key"}},
+            "apiKey": {"apiKeySecurityScheme": {"location": "header", "name": API_KEY_HEADER}},
+        },
+        "securityRequirements": [{"schemes": {"bearer": {}}}, {"schemes": {"apiKey": {}}}],
+    }

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from node.blas import bind_fast_blas
+
+bind_fast_blas()  # before anything imports mlx in the test process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """Converted tiny models go to a per-session folder; the default model keeps the user cache."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from tests.tiny_models import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-gemma3.gguf"
+    write_tiny_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_gguf, model_cache):
+    from node.engine import Engine
+
+    previous = os.environ.get("NODE_MODEL_CACHE")
+    os.environ["NODE_MODEL_CACHE"] = str(model_cache)
+    try:
+        return Engine.load(str(tiny_gguf), progress=lambda message: None)
+    finally:
+        if previous is None:
+            os.environ.pop("NODE_MODEL_CACHE")
+        else:
+            os.environ["NODE_MODEL_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real default model (Gemma 3 270M from PyPI)."""
+    from node.engine import Engine
+
+    return Engine.load("default", progress=lambda message: None)
