@@ -64,7 +64,11 @@ def parse_system(value: object) -> str:
         raise invalid_request("system: expected a string or a list of text blocks")
     texts = []
     for i, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if (
+            not isinstance(block, dict)
+            or block.get("type") != "text"
+            or not isinstance(block.get("text"), str)
+        ):
             raise invalid_request(f"system.{i}: expected a text block {{'type': 'text', 'text': ...}}")
         texts.append(block["text"])
     return "\n\n".join(texts)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from node.anthropic_errors import api_error_from
 
@@ -82,7 +82,10 @@ async def message_events(
 ) -> AsyncIterator[bytes]:
     """SSE bytes for one streamed message, from the manager's text deltas, progress and Completion."""
     yield sse("message_start", {"type": "message_start", "message": shell})
-    yield sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    yield sse(
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    )
     yield _PING
     completion = None
     try:
@@ -95,7 +98,7 @@ async def message_events(
                 yield _PING
         if completion is None:
             raise RuntimeError("the generation ended without a completion")
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
         yield sse("error", api_error_from(e).body())
         return
     yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
