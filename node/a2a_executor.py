@@ -19,6 +19,7 @@ from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events import EventQueue
 from a2a.server.tasks import TaskUpdater
 from a2a.types import Part, TaskState
+from google.protobuf.json_format import MessageToDict
 
 from node.a2a_conversation import Conversation, conversation_agent_id, system_prefix_tokens
 from node.config import NodeConfig
@@ -71,7 +72,7 @@ class SkillExecutor(AgentExecutor):
 
     # ---- AgentExecutor -------------------------------------------------------------------
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        request = TurnRequest(context.task_id, context.context_id, context.get_user_input(), context.metadata)
+        request = _turn_request(context)
         updater = TaskUpdater(event_queue, request.task_id, request.context_id)
         if context.current_task is None:
             task = new_task(request.task_id, request.context_id, TaskState.TASK_STATE_SUBMITTED, history=[context.message])
@@ -138,6 +139,11 @@ class SkillExecutor(AgentExecutor):
         asked = request.metadata.get("max_tokens")
         max_tokens = min(int(asked), cap) if isinstance(asked, (int, float)) and asked > 0 else cap
         return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def _turn_request(context: RequestContext) -> TurnRequest:
+    metadata = {**context.metadata, **MessageToDict(context.message.metadata)}
+    return TurnRequest(context.task_id, context.context_id, context.get_user_input(), metadata)
 
 
 class _ArtifactStream:

@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from node.anthropic_errors import (
+    ApiError,
     api_error_from,
     authentication_failed,
     error_response,
@@ -47,6 +48,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def anthropic_routes(manager, config, *, max_pending: int = MAX_PENDING) -> list[Route]:
+    """The API's routes. `manager` is an `AgentManager`, or a callable that returns it (None while
+    the node is starting: requests then get 503) for apps that start their manager at start-up."""
     return MessagesApi(manager, config, max_pending).routes()
 
 
@@ -82,10 +85,23 @@ class _GatedStream(StreamingResponse):
 
 class MessagesApi:
     def __init__(self, manager, config, max_pending: int) -> None:
-        self.manager = manager
+        self._manager = manager
         self.config = config
         self.gate = RequestGate(max_pending)
-        self.model = model_object(manager.engine)
+        self._model: dict | None = None
+
+    @property
+    def manager(self):
+        manager = self._manager() if callable(self._manager) else self._manager
+        if manager is None:
+            raise ApiError(503, "api_error", "the node is still starting; retry shortly")
+        return manager
+
+    @property
+    def model(self) -> dict:
+        if self._model is None:
+            self._model = model_object(self.manager.engine)
+        return self._model
 
     def routes(self) -> list[Route]:
         return [

@@ -38,12 +38,28 @@ def _generate_parser(commands) -> None:
     _add_cache_dir(p)
 
 
+def _serve_parser(commands) -> None:
+    from node.config import ALL_SKILLS, NodeConfig
+
+    defaults = NodeConfig()
+    p = commands.add_parser("serve", help="serve the skills as A2A agents (JSON-RPC, HTTP+JSON, SSE)")
+    p.add_argument("--host", default=defaults.host)
+    p.add_argument("--port", type=int, default=defaults.port)
+    p.add_argument("--skills", default=",".join(ALL_SKILLS), help="comma-separated skill ids to host")
+    _add_model(p)
+    _add_cache_dir(p)
+    p.add_argument("--api-key", default=None, help="require this key (Bearer or X-API-Key) on every call but the cards")
+    p.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes, help="largest request body")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens generated per task")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m node", description=__doc__)
     parser.add_argument("--demo", action="store_true", help="run the multi-node demo on the default model")
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command")
     _generate_parser(commands)
+    _serve_parser(commands)
     return parser
 
 

@@ -39,8 +39,14 @@ def run_generate(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace, progress: Progress) -> int:
+    from node.serve import run_serve as serve
+
+    return serve(args, progress)
+
+
 def dispatch(args: argparse.Namespace, progress: Progress) -> int:
-    handlers = {"generate": run_generate}
+    handlers = {"generate": run_generate, "serve": lambda args, p: run_serve(args, p)}
     return handlers[args.command](args, progress)
 
 

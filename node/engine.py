@@ -89,9 +89,11 @@ class Engine:
         self.eos_token_ids = self._stop_token_ids(tokenizer)
 
     @classmethod
-    def load(cls, spec: str = "default", progress: Callable[[str], None] = logger.info) -> Engine:
+    def load(
+        cls, spec: str = "default", progress: Callable[[str], None] = logger.info, cache_root: Path | None = None
+    ) -> Engine:
         started = time.perf_counter()
-        folder = resolve_model_folder(spec, progress)
+        folder = resolve_model_folder(spec, progress, cache_root)
         try:
             with ThreadPoolExecutor(1) as pool:  # the vocabulary parses while the weights load
                 tokenizer = pool.submit(TextTokenizer, folder)

@@ -48,9 +48,10 @@ def _check_folder(path: Path) -> Path:
     return path
 
 
-def resolve_model_folder(spec: str, progress: Callable[[str], None]) -> Path:
+def resolve_model_folder(spec: str, progress: Callable[[str], None], cache_root: Path | None = None) -> Path:
+    cache_root = cache_root or model_cache_root()
     if spec == DEFAULT_SPEC:
-        return converted_folder(default_gguf(progress), model_cache_root(), progress)
+        return converted_folder(default_gguf(progress), cache_root, progress)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelSpecError(
@@ -59,7 +60,7 @@ def resolve_model_folder(spec: str, progress: Callable[[str], None]) -> Path:
     if path.is_dir():
         return _check_folder(path)
     check_gguf_header_or_explain(path)
-    return converted_folder(path, model_cache_root(), progress)
+    return converted_folder(path, cache_root, progress)
 
 
 def check_gguf_header_or_explain(path: Path) -> None:

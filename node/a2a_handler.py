@@ -1,0 +1,93 @@
+"""Request handling on top of the SDK's `DefaultRequestHandler`.
+
+`NodeRequestHandler` checks a message before any task exists for it, so bad input gets the
+protocol's errors (JSON-RPC -32602/-32005, HTTP 400/415) instead of a failed task or a 500.
+`SkillRouter` is the executor of the node's main endpoint: message metadata `skill` picks the
+skill, the default skill takes the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Mapping
+
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
+from a2a.server.events import Event, EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.types import Message, SendMessageRequest, Task
+from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
+from google.protobuf.json_format import MessageToDict
+
+SKILL_KEY = "skill"
+
+
+def requested_skill(message: Message, request_metadata: Mapping | None = None) -> str | None:
+    """The skill a message asks for: message metadata `skill`, else the request's metadata."""
+    for metadata in (MessageToDict(message.metadata), dict(request_metadata or {})):
+        value = metadata.get(SKILL_KEY)
+        if value is not None:
+            return value if isinstance(value, str) else repr(value)
+    return None
+
+
+def check_parts(message: Message) -> None:
+    if not message.parts:
+        raise InvalidParamsError(message="message has no parts: send at least one text part")
+    for index, part in enumerate(message.parts):
+        if part.WhichOneof("content") != "text":
+            raise ContentTypeNotSupportedError(
+                message=f"part {index} is not text: this node's skills accept text parts only"
+            )
+        if not part.text.strip():
+            raise InvalidParamsError(message=f"part {index} has no text")
+
+
+class NodeRequestHandler(DefaultRequestHandler):
+    """`DefaultRequestHandler` that validates messages for one A2A agent of the node.
+
+    `skills` are the skill ids a message may ask for at this endpoint (one for a skill's own
+    endpoint, all hosted skills for the node's main endpoint)."""
+
+    def __init__(self, *args, skills: tuple[str, ...], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skills = skills
+
+    async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext) -> Message | Task:
+        self.check(params)
+        return await super().on_message_send(params, context)
+
+    async def on_message_send_stream(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> AsyncGenerator[Event, None]:
+        self.check(params)
+        async for event in super().on_message_send_stream(params, context):
+            yield event
+
+    def check(self, params: SendMessageRequest) -> None:
+        if not params.HasField("message"):
+            raise InvalidParamsError(message="params.message is required")
+        check_parts(params.message)
+        skill = requested_skill(params.message, MessageToDict(params.metadata))
+        if skill is not None and skill not in self.skills:
+            raise InvalidParamsError(
+                message=f"unknown skill {skill!r} at this endpoint; available: {', '.join(self.skills)}"
+            )
+
+
+class SkillRouter(AgentExecutor):
+    """Hands each task of the main endpoint to the executor of the skill it asks for."""
+
+    def __init__(self, executors: Mapping[str, AgentExecutor], default_skill: str) -> None:
+        self.executors = dict(executors)
+        self.default_skill = default_skill
+
+    def pick(self, context: RequestContext) -> AgentExecutor:
+        skill = requested_skill(context.message, context.metadata) if context.message else None
+        return self.executors[skill or self.default_skill]
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        await self.pick(context).execute(context, event_queue)
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        # Running tasks are tracked in the runtime every skill executor shares: any of them can stop one.
+        await self.executors[self.default_skill].cancel(context, event_queue)

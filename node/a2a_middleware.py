@@ -1,0 +1,100 @@
+"""ASGI middleware in front of the A2A routes: the API key and the request-size limit.
+
+Both are plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from a2a.utils.errors import InvalidRequestError
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from node.a2a_cards import API_KEY_HEADER
+
+logger = logging.getLogger(__name__)
+CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
+PUBLIC_PATHS = ("/health",)
+
+
+def is_public(scope: Scope) -> bool:
+    """Cards (at every agent's path) and the liveness probe need no key."""
+    path = scope.get("path", "")
+    return scope.get("method") in ("GET", "HEAD") and (path.endswith(CARD_SUFFIXES) or path in PUBLIC_PATHS)
+
+
+class ApiKeyMiddleware:
+    """Refuses every non-public request that does not carry the key (bearer token or X-API-Key)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self._key = api_key.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_public(scope) or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        logger.info("refused %s %s: missing or wrong API key", scope.get("method"), scope.get("path"))
+        response = JSONResponse(
+            {"error": {"code": 401, "status": "UNAUTHENTICATED", "message": "missing or invalid API key"}},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="a2a-node"'},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope.get("headers") or [])
+        offered = headers.get(API_KEY_HEADER.lower().encode("latin-1"), b"")
+        authorization = headers.get(b"authorization", b"")
+        if authorization[:7].lower() == b"bearer ":
+            offered = authorization[7:].strip()
+        return bool(offered) and hmac.compare_digest(offered, self._key)
+
+
+class BodyLimitMiddleware:
+    """Stops reading a request body past `max_bytes`.
+
+    The error is raised from `receive`, inside the SDK's dispatchers, which turn an `A2AError` into
+    the transport's own error: JSON-RPC -32600 or an HTTP+JSON 400, not a 500.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, self._limited(scope, receive), send)
+
+    def _limited(self, scope: Scope, receive: Receive) -> Receive:
+        declared = _content_length(scope)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            if declared is not None and declared > self.max_bytes:
+                raise self._too_large(declared)
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise self._too_large(received)
+            return message
+
+        return limited_receive
+
+    def _too_large(self, size: int) -> InvalidRequestError:
+        return InvalidRequestError(message=f"Payload too large: {size} bytes, the limit is {self.max_bytes}")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

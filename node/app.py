@@ -1,0 +1,103 @@
+"""`create_app(config)`: the node's Starlette app (A2A agents, /health, /agents).
+
+With a `manager`, the caller owns it (and closes it); without one the app loads the model and
+starts its own manager at start-up and closes it at shutdown. Either way start-up prefills each
+hosted skill's system prompt once, so new conversations start from a cached prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from node.a2a_executor import SkillExecutor, SkillRuntime
+from node.a2a_middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from node.a2a_server import build_agents
+from node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: NodeConfig, manager=None) -> Starlette:
+    runtime = SkillRuntime(config, manager)
+    agents = build_agents(config, runtime)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        owned = runtime.manager is None
+        if owned:
+            runtime.manager = await start_manager(config)
+        try:
+            await warm_up(agents.executors.values())
+            yield
+        finally:
+            await agents.aclose()
+            if owned:
+                await runtime.manager.close()
+
+    routes = [
+        Route("/health", _health(runtime), methods=["GET"]),
+        Route("/agents", _agents(runtime), methods=["GET"]),
+        *agents.routes,
+    ]
+    app = Starlette(routes=routes, middleware=_middleware(config), lifespan=lifespan)
+    app.state.runtime = runtime
+    return app
+
+
+async def start_manager(config: NodeConfig, progress=logger.info):
+    from node.blas import bind_fast_blas
+
+    bind_fast_blas()
+    from node.agents import AgentManager
+    from node.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, config.model, progress)
+    return await AgentManager.start(
+        engine, config.cache_dir, max_agents=config.max_agents, memory_budget_bytes=config.memory_budget_bytes
+    )
+
+
+async def warm_up(executors) -> None:
+    for executor in executors:
+        executor: SkillExecutor
+        tokens = await executor.warm_up()
+        logger.info("skill %s: system prompt of %d tokens cached", executor.skill_id, tokens)
+
+
+def _middleware(config: NodeConfig) -> list[Middleware]:
+    # Listed outermost first: a request without the key is refused before its body is read.
+    middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.max_message_bytes)]
+    if config.api_key is not None:
+        middleware.insert(0, Middleware(ApiKeyMiddleware, api_key=config.api_key))
+    return middleware
+
+
+def _health(runtime: SkillRuntime):
+    async def health(request: Request) -> JSONResponse:
+        manager = runtime.manager
+        body = {
+            "status": "ok" if manager is not None else "starting",
+            "model": manager.engine.info.name if manager is not None else None,
+            "skills": list(runtime.config.skills),
+            "running_tasks": len(runtime.running),
+        }
+        return JSONResponse(body, status_code=200 if manager is not None else 503)
+
+    return health
+
+
+def _agents(runtime: SkillRuntime):
+    async def agents(request: Request) -> JSONResponse:
+        if runtime.manager is None:
+            return JSONResponse({"error": "the node is still starting"}, status_code=503)
+        return JSONResponse(runtime.manager.stats())
+
+    return agents

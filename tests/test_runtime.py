@@ -1,0 +1,167 @@
+"""Model runtime: GGUF import, tokenizer, generation and prefix reuse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from node.errors import ModelImportError, ModelSpecError
+from node.generation import CachedContext, SamplingParams, generate
+
+
+def test_gguf_import_round_trip(tiny_gguf, tiny_engine):
+    from tests.tiny_models import tiny_weights
+
+    expected = tiny_weights()
+    loaded = dict(tree_flatten(tiny_engine.model.parameters()))
+    assert set(expected) == set(loaded)
+    for name, array in expected.items():
+        tolerance = 0.02 if "mlp.up_proj" in name else 1e-6  # Q8_0 vs exact F32
+        np.testing.assert_allclose(np.array(loaded[name]), array, atol=tolerance, err_msg=name)
+    config = json.loads(open(tiny_engine.info.folder + "/config.json").read())
+    assert config["model_type"] == "gemma3_text" and config["sliding_window"] == 8
+
+
+def test_converted_model_is_cached(tiny_gguf, tiny_engine, model_cache):
+    from node.engine import Engine
+
+    messages: list[str] = []
+    again = Engine.load(str(tiny_gguf), progress=messages.append, cache_root=model_cache)
+    assert again.info.folder == tiny_engine.info.folder
+    assert not any("converting" in m for m in messages)
+    assert again.info.fingerprint == tiny_engine.info.fingerprint
+
+
+def test_bad_model_specs_are_explained(tmp_path):
+    from node.engine import Engine
+
+    with pytest.raises(ModelSpecError, match="not found"):
+        Engine.load(str(tmp_path / "missing"))
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelSpecError, match="neither an mlx-lm model folder nor a GGUF"):
+        Engine.load(str(tmp_path / "junk.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSpecError, match="config.json"):
+        Engine.load(str(tmp_path / "empty"))
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+
+    from node.gguf_import import convert_gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+    writer.add_tensor("x", np.zeros(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelImportError, match="'mamba' is not supported"):
+        convert_gguf(tmp_path / "mamba.gguf", tmp_path, lambda m: None)
+
+
+def _cold(engine, prompt, max_tokens=12):
+    return generate(engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=max_tokens))
+
+
+def test_extending_prompt_prefills_only_new_tokens(tiny_engine):
+    first = tiny_engine.encode("the cat sat on the mat and the dog")
+    context = CachedContext(tiny_engine.make_caches())
+    generate(tiny_engine, context, first, SamplingParams(max_tokens=4))
+    longer = first + tiny_engine.encode(" is a cat", add_bos=False)
+    reused = generate(tiny_engine, context, longer, SamplingParams(max_tokens=12))
+    assert reused.usage.cached_tokens == len(first)
+    assert reused.usage.prefilled_tokens == len(longer) - len(first)
+    assert reused.token_ids == _cold(tiny_engine, longer).token_ids
+
+
+def test_diverging_past_sliding_window_reuses_prefix(tiny_engine):
+    """mlx-lm's RotatingKVCache cannot rewind once wrapped (issue 980); ours can."""
+    base = tiny_engine.encode("the cat sat on the mat " * 6)
+    context = CachedContext(tiny_engine.make_caches())
+    generate(tiny_engine, context, base, SamplingParams(max_tokens=3))
+    assert len(base) > 4 * 8  # far past the 8-token window
+    edited = base[:30] + tiny_engine.encode(" dog and a dog", add_bos=False)
+    result = generate(tiny_engine, context, edited, SamplingParams(max_tokens=12))
+    assert result.usage.cached_tokens == 30
+    assert result.token_ids == _cold(tiny_engine, edited).token_ids
+
+
+def test_identical_prompt_is_served_from_cache(tiny_engine):
+    prompt = tiny_engine.encode("a dog is on the mat")
+    context = CachedContext(tiny_engine.make_caches())
+    first = generate(tiny_engine, context, prompt, SamplingParams(max_tokens=6))
+    again = generate(tiny_engine, context, prompt, SamplingParams(max_tokens=6))
+    assert again.usage.cached_tokens == len(prompt) - 1
+    assert again.token_ids == first.token_ids
+
+
+@pytest.mark.slow
+def test_stop_strings_and_streaming(engine):
+    prompt = engine.encode("Monday, Tuesday, Wednesday,")
+    free = _cold(engine, prompt, max_tokens=10)
+    stop = "Saturday"
+    chunks: list[str] = []
+    stopped = generate(
+        engine, CachedContext(engine.make_caches()), prompt,
+        SamplingParams(max_tokens=10, stop=(stop,)), on_text=chunks.append,
+    )
+    assert stopped.finish_reason == "stop" and stopped.stop_sequence == stop
+    assert stopped.text == free.text[: free.text.find(stop)]
+    assert "".join(chunks) == stopped.text == " Thursday, Friday, "
+    assert len(chunks) > 1
+
+
+def test_sampling_is_seeded_and_cancellable(tiny_engine):
+    prompt = tiny_engine.encode("the dog")
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    one = generate(tiny_engine, CachedContext(tiny_engine.make_caches()), prompt, params)
+    two = generate(tiny_engine, CachedContext(tiny_engine.make_caches()), prompt, params)
+    assert one.token_ids == two.token_ids
+    calls = iter(range(100))
+    cancelled = generate(
+        tiny_engine, CachedContext(tiny_engine.make_caches()), prompt, SamplingParams(max_tokens=50),
+        should_stop=lambda: next(calls) >= 3,
+    )
+    assert cancelled.finish_reason == "cancelled" and cancelled.usage.generated_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["héllo wörld — 日本語 🙂 naïve", "  leading and trailing  \n\n\ttabs\r\n", "def f(x):\n    return {'a': [x ** 2]}  # ok\n"],
+)
+def test_default_tokenizer_round_trips(engine, text):
+    ids = engine.encode(text, add_bos=False)
+    assert engine.decode(ids) == text
+
+
+LLAMA_CPP_REFERENCES = {
+    "Q: What is the capital of France?\nA:": " The capital of France is Paris.\nQ:",
+    "The Eiffel Tower is located in the city of": " Paris, France. It is the world's",
+    "Monday, Tuesday, Wednesday,": " Thursday, Friday, Saturday, Sunday, and Monday",
+    "The capital of France is": " the capital of the country of France. It is",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompt,expected", list(LLAMA_CPP_REFERENCES.items()))
+def test_default_model_matches_llama_cpp(engine, prompt, expected):
+    completion = _cold(engine, engine.encode(prompt), max_tokens=10)
+    reference = engine.encode(expected, add_bos=False)
+    # The issue allows a late token to flip (fp32 here vs llama.cpp's own kernels); the first
+    # six must agree. Three of the four references match in full, "Eiffel" flips at token 8.
+    assert list(completion.token_ids[:6]) == reference[:6], completion.text
+
+
+@pytest.mark.slow
+def test_default_model_prefix_reuse_matches_cold(engine):
+    first = engine.encode("Q: What is the capital of France?\nA:")
+    context = CachedContext(engine.make_caches())
+    generate(engine, context, first, SamplingParams(max_tokens=4))
+    longer = first + engine.encode(" Paris.\nQ: What is the capital of Italy?\nA:", add_bos=False)
+    reused = generate(engine, context, longer, SamplingParams(max_tokens=8))
+    assert reused.usage.cached_tokens == len(first)
+    assert reused.token_ids == _cold(engine, longer, max_tokens=8).token_ids
