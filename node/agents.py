@@ -83,7 +83,7 @@ class AgentManager:
         params: SamplingParams,
         *,
         base_agent: str | None = None,
-        metadata: dict | None = None,
+        metadata: dict | Callable[[Completion], dict] | None = None,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[str | PrefillProgress | Completion]:
         validate_agent_id(agent_id)
@@ -132,6 +132,12 @@ class AgentManager:
             return None
         return None if manifest is None else manifest.get("metadata") or {}
 
+    async def tokens(self, agent_id: str) -> list[int]:
+        """The token ids an agent's context holds (empty for an unknown agent)."""
+        validate_agent_id(agent_id)
+        async with self._lock(agent_id):
+            return await self._worker.run(self._tokens, agent_id)
+
     async def delete(self, agent_id: str) -> bool:
         validate_agent_id(agent_id)
         async with self._lock(agent_id):
@@ -161,7 +167,8 @@ class AgentManager:
         )
         agent.persisted = min(agent.persisted, completion.usage.cached_tokens)
         if metadata is not None:
-            agent.metadata = metadata
+            # A callable sees the completion, so the checkpoint can record the reply too.
+            agent.metadata = metadata(completion) if callable(metadata) else metadata
         self._record(agent, completion)
         self._checkpoint(agent)
         self._evict(keep=agent_id)
@@ -261,6 +268,16 @@ class AgentManager:
                 self._checkpoint(victim)
             logger.info("evicted agent %r from memory (%d tokens stay on disk)", victim_id, victim.persisted)
         self._update_snapshot()
+
+    def _tokens(self, agent_id: str) -> list[int]:
+        agent = self._agents.get(agent_id)
+        if agent is not None:
+            return list(agent.context.tokens)
+        try:
+            return self.store.tokens(agent_id)
+        except CheckpointError as e:
+            self._refuse(agent_id, e)
+            return []
 
     def _delete(self, agent_id: str) -> bool:
         in_memory = self._agents.pop(agent_id, None) is not None
