@@ -114,8 +114,13 @@ class SkillExecutor(AgentExecutor):
         agent_id = conversation_agent_id(self.skill_id, request.context_id)
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))
         prompt = manager.engine.encode_chat(conversation.prompt(self.system_prompt, request.text))
-        record = conversation.metadata(request.text, None, skill=self.skill_id, context_id=request.context_id)
-        from node.generation import Completion
+        extra = {"skill": self.skill_id, "context_id": request.context_id}
+
+        def record(completion: Completion) -> dict:
+            # Evaluated by the manager before the checkpoint, so the reply is saved with the turn
+            # (a cancelled turn keeps no reply: the next turn drops its question).
+            reply = None if completion.finish_reason == "cancelled" else completion.text
+            return conversation.metadata(request.text, reply, **extra)
 
         completion = None
         stream = manager.stream(
@@ -127,9 +132,6 @@ class SkillExecutor(AgentExecutor):
             elif isinstance(item, Completion):
                 completion = item
         await out.close()
-        # The manager keeps this dict as the agent's metadata: completing it in place lets the next
-        # turn in this process see the reply (see the report: persisting it needs a manager hook).
-        record["messages"].append({"role": "assistant", "content": completion.text})
         return completion
 
     def sampling(self, request: TurnRequest):
