@@ -17,12 +17,19 @@ from node.a2a_cards import API_KEY_HEADER
 logger = logging.getLogger(__name__)
 CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 PUBLIC_PATHS = ("/health",)
+# The Anthropic Messages API (node.anthropic_api) checks the key and the body size itself and
+# answers in Anthropic's error shape, which its clients (the SDK, Claude Code) parse.
+SELF_CHECKING_PREFIXES = ("/v1/messages", "/v1/models")
 
 
 def is_public(scope: Scope) -> bool:
     """Cards (at every agent's path) and the liveness probe need no key."""
     path = scope.get("path", "")
     return scope.get("method") in ("GET", "HEAD") and (path.endswith(CARD_SUFFIXES) or path in PUBLIC_PATHS)
+
+
+def checks_itself(scope: Scope) -> bool:
+    return scope.get("path", "").startswith(SELF_CHECKING_PREFIXES)
 
 
 class ApiKeyMiddleware:
@@ -33,7 +40,7 @@ class ApiKeyMiddleware:
         self._key = api_key.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_public(scope) or self._authorized(scope):
+        if scope["type"] != "http" or is_public(scope) or checks_itself(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         logger.info("refused %s %s: missing or wrong API key", scope.get("method"), scope.get("path"))
@@ -65,7 +72,7 @@ class BodyLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or checks_itself(scope):
             await self.app(scope, receive, send)
             return
         await self.app(scope, self._limited(scope, receive), send)

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from node.a2a_executor import SkillExecutor, SkillRuntime
 from node.a2a_middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from node.a2a_server import build_agents
+from node.anthropic_api import anthropic_routes
 from node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
     routes = [
         Route("/health", _health(runtime), methods=["GET"]),
         Route("/agents", _agents(runtime), methods=["GET"]),
+        *anthropic_routes(lambda: runtime.manager, config),
+        # Last: the node's HTTP+JSON routes end with a catch-all `/{tenant}/...` mount.
         *agents.routes,
     ]
     app = Starlette(routes=routes, middleware=_middleware(config), lifespan=lifespan)

@@ -76,7 +76,8 @@ def _to_mlx(array: np.ndarray, dtype: str) -> mx.array:
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, fingerprint: str) -> None:
+    def __init__(self, root: Path, fingerprint: str | None) -> None:
+        """`fingerprint` None: read any model's checkpoints (listing, verifying digests only)."""
         self.root = Path(root)
         self.fingerprint = fingerprint
         (self.root / "agents").mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ class CheckpointStore:
                 f"checkpoint of agent {agent_id!r} has format version {manifest.get('format_version')!r}; "
                 f"this node reads version {FORMAT_VERSION}"
             )
-        if manifest.get("model_fingerprint") != self.fingerprint:
+        if self.fingerprint is not None and manifest.get("model_fingerprint") != self.fingerprint:
             raise CheckpointModelMismatch(
                 f"checkpoint of agent {agent_id!r} was made by model {manifest.get('model_fingerprint')!r}, "
                 f"not by the loaded model {self.fingerprint!r}"
@@ -275,6 +276,22 @@ class CheckpointStore:
         if block_digests(rows) != expected:
             raise CheckpointCorrupt(f"segment {segment['file']} tensor {name} fails its digest")
         return rows[lo - first * BLOCK : hi - first * BLOCK]
+
+    def verify(self, agent_id: str) -> None:
+        """Read every byte a checkpoint lists and check it; raise CheckpointError on a problem."""
+        manifest = self.manifest(agent_id)
+        if manifest is None:
+            raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
+        folder = self.agent_dir(agent_id)
+        expected = 0
+        for segment in manifest["segments"]:
+            if segment["start"] != expected:
+                raise CheckpointCorrupt(f"segment {segment['file']} starts at {segment['start']}, expected {expected}")
+            for name in segment["digests"]:
+                self._read(folder, segment, name, 0, segment["length"])
+            expected = segment["stop"]
+        if expected != manifest["token_count"]:
+            raise CheckpointCorrupt(f"segments cover {expected} tokens, manifest says {manifest['token_count']}")
 
     # ---- housekeeping --------------------------------------------------------------------
     def quarantine(self, agent_id: str, reason: str) -> Path | None:

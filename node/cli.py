@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
+from node import cache_commands
 from node.blas import bind_fast_blas
 from node.errors import NodeError
 
@@ -59,11 +61,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command")
     _generate_parser(commands)
+    cache_commands.add_parser(commands, _add_model, _add_cache_dir)
     _serve_parser(commands)
     return parser
 
 
+def exit_without_mlx_teardown(code: int) -> None:
+    """Leave the process without running MLX's C++ static destructors.
+
+    MLX used from a non-main thread (our model worker) can abort in its destructors at exit with
+    "terminate called without an active exception" (ml-explore/mlx issue 3126). Everything that
+    matters is already flushed and fsynced when this runs.
+    """
+    if "mlx.core" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    exit_without_mlx_teardown(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     bind_fast_blas()

@@ -1,11 +1,18 @@
-"""What each CLI command does, kept apart from argument parsing."""
+"""What each CLI command does, kept apart from argument parsing.
+
+Nothing here imports MLX at module level: the CLI binds the fast BLAS first.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
+from node.config import default_cache_dir
 
 Progress = Callable[[str], None]
 
@@ -16,26 +23,61 @@ def _sampling(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
 
 
-def _prompt_tokens(engine, args: argparse.Namespace) -> list[int]:
-    if args.chat:
-        return engine.encode_chat([{"role": "user", "content": args.prompt}])
-    return engine.encode(args.prompt)
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+
+
+def _print_result(args: argparse.Namespace, completion) -> None:
+    if args.json:
+        result = {"text": completion.text, "finish_reason": completion.finish_reason, "usage": completion.usage.as_dict()}
+        if args.agent:
+            result["agent"] = args.agent
+        print(json.dumps(result))
+    else:
+        print()
 
 
 def run_generate(args: argparse.Namespace, progress: Progress) -> int:
-    import json
-
     from node.engine import Engine
     from node.generation import CachedContext, generate
 
     engine = Engine.load(args.model, progress)
+    if args.agent:
+        return asyncio.run(_generate_as_agent(engine, args))
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
-    context = CachedContext(engine.make_caches())
-    completion = generate(engine, context, _prompt_tokens(engine, args), _sampling(args), on_text=stream)
-    if args.json:
-        print(json.dumps({"text": completion.text, "finish_reason": completion.finish_reason, "usage": completion.usage.as_dict()}))
+    if args.chat:
+        prompt = engine.encode_chat([{"role": "user", "content": args.prompt}])
     else:
-        print()
+        prompt = engine.encode(args.prompt)
+    completion = generate(engine, CachedContext(engine.make_caches()), prompt, _sampling(args), on_text=stream)
+    _print_result(args, completion)
+    return 0
+
+
+async def _generate_as_agent(engine, args: argparse.Namespace) -> int:
+    """Append the prompt to the agent's context (a chat turn with --chat), then checkpoint it."""
+    from node.agents import AgentManager
+
+    manager = await AgentManager.start(engine, _cache_dir(args))
+    try:
+        metadata = await manager.metadata(args.agent) or {}
+        if args.chat:
+            messages = metadata.get("messages", []) + [{"role": "user", "content": args.prompt}]
+            prompt = engine.encode_chat(messages)
+            metadata = lambda done: {"messages": messages + [{"role": "assistant", "content": done.text}]}  # noqa: E731
+        else:
+            # The last sampled token is not fed to the model yet, so the cache lacks it.
+            history = await manager.tokens(args.agent) + metadata.get("unfed_tokens", [])
+            prompt = history + engine.encode(args.prompt, add_bos=not history)
+            metadata = lambda done: {"unfed_tokens": list(done.token_ids[-1:])}  # noqa: E731
+        completion = None
+        async for item in manager.stream(args.agent, prompt, _sampling(args), metadata=metadata):
+            if isinstance(item, str) and not args.json:
+                print(item, end="", flush=True)
+            completion = item
+        _print_result(args, completion)
+    finally:
+        await manager.close()
     return 0
 
 
@@ -46,7 +88,9 @@ def run_serve(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def dispatch(args: argparse.Namespace, progress: Progress) -> int:
-    handlers = {"generate": run_generate, "serve": lambda args, p: run_serve(args, p)}
+    from node import cache_commands
+
+    handlers = {"generate": run_generate, "cache": cache_commands.run_cache, "serve": lambda args, p: run_serve(args, p)}
     return handlers[args.command](args, progress)
 
 

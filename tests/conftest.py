@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -36,15 +35,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 def tiny_engine(tiny_gguf, model_cache):
     from node.engine import Engine
 
-    previous = os.environ.get("NODE_MODEL_CACHE")
-    os.environ["NODE_MODEL_CACHE"] = str(model_cache)
-    try:
-        return Engine.load(str(tiny_gguf), progress=lambda message: None)
-    finally:
-        if previous is None:
-            os.environ.pop("NODE_MODEL_CACHE")
-        else:
-            os.environ["NODE_MODEL_CACHE"] = previous
+    return Engine.load(str(tiny_gguf), progress=lambda message: None, cache_root=model_cache)
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +44,15 @@ def engine():
     from node.engine import Engine
 
     return Engine.load("default", progress=lambda message: None)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    session.config._node_exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config) -> None:
+    # MLX used from the model worker thread can abort in its C++ destructors at exit
+    # (ml-explore/mlx issue 3126); leave before they run, keeping pytest's own exit status.
+    from node.cli import exit_without_mlx_teardown
+
+    exit_without_mlx_teardown(getattr(config, "_node_exit_status", 0))
