@@ -46,7 +46,9 @@ class NodeProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the node exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+                raise RuntimeError(
+                    f"the node exited with {self.process.returncode}:\n{self.log_path.read_text()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
@@ -88,7 +90,7 @@ def user(text: str) -> list[dict]:
 
 def test_create(client):
     message = client.messages.create(
-        model="claude-sonnet-4-5",
+        model="claude-node-test",
         max_tokens=12,
         system="You answer geography questions.",
         messages=user("What is the capital of France?"),
@@ -96,7 +98,7 @@ def test_create(client):
         extra_body={**GREEDY, "thinking": {"type": "disabled"}, "output_config": {"effort": "low"}},
     )
     assert message.id.startswith("msg_") and message.type == "message" and message.role == "assistant"
-    assert message.model == "claude-sonnet-4-5"
+    assert message.model == "claude-node-test"
     assert message.content[0].type == "text" and message.content[0].text.strip()
     assert message.stop_reason in ("end_turn", "max_tokens") and message.stop_sequence is None
     usage = message.usage
@@ -142,19 +144,26 @@ def test_errors_map_to_sdk_exceptions(node, client):
         client.messages.create(model="m", max_tokens=0, messages=user("hi"))
     with pytest.raises(anthropic.AuthenticationError) as refused:
         node.client(api_key="wrong").messages.create(model="m", max_tokens=8, messages=user("hi"))
-    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "authentication_error"
+    assert (
+        refused.value.body["type"] == "error"
+        and refused.value.body["error"]["type"] == "authentication_error"
+    )
     with pytest.raises(anthropic.APIStatusError) as too_large:
         client.messages.create(model="m", max_tokens=8, messages=user("x" * (MAX_MESSAGE_BYTES + 1)))
     assert too_large.value.status_code == 413 and too_large.value.body["error"]["type"] == "request_too_large"
 
 
 def test_legacy_x_api_key_header_is_accepted(node):
-    response = httpx.get(f"{node.url}/v1/models", headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"})
+    response = httpx.get(
+        f"{node.url}/v1/models", headers={"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+    )
     assert response.status_code == 200 and response.json()["data"][0]["id"] == "gemma-3-270m"
 
 
 def _turn(client, system: str, messages: list[dict]) -> anthropic.types.Message:
-    return client.messages.create(model="claude-x", max_tokens=8, system=system, messages=messages, extra_body=GREEDY)
+    return client.messages.create(
+        model="claude-x", max_tokens=8, system=system, messages=messages, extra_body=GREEDY
+    )
 
 
 def _prompt_tokens(message) -> int:
