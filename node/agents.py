@@ -36,6 +36,14 @@ class PrefillProgress:
     total: int
 
 
+@dataclass(frozen=True)
+class AgentRequest:
+    agent_id: str
+    prompt: list[int]
+    params: SamplingParams = SamplingParams()
+    base_agent: str | None = None
+
+
 @dataclass
 class AgentStats:
     tasks: int = 0
@@ -114,6 +122,14 @@ class AgentManager:
         async for item in self.stream(agent_id, prompt, params, **kwargs):
             result = item
         return result
+
+    async def generate_concurrent(self, requests: list[AgentRequest]) -> list[Completion]:
+        """Run tasks for several agents at once; each agent's cache stays isolated."""
+        return list(
+            await asyncio.gather(
+                *(self.generate(r.agent_id, r.prompt, r.params, base_agent=r.base_agent) for r in requests)
+            )
+        )
 
     async def ensure_prefix(self, agent_id: str, prompt: list[int]) -> int:
         """Make `agent_id` hold exactly `prompt` (prefilling and checkpointing as needed)."""

@@ -49,7 +49,7 @@ def _check_folder(path: Path) -> Path:
 
 
 def resolve_model_folder(spec: str, progress: Callable[[str], None], cache_root: Path | None = None) -> Path:
-    cache_root = cache_root or model_cache_root()
+    cache_root = Path(cache_root) if cache_root else model_cache_root()
     if spec == DEFAULT_SPEC:
         return converted_folder(default_gguf(progress), cache_root, progress)
     path = Path(spec).expanduser()
