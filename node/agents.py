@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -23,7 +24,7 @@ from node import kv_cache
 from node.checkpoint import CheckpointStore
 from node.checkpoint_format import validate_agent_id
 from node.errors import CheckpointError
-from node.generation import CachedContext, Completion, SamplingParams, generate, prefill, reusable_prefix, rewind
+from node.generation import CachedContext, Completion, SamplingParams, Sequence, prefill, reusable_prefix, rewind
 from node.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Agent:
     persisted: int = 0
     metadata: dict = field(default_factory=dict)
     stats: AgentStats = field(default_factory=AgentStats)
+    busy: bool = False
 
 
 class AgentManager:
@@ -71,7 +73,7 @@ class AgentManager:
         self.store = store
         self.max_agents = max_agents
         self.memory_budget_bytes = memory_budget_bytes
-        self._worker = ModelWorker()
+        self._worker = ModelWorker(engine.model)
         self._agents: OrderedDict[str, Agent] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._snapshot: dict = {"agents": {}}
@@ -107,13 +109,17 @@ class AgentManager:
         def should_stop() -> bool:
             return abandoned.is_set() or (cancel is not None and cancel.is_set())
 
+        done: Future = Future()
+        done.add_done_callback(lambda _: emit(_DONE))
         async with self._lock(agent_id):
-            future = self._worker.submit(self._run_task, agent_id, prompt, params, base_agent, metadata, should_stop, emit)
-            future.add_done_callback(lambda _: emit(_DONE))
+            started = self._worker.submit(
+                self._start_task, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done
+            )
+            started.add_done_callback(lambda f: f.exception() and not done.done() and done.set_exception(f.exception()))
             try:
                 while (item := await queue.get()) is not _DONE:
                     yield item
-                yield await asyncio.wrap_future(future)
+                yield await asyncio.wrap_future(done)
             finally:
                 abandoned.set()
 
@@ -160,7 +166,16 @@ class AgentManager:
             return await self._worker.run(self._delete, agent_id)
 
     def stats(self) -> dict:
-        return {**self._snapshot, "on_disk": self._disk_summary(), "refused_checkpoints": list(self._refused)}
+        return {
+            **self._snapshot,
+            "on_disk": self._disk_summary(),
+            "refused_checkpoints": list(self._refused),
+            "batching": self._worker.stats(),
+        }
+
+    @property
+    def worker(self) -> ModelWorker:
+        return self._worker
 
     async def close(self) -> None:
         await self._worker.run(self._save_all)
@@ -170,24 +185,39 @@ class AgentManager:
         return self._locks.setdefault(agent_id, asyncio.Lock())
 
     # ---- worker-thread side --------------------------------------------------------------
-    def _run_task(self, agent_id, prompt, params, base_agent, metadata, should_stop, emit) -> Completion:
+    def _start_task(self, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done: Future) -> None:
+        """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
         agent, restore_s = self._acquire(agent_id, prompt, base_agent)
-        completion = generate(
+        sequence = Sequence(
             self.engine,
             agent.context,
             prompt,
             params,
             on_text=emit,
             should_stop=should_stop,
-            on_prefill=lambda done, total: emit(PrefillProgress(done, total)),
+            on_prefill=lambda done_tokens, total: emit(PrefillProgress(done_tokens, total)),
         )
+        agent.busy = True
+
+        def finished(result: Completion | BaseException) -> None:
+            agent.busy = False
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                done.set_result(self._finish_task(agent, result, metadata, restore_s))
+            except BaseException as e:  # noqa: BLE001 - delivered to the awaiting request
+                done.set_exception(e)
+
+        self._worker.add_sequence(sequence, finished)
+
+    def _finish_task(self, agent: Agent, completion: Completion, metadata, restore_s: float) -> Completion:
         agent.persisted = min(agent.persisted, completion.usage.cached_tokens)
         if metadata is not None:
             # A callable sees the completion, so the checkpoint can record the reply too.
             agent.metadata = metadata(completion) if callable(metadata) else metadata
         self._record(agent, completion)
         self._checkpoint(agent)
-        self._evict(keep=agent_id)
+        self._evict(keep=agent.agent_id)
         return dataclasses.replace(completion, usage=dataclasses.replace(completion.usage, restore_s=round(restore_s, 4)))
 
     def _run_prefix(self, agent_id: str, prompt: list[int]) -> int:
@@ -278,7 +308,9 @@ class AgentManager:
         while len(self._agents) > 1 and (
             len(self._agents) > self.max_agents or self._bytes_in_memory() > self.memory_budget_bytes
         ):
-            victim_id = next(a for a in self._agents if a != keep)
+            victim_id = next((a for a, v in self._agents.items() if a != keep and not v.busy), None)
+            if victim_id is None:
+                break
             victim = self._agents.pop(victim_id)
             if victim.persisted < len(victim.context.tokens):
                 self._checkpoint(victim)

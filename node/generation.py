@@ -135,6 +135,111 @@ class _TextStream:
         return delta
 
 
+class Sequence:
+    """One request's generation as a state machine: prefill in chunks, then one token per step.
+
+    `generate` drives a single sequence; `node.batching` steps several in one forward pass.
+    """
+
+    def __init__(
+        self,
+        engine,
+        context: CachedContext,
+        prompt: list[int],
+        params: SamplingParams,
+        on_text: TextCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_prefill: ProgressCallback | None = None,
+    ) -> None:
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + params.max_tokens > engine.context_limit:
+            raise PromptTooLong(
+                f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
+                f"context of {engine.context_limit} tokens"
+            )
+        self.engine, self.context, self.prompt, self.params = engine, context, prompt, params
+        self.on_text, self.should_stop, self.on_prefill = on_text, should_stop, on_prefill
+        self.started = time.perf_counter()
+        self.cached = rewind(context, reusable_prefix(context, prompt), engine.make_caches)
+        self.pending = prompt[self.cached : -1]
+        self.prefilled = 0
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        self.sampler = make_sampler(params.temperature, params.top_p)
+        self.stream = _TextStream(engine.decode, params.stop)
+        self.generated: list[int] = []
+        self.next_input = prompt[-1]
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.pending)
+
+    def prefill_chunk(self) -> None:
+        if self.should_stop is not None and self.should_stop():
+            self.finish_reason = "cancelled"
+            del self.pending[self.prefilled :]
+            return
+        chunk = self.pending[self.prefilled : self.prefilled + PREFILL_CHUNK]
+        self.engine.model(mx.array(chunk)[None], cache=self.context.caches)
+        mx.eval([c.keys for c in self.context.caches] + [c.values for c in self.context.caches])
+        self.context.tokens.extend(chunk)
+        self.prefilled += len(chunk)
+        if self.on_prefill is not None:
+            self.on_prefill(self.prefilled, len(self.pending))
+
+    def wants_step(self) -> bool:
+        """False once finished; checks cancellation and the token budget first."""
+        if self.finish_reason is None and self.should_stop is not None and self.should_stop():
+            self.finish_reason = "cancelled"
+        elif self.finish_reason is None and len(self.generated) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is None
+
+    def sample(self, logits: mx.array) -> mx.array:
+        return self.sampler(logits)
+
+    def accept(self, token: int) -> None:
+        """Record the token sampled after feeding `next_input` (whose K/V are now cached)."""
+        self.context.tokens.append(self.next_input)
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        self.generated.append(token)
+        if token in self.engine.eos_token_ids:
+            self.finish_reason = "eos"
+            return
+        self._emit(self.stream.add(token))
+        if self.stream.stop_sequence is not None:
+            self.finish_reason = "stop"
+        self.next_input = token
+
+    def _emit(self, text: str) -> None:
+        if text and self.on_text is not None:
+            self.on_text(text)
+
+    def finish(self) -> Completion:
+        self._emit(self.stream.flush())
+        finished = time.perf_counter()
+        first = self.first_token_at or finished
+        usage = Usage(
+            prompt_tokens=len(self.prompt),
+            cached_tokens=self.cached,
+            prefilled_tokens=len(self.prompt) - self.cached,
+            generated_tokens=len(self.generated),
+            prefill_s=round(first - self.started, 4),
+            generate_s=round(finished - first, 4),
+        )
+        reason = self.finish_reason or "length"
+        return Completion(self.stream.text, tuple(self.generated), reason, self.stream.stop_sequence, usage)
+
+
+def step(model, sequence: Sequence) -> None:
+    """One decode step of a single sequence."""
+    logits = model(mx.array([[sequence.next_input]]), cache=sequence.context.caches)[:, -1, :]
+    sequence.accept(sequence.sample(logits).item())
+
+
 def generate(
     engine,
     context: CachedContext,
@@ -144,52 +249,10 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
     on_prefill: ProgressCallback | None = None,
 ) -> Completion:
-    if not prompt:
-        raise ValueError("the prompt is empty")
-    if len(prompt) + params.max_tokens > engine.context_limit:
-        raise PromptTooLong(
-            f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed the model's "
-            f"context of {engine.context_limit} tokens"
-        )
-    started = time.perf_counter()
-    cached = rewind(context, reusable_prefix(context, prompt), engine.make_caches)
-    prefill(engine.model, context, prompt[cached:-1], on_prefill)
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    sampler = make_sampler(params.temperature, params.top_p)
-    stream = _TextStream(engine.decode, params.stop)
-    generated: list[int] = []
-    next_input, finish, first_token_at = prompt[-1], "length", None
-    while len(generated) < params.max_tokens:
-        if should_stop is not None and should_stop():
-            finish = "cancelled"
-            break
-        logits = engine.model(mx.array([next_input])[None], cache=context.caches)[:, -1, :]
-        token = sampler(logits).item()
-        context.tokens.append(next_input)
-        first_token_at = first_token_at or time.perf_counter()
-        generated.append(token)
-        if token in engine.eos_token_ids:
-            finish = "eos"
-            break
-        delta = stream.add(token)
-        if delta and on_text is not None:
-            on_text(delta)
-        if stream.stop_sequence is not None:
-            finish = "stop"
-            break
-        next_input = token
-    tail = stream.flush()
-    if tail and on_text is not None:
-        on_text(tail)
-    finished = time.perf_counter()
-    first_token_at = first_token_at or finished
-    usage = Usage(
-        prompt_tokens=len(prompt),
-        cached_tokens=cached,
-        prefilled_tokens=len(prompt) - cached,
-        generated_tokens=len(generated),
-        prefill_s=round(first_token_at - started, 4),
-        generate_s=round(finished - first_token_at, 4),
-    )
-    return Completion(stream.text, tuple(generated), finish, stream.stop_sequence, usage)
+    sequence = Sequence(engine, context, prompt, params, on_text, should_stop, on_prefill)
+    while sequence.prefilling:
+        sequence.prefill_chunk()
+    mx.clear_cache()
+    while sequence.wants_step():
+        step(engine.model, sequence)
+    return sequence.finish()
