@@ -11,9 +11,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from google.protobuf.json_format import ParseDict
-
 from a2a.types import AgentCard
+from google.protobuf.json_format import ParseDict
 
 NODE_CARD = "node"
 URL_PLACEHOLDER = "{url}"

@@ -51,7 +51,11 @@ class Conversation:
         return cls(tuple({"role": m["role"], "content": m["content"]} for m in messages))
 
     def prompt(self, system_prompt: str, user_text: str) -> list[dict]:
-        return [{"role": "system", "content": system_prompt}, *self.messages, {"role": "user", "content": user_text}]
+        return [
+            {"role": "system", "content": system_prompt},
+            *self.messages,
+            {"role": "user", "content": user_text},
+        ]
 
     def metadata(self, user_text: str, reply: str | None, **extra) -> dict:
         """Checkpoint metadata for the turn that asks `user_text` (and answered `reply`, if known)."""

@@ -75,7 +75,9 @@ class SkillExecutor(AgentExecutor):
         request = _turn_request(context)
         updater = TaskUpdater(event_queue, request.task_id, request.context_id)
         if context.current_task is None:
-            task = new_task(request.task_id, request.context_id, TaskState.TASK_STATE_SUBMITTED, history=[context.message])
+            task = new_task(
+                request.task_id, request.context_id, TaskState.TASK_STATE_SUBMITTED, history=[context.message]
+            )
             await event_queue.enqueue_event(task)
         await updater.start_work()
         stop = self.runtime.running.setdefault(request.task_id, threading.Event())
@@ -86,7 +88,9 @@ class SkillExecutor(AgentExecutor):
             await updater.failed(updater.new_agent_message([Part(text=f"{type(e).__name__}: {e}")]))
         except Exception as e:
             logger.exception("task %s failed", request.task_id)
-            await updater.failed(updater.new_agent_message([Part(text=f"internal error: {type(e).__name__}: {e}")]))
+            await updater.failed(
+                updater.new_agent_message([Part(text=f"internal error: {type(e).__name__}: {e}")])
+            )
         finally:
             self.runtime.running.pop(request.task_id, None)
 
@@ -110,6 +114,8 @@ class SkillExecutor(AgentExecutor):
         """Generate the reply to `request` with this skill's agent for its context -> Completion.
 
         Subclasses may add context to `request.text` first (the coordinator's delegation seam)."""
+        from node.generation import Completion
+
         manager = self.runtime.require_manager()
         agent_id = conversation_agent_id(self.skill_id, request.context_id)
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))

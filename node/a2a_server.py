@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import httpx
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
-from a2a.server.tasks import BasePushNotificationSender, InMemoryPushNotificationConfigStore, InMemoryTaskStore
+from a2a.server.tasks import (
+    BasePushNotificationSender,
+    InMemoryPushNotificationConfigStore,
+    InMemoryTaskStore,
+)
 from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from starlette.routing import BaseRoute, Mount, Route
@@ -64,7 +68,9 @@ def build_agents(config: NodeConfig, runtime: SkillRuntime) -> A2AAgents:
     return A2AAgents(skill_routes + _agent_routes(node, card), handlers, executors, push_client)
 
 
-def _handler(executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient) -> NodeRequestHandler:
+def _handler(
+    executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient
+) -> NodeRequestHandler:
     push_configs = InMemoryPushNotificationConfigStore()
     return NodeRequestHandler(
         agent_executor=executor,
@@ -94,6 +100,8 @@ def _agent_routes(handler: NodeRequestHandler, card: AgentCard) -> list[BaseRout
 
 def _skill_agent_routes(handler: NodeRequestHandler, card: AgentCard, path: str) -> list[BaseRoute]:
     routes = _agent_routes(handler, card)
-    jsonrpc = next(r for r in routes if isinstance(r, Route) and r.path == "/" and "POST" in (r.methods or ()))
+    jsonrpc = next(
+        r for r in routes if isinstance(r, Route) and r.path == "/" and "POST" in (r.methods or ())
+    )
     # JSON-RPC clients post to the card's URL; accept it with and without the trailing slash.
     return [Route(path, endpoint=jsonrpc.endpoint, methods=["POST"]), Mount(path, routes=routes)]

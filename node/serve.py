@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import uvicorn
 
 from node.config import NodeConfig, default_cache_dir
 
@@ -41,17 +44,34 @@ def run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
     return asyncio.run(serve(config, progress))
 
 
-async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
-    import uvicorn
+class _Server(uvicorn.Server):
+    """After a graceful shutdown uvicorn re-raises the signal that stopped it, and SIGTERM's
+    default action would end the process before the agents are checkpointed: record it instead."""
 
+    stop_signals: tuple[int, ...] = ()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.stop_signals = tuple(self._captured_signals)
+                self._captured_signals.clear()
+
+
+async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
     from node.app import create_app, start_manager
 
     manager = await start_manager(config, progress)
     try:
         app = create_app(config, manager)
-        server = uvicorn.Server(
+        server = _Server(
             uvicorn.Config(
-                app, host=config.host, port=config.port, log_level="info",
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="info",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
         )

@@ -14,4 +14,10 @@ SKILLS = {
     CoordinationExecutor.skill_id: CoordinationExecutor,
 }
 
-__all__ = ["DEFAULT_SKILL", "SKILLS", "BusinessAnalysisExecutor", "CoordinationExecutor", "TechnicalAnalysisExecutor"]
+__all__ = [
+    "DEFAULT_SKILL",
+    "SKILLS",
+    "BusinessAnalysisExecutor",
+    "CoordinationExecutor",
+    "TechnicalAnalysisExecutor",
+]

@@ -30,9 +30,20 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> NodeProcess:
-        command = [sys.executable, "-m", "node", "serve", "--port", str(self.port), "--cache-dir", str(self.cache_dir)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([*command, *self.extra], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        command = [
+            sys.executable,
+            "-m",
+            "node",
+            "serve",
+            "--port",
+            str(self.port),
+            "--cache-dir",
+            str(self.cache_dir),
+        ]
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [*command, *self.extra], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()
+            )
         self._wait_healthy()
         return self
 

@@ -14,7 +14,16 @@ import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.types import CancelTaskRequest, GetTaskRequest, ListTasksRequest, TaskState
 
-from tests.a2a_node import NodeProcess, a2a_client, final_task, http_client, send, metadata_of, usage, user_message
+from tests.a2a_node import (
+    NodeProcess,
+    a2a_client,
+    final_task,
+    http_client,
+    metadata_of,
+    send,
+    usage,
+    user_message,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -27,7 +36,12 @@ MAX_MESSAGE_BYTES = 20_000
 def node(tmp_path_factory):
     folder = tmp_path_factory.mktemp("a2a-node")
     process = NodeProcess(
-        free_port(), folder / "cache", "--max-tokens", str(MAX_TOKENS), "--max-message-bytes", str(MAX_MESSAGE_BYTES)
+        free_port(),
+        folder / "cache",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
     ).start()
     yield process
     assert process.stop() == 0, process.log()[-3000:]
@@ -124,8 +138,18 @@ async def test_same_context_reuses_the_cache_also_after_a_restart(node):
     context_id = f"ctx-{uuid.uuid4()}"
     async with http_client() as http:
         client = await a2a_client(http, node.url)
-        first = usage(final_task(await send(client, "What is a KV cache?", context_id, skill="technical_analysis", max_tokens=4)))
-        second = usage(final_task(await send(client, "Why keep it?", context_id, skill="technical_analysis", max_tokens=4)))
+        first = usage(
+            final_task(
+                await send(
+                    client, "What is a KV cache?", context_id, skill="technical_analysis", max_tokens=4
+                )
+            )
+        )
+        second = usage(
+            final_task(
+                await send(client, "Why keep it?", context_id, skill="technical_analysis", max_tokens=4)
+            )
+        )
     # Turn two's cached prefix covers turn one's whole prompt and (all but the last token of) its answer.
     assert second["cached_tokens"] >= first["prompt_tokens"] + first["generated_tokens"] - 1
     assert second["prefilled_tokens"] < second["prompt_tokens"] - first["prompt_tokens"]
@@ -133,7 +157,11 @@ async def test_same_context_reuses_the_cache_also_after_a_restart(node):
     node.restart()
     async with http_client() as http:
         client = await a2a_client(http, node.url)
-        third = usage(final_task(await send(client, "And on disk?", context_id, skill="technical_analysis", max_tokens=4)))
+        third = usage(
+            final_task(
+                await send(client, "And on disk?", context_id, skill="technical_analysis", max_tokens=4)
+            )
+        )
         stats = (await http.get(f"{node.url}/agents")).json()
     assert third["cached_tokens"] >= second["prompt_tokens"] + second["generated_tokens"] - 1
     assert third["restore_s"] > 0
@@ -196,7 +224,7 @@ async def test_non_text_part_is_refused(node):
         response = await http.post(f"{node.url}/skills/coordination/", json=rpc("SendMessage", params))
         rest = await http.post(f"{node.url}/message:send", json=params)
     assert response.json()["error"]["code"] == -32005, response.text
-    assert rest.status_code == 415, rest.text
+    assert rest.status_code == 400 and "CONTENT_TYPE_NOT_SUPPORTED" in rest.text, rest.text
 
 
 async def test_rest_errors_are_4xx(node):
@@ -204,7 +232,9 @@ async def test_rest_errors_are_4xx(node):
         unknown_skill = await http.post(f"{node.url}/message:send", json=rpc_message(skill="astrology"))
         too_large = await http.post(f"{node.url}/message:send", json=rpc_message("x" * MAX_MESSAGE_BYTES))
         missing = await http.get(f"{node.url}/skills/coordination/tasks/no-such-task")
-        wrong_skill = await http.post(f"{node.url}/skills/coordination/message:send", json=rpc_message(skill="business_analysis"))
+        wrong_skill = await http.post(
+            f"{node.url}/skills/coordination/message:send", json=rpc_message(skill="business_analysis")
+        )
     assert unknown_skill.status_code == 400, unknown_skill.text
     assert too_large.status_code == 400, too_large.text
     assert missing.status_code == 404, missing.text
@@ -212,9 +242,42 @@ async def test_rest_errors_are_4xx(node):
 
 
 async def test_v03_clients_are_served(node):
-    message = {"kind": "message", "messageId": str(uuid.uuid4()), "role": "user", "parts": [{"kind": "text", "text": "Hi"}]}
-    body = {"jsonrpc": "2.0", "id": 1, "method": "message/send", "params": {"message": message, "metadata": {"max_tokens": 2}}}
+    message = {
+        "kind": "message",
+        "messageId": str(uuid.uuid4()),
+        "role": "user",
+        "parts": [{"kind": "text", "text": "Hi"}],
+    }
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "message/send",
+        "params": {"message": message, "metadata": {"max_tokens": 2}},
+    }
     async with httpx.AsyncClient(timeout=300) as http:
         response = await http.post(f"{node.url}/", json=body)
     result = response.json()["result"]
     assert result["kind"] == "task" and result["status"]["state"] == "completed", response.text
+
+
+# ---- auth ----------------------------------------------------------------------------------
+async def test_api_key_on_a_real_server(tmp_path):
+    key = "test-key-123"
+    secured = NodeProcess(
+        free_port(), tmp_path / "cache", "--api-key", key, "--skills", "coordination"
+    ).start()
+    try:
+        async with http_client() as http:
+            card = (await http.get(f"{secured.url}/.well-known/agent-card.json")).json()
+            refused = await http.post(
+                f"{secured.url}/", json=rpc("SendMessage", rpc_message()), headers={"A2A-Version": "1.0"}
+            )
+            refused_stats = await http.get(f"{secured.url}/agents")
+        assert "bearer" in card["securitySchemes"]
+        assert refused.status_code == 401 and refused_stats.status_code == 401
+        async with http_client(Authorization=f"Bearer {key}") as http:
+            client = await a2a_client(http, secured.url)
+            task = final_task(await send(client, "Hello.", max_tokens=2))
+        assert task.status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        assert secured.stop() == 0, secured.log()[-3000:]

@@ -1,0 +1,91 @@
+"""The node app in-process (httpx ASGITransport, no model): cards, API key, conversations.
+
+Without a lifespan the app has no agent manager, which is all these checks need; the real server
+with the model is exercised in tests/test_a2a_server.py.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from node.a2a_conversation import Conversation, conversation_agent_id
+from node.app import create_app
+from node.config import NodeConfig
+
+KEY = "s3cret-key"
+GET_TASK = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "no-such-task"}}
+
+
+@pytest.fixture
+def secured():
+    app = create_app(NodeConfig(port=9999, api_key=KEY, skills=("coordination", "technical_analysis")))
+    transport = httpx.ASGITransport(app=app)
+    return httpx.AsyncClient(transport=transport, base_url="http://node", headers={"A2A-Version": "1.0"})
+
+
+async def test_cards_stay_public_and_declare_the_scheme(secured):
+    async with secured as http:
+        for path in (
+            "/.well-known/agent-card.json",
+            "/.well-known/agent.json",
+            "/skills/technical_analysis/.well-known/agent-card.json",
+        ):
+            response = await http.get(path)
+            assert response.status_code == 200, path
+            card = response.json()
+            assert set(card["securitySchemes"]) == {"bearer", "apiKey"}
+            assert card["securityRequirements"]
+        assert (await http.get("/skills/business_analysis/.well-known/agent-card.json")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/", GET_TASK),
+        ("POST", "/skills/coordination/", GET_TASK),
+        ("GET", "/tasks/x", None),
+        ("GET", "/agents", None),
+    ],
+)
+async def test_calls_without_the_key_are_refused(secured, method, path, body):
+    async with secured as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
+            response = await http.request(method, path, json=body, headers=headers)
+            assert response.status_code == 401, (headers, response.text)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_calls_with_the_key_pass(secured):
+    async with secured as http:
+        for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
+            response = await http.post("/", json=GET_TASK, headers=headers)
+            assert response.json()["error"]["code"] == -32001  # reached the handler: task not found
+        assert (await http.get("/health")).status_code == 503  # public, and says it is still starting
+
+
+async def test_without_a_key_nothing_is_refused():
+    app = create_app(NodeConfig(port=9999))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as http:
+        response = await http.post("/", json=GET_TASK, headers={"A2A-Version": "1.0"})
+        card = (await http.get("/.well-known/agent-card.json")).json()
+    assert response.json()["error"]["code"] == -32001
+    assert "securitySchemes" not in card
+
+
+def test_conversation_drops_an_unanswered_question_and_renders_turns():
+    stored = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    }
+    conversation = Conversation.from_metadata(stored)
+    assert conversation.turns == 1
+    assert [m["content"] for m in conversation.prompt("sys", "d")] == ["sys", "a", "b", "d"]
+    assert conversation.metadata("d", "e", skill="x")["messages"][-2:] == [
+        {"role": "user", "content": "d"},
+        {"role": "assistant", "content": "e"},
+    ]
+    assert conversation_agent_id("coordination", "any / context id ü").startswith("coordination.ctx-")
