@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from node import cache_commands
+from node import bench, cache_commands
 from node.blas import bind_fast_blas
 from node.errors import NodeError
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(commands)
     cache_commands.add_parser(commands, _add_model, _add_cache_dir)
     _serve_parser(commands)
+    bench.add_parser(commands, _add_model, _add_cache_dir)
     return parser
 
 

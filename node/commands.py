@@ -88,9 +88,14 @@ def run_serve(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def dispatch(args: argparse.Namespace, progress: Progress) -> int:
-    from node import cache_commands
+    from node import bench, cache_commands
 
-    handlers = {"generate": run_generate, "cache": cache_commands.run_cache, "serve": lambda args, p: run_serve(args, p)}
+    handlers = {
+        "generate": run_generate,
+        "cache": cache_commands.run_cache,
+        "serve": lambda args, p: run_serve(args, p),
+        "bench": bench.run,
+    }
     return handlers[args.command](args, progress)
 
 

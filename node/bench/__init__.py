@@ -1,0 +1,51 @@
+"""`python -m node bench`: the measurements this project's claims rest on, side by side in one run.
+
+Each scenario is a module registered in `node.bench.registry.SCENARIOS`; the runner loads the model
+once, runs the selected scenarios in order, prints a table per scenario, and writes one JSON
+document (`node.bench.report`) and a plot (`node.bench.plot`). Subprocess measurements (a restore in
+a fresh process, cold model conversion, the llama.cpp peer) go through `node.bench.worker` and
+`node.bench.llama_worker`. Nothing here imports MLX at import time: the CLI binds the fast BLAS first.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_JSON = "bench_results/bench.json"
+DEFAULT_PLOT = "bench_results/context_scaling.png"
+
+
+def add_parser(commands, add_model, add_cache_dir) -> None:
+    """The `bench` sub-parser. The bench never touches the user's checkpoints: it writes its own
+    into a throwaway --work-dir, so `add_cache_dir` is not used."""
+    del add_cache_dir
+    p = commands.add_parser(
+        "bench", help="benchmark load, prefill, decode, restore vs re-prefill, and a llama.cpp peer"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller contexts, no cold conversion, no 20k context (~5-10 min)",
+    )
+    p.add_argument(
+        "--json", default=DEFAULT_JSON, metavar="PATH", help=f"results file (default {DEFAULT_JSON})"
+    )
+    p.add_argument(
+        "--plot", default=DEFAULT_PLOT, metavar="PATH", help=f"context-scaling plot (default {DEFAULT_PLOT})"
+    )
+    p.add_argument(
+        "--scenarios", default=None, help="comma-separated names or numbers (default: all); see --list"
+    )
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="where checkpoints are written (default: a temporary folder, removed)",
+    )
+    add_model(p)
+
+
+def run(args: argparse.Namespace, progress) -> int:
+    from node.bench.runner import run_from_args
+
+    return run_from_args(args, progress)

@@ -1,0 +1,152 @@
+"""The bench harness end to end on the tiny random-weight model: JSON schema, not figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from node.bench import peer
+from node.bench.profile import BenchOptions, Profile
+from node.bench.results import SCHEMA, STATUSES
+
+TINY = Profile(
+    name="tiny",
+    context_sizes=(12, 40, 96),
+    prefill_sizes=(40,),
+    decode_tokens=6,
+    task_tokens=4,
+    append_tokens=10,
+    resume_context=30,
+    resume_sessions=3,  # the default profiles run 5; 3 keep this test short
+    system_tokens=16,
+    cold_conversion=True,
+)
+COMMON = {
+    "id",
+    "name",
+    "title",
+    "status",
+    "timestamp",
+    "duration_s",
+    "machine",
+    "model",
+    "versions",
+    "results",
+    "notes",
+}
+
+
+@pytest.fixture(scope="module")
+def document(tiny_gguf, model_cache, tmp_path_factory):
+    from node.bench.runner import run_bench
+
+    out = tmp_path_factory.mktemp("bench")
+    options = BenchOptions(
+        profile=TINY,
+        model=str(tiny_gguf),
+        scenarios=("runtime", "single", "resume", "context", "multi_agent"),
+        json_path=out / "bench.json",
+        plot_path=out / "scaling.png",
+        work_dir=out / "work",
+        model_cache=model_cache,
+    )
+    returned = run_bench(options)
+    written = json.loads((out / "bench.json").read_text())
+    return {"returned": returned, "written": written, "out": out}
+
+
+def scenario(document: dict, name: str) -> dict:
+    return next(s for s in document["written"]["scenarios"] if s["name"] == name)
+
+
+def test_document_and_common_scenario_fields(document):
+    written = document["written"]
+    assert written["schema"] == SCHEMA and written["profile"] == "tiny"
+    assert {"cpu", "cores", "platform"} <= set(written["machine"])
+    assert [s["name"] for s in written["scenarios"]] == [
+        "runtime",
+        "single",
+        "resume",
+        "context",
+        "multi_agent",
+    ]
+    for record in written["scenarios"]:
+        assert COMMON <= set(record), record["name"]
+        assert record["status"] == "ok", (record["name"], record["results"].get("error"))
+        assert record["status"] in STATUSES
+        assert {"cpu", "cores", "platform"} <= set(record["machine"])
+        assert {"name", "fingerprint", "backend", "dtype", "load_s"} <= set(record["model"])
+        assert {"mlx", "mlx-lm", "node"} <= set(record["versions"])
+    assert document["returned"]["scenarios"] == written["scenarios"]
+
+
+def test_runtime_fields(document):
+    results = scenario(document, "runtime")["results"]
+    assert {"cold_load_s", "warm_load_s", "prefill_tok_s_40", "decode_tok_s", "targets"} <= set(results)
+    assert results["cold_load_s"] is not None  # the tiny profile converts from scratch
+
+
+def test_sessions_fields(document):
+    single = scenario(document, "single")["results"]
+    assert {"cold_s", "node_s", "node_over_cold", "same_text"} <= set(single) and single["same_text"]
+    resume = scenario(document, "resume")["results"]
+    assert len(resume["sessions"]) == TINY.resume_sessions
+    first, *later = resume["sessions"]
+    assert first["cached_tokens"] == 0 and all(s["cached_tokens"] > 0 for s in later)
+    assert resume["all_same_text"]  # each fresh process continues exactly like a cold prefill
+    assert {"node_total_s", "cold_total_s", "percent_faster"} <= set(resume)
+
+
+def test_context_fields(document):
+    results = scenario(document, "context")["results"]
+    assert [r["tokens"] for r in results["contexts"]] == list(TINY.context_sizes)
+    for row in results["contexts"]:
+        assert {"cold_prefill_s", "restore_s", "saved_s", "ratio", "bytes_per_token"} <= set(row)
+        assert row["restored_cached_tokens"] == row["tokens"]  # the fresh process restored all of it
+    assert results["append"]["new_tokens"] == TINY.append_tokens
+    assert results["bytes_per_token"] > 0
+
+
+def test_multi_agent_fields(document):
+    results = scenario(document, "multi_agent")["results"]
+    assert set(results["agents"]) == {"technical", "business", "coordinator"}
+    assert results["isolated"]
+    assert {"creation_s", "generation_s", "total_s", "model_bytes", "memory_bytes", "disk_bytes"} <= set(
+        results
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
+def test_plot_written(document):
+    assert (document["out"] / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_peer_skipped_without_llama_cpp(monkeypatch, tmp_path):
+    from node.bench.workbench import Bench
+
+    monkeypatch.setattr(peer, "llama_cpp_installed", lambda: False)
+    outcome = await peer.run(Bench(None, BenchOptions(profile=TINY), tmp_path, lambda message: None))
+    assert outcome.status == "skipped" and "pip install" in outcome.results["skipped_reason"]
+
+
+def test_cli_lists_scenarios_and_refuses_unknown_ones():
+    listed = subprocess.run(
+        [sys.executable, "-m", "node", "bench", "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == 0 and "context" in listed.stdout and "peer" in listed.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "node", "bench", "--scenarios", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2 and "unknown scenario" in bad.stderr
