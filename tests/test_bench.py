@@ -25,6 +25,10 @@ TINY = Profile(
     system_tokens=16,
     cold_conversion=True,
 )
+# llama.cpp runs on the tiny GGUF too, where llama-cpp-python is installed (extra `peer`)
+SCENARIOS = ("runtime", "single", "resume", "context", "multi_agent") + (
+    ("peer",) if peer.llama_cpp_installed() else ()
+)
 COMMON = {
     "id",
     "name",
@@ -48,7 +52,7 @@ def document(tiny_gguf, model_cache, tmp_path_factory):
     options = BenchOptions(
         profile=TINY,
         model=str(tiny_gguf),
-        scenarios=("runtime", "single", "resume", "context", "multi_agent"),
+        scenarios=SCENARIOS,
         json_path=out / "bench.json",
         plot_path=out / "scaling.png",
         work_dir=out / "work",
@@ -67,13 +71,7 @@ def test_document_and_common_scenario_fields(document):
     written = document["written"]
     assert written["schema"] == SCHEMA and written["profile"] == "tiny"
     assert {"cpu", "cores", "platform"} <= set(written["machine"])
-    assert [s["name"] for s in written["scenarios"]] == [
-        "runtime",
-        "single",
-        "resume",
-        "context",
-        "multi_agent",
-    ]
+    assert [s["name"] for s in written["scenarios"]] == list(SCENARIOS)
     for record in written["scenarios"]:
         assert COMMON <= set(record), record["name"]
         assert record["status"] == "ok", (record["name"], record["results"].get("error"))
@@ -118,6 +116,20 @@ def test_multi_agent_fields(document):
     assert {"creation_s", "generation_s", "total_s", "model_bytes", "memory_bytes", "disk_bytes"} <= set(
         results
     )
+
+
+@pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")
+def test_peer_fields(document):
+    results = scenario(document, "peer")["results"]
+    assert [r["tokens"] for r in results["contexts"]] == list(TINY.context_sizes)
+    for row in results["contexts"]:
+        assert {
+            "ours_prefill_s",
+            "llama_prefill_s",
+            "ours_restore_s",
+            "llama_restore_s",
+            "llama_decode_tok_s",
+        } <= set(row)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
