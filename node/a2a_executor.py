@@ -37,6 +37,11 @@ class SkillRuntime:
     manager: object | None = None
     running: dict[str, threading.Event] = field(default_factory=dict)
 
+    def stop_all(self) -> None:
+        """Stop every running generation (at shutdown: their agents are checkpointed as they stop)."""
+        for stop in list(self.running.values()):
+            stop.set()
+
     def require_manager(self):
         if self.manager is None:
             raise NodeError("the node is still starting: no agent manager yet")

@@ -39,6 +39,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
             await warm_up(agents.executors.values())
             yield
         finally:
+            runtime.stop_all()
             await agents.aclose()
             if owned:
                 await runtime.manager.close()

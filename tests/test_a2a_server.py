@@ -12,7 +12,15 @@ import uuid
 import httpx
 import pytest
 from a2a.client import ClientConfig, create_client
-from a2a.types import CancelTaskRequest, GetTaskRequest, ListTasksRequest, TaskState
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTaskPushNotificationConfigsRequest,
+    ListTasksRequest,
+    SubscribeToTaskRequest,
+    TaskPushNotificationConfig,
+    TaskState,
+)
 
 from tests.a2a_node import (
     NodeProcess,
@@ -131,6 +139,26 @@ async def test_rest_transport_send_get_and_list(node):
         assert fetched.id == task.id and fetched.status.state == TaskState.TASK_STATE_COMPLETED
         listed = await client.list_tasks(ListTasksRequest())
         assert task.id in {t.id for t in listed.tasks}
+
+
+async def test_subscribe_to_a_running_task_and_push_configs(node):
+    async with http_client() as http:
+        polling = await create_client(
+            node.url, ClientConfig(httpx_client=http, streaming=False, polling=True)
+        )
+        streaming = await a2a_client(http, node.url, streaming=True)
+        task = final_task(await send(polling, "Describe a cache in a few words.", max_tokens=12))
+        assert task.status.state in (TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING)
+        config = TaskPushNotificationConfig(task_id=task.id, id="hook-1", url="http://127.0.0.1:9/hook")
+        await polling.create_task_push_notification_config(config)
+        configs = await polling.list_task_push_notification_configs(
+            ListTaskPushNotificationConfigsRequest(task_id=task.id)
+        )
+        assert [c.id for c in configs.configs] == ["hook-1"]
+        events = [e async for e in streaming.subscribe(SubscribeToTaskRequest(id=task.id))]
+    states = [e.status_update.status.state for e in events if e.HasField("status_update")]
+    assert states[-1] == TaskState.TASK_STATE_COMPLETED
+    assert any(e.HasField("artifact_update") for e in events)
 
 
 # ---- persistent contexts -------------------------------------------------------------------
