@@ -15,16 +15,24 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 from node import kv_cache
 from node.checkpoint import CheckpointStore
 from node.checkpoint_format import validate_agent_id
 from node.errors import CheckpointError
-from node.generation import CachedContext, Completion, SamplingParams, Sequence, prefill, reusable_prefix, rewind
+from node.generation import (
+    CachedContext,
+    Completion,
+    SamplingParams,
+    Sequence,
+    prefill,
+    reusable_prefix,
+    rewind,
+)
 from node.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ class PrefillProgress:
 class AgentRequest:
     agent_id: str
     prompt: list[int]
-    params: SamplingParams = SamplingParams()
+    params: SamplingParams = field(default_factory=SamplingParams)
     base_agent: str | None = None
 
 
@@ -81,7 +89,9 @@ class AgentManager:
         self._refused: list[dict] = []
 
     @classmethod
-    async def start(cls, engine, cache_dir: Path, *, max_agents: int = 64, memory_budget_bytes: int = 4 << 30) -> AgentManager:
+    async def start(
+        cls, engine, cache_dir: Path, *, max_agents: int = 64, memory_budget_bytes: int = 4 << 30
+    ) -> AgentManager:
         store = CheckpointStore(Path(cache_dir), engine.info.fingerprint)
         return cls(engine, store, max_agents, memory_budget_bytes)
 
@@ -115,7 +125,9 @@ class AgentManager:
             started = self._worker.submit(
                 self._start_task, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done
             )
-            started.add_done_callback(lambda f: f.exception() and not done.done() and done.set_exception(f.exception()))
+            started.add_done_callback(
+                lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
+            )
             try:
                 while (item := await queue.get()) is not _DONE:
                     yield item
@@ -123,7 +135,9 @@ class AgentManager:
             finally:
                 abandoned.set()
 
-    async def generate(self, agent_id: str, prompt: list[int], params: SamplingParams, **kwargs) -> Completion:
+    async def generate(
+        self, agent_id: str, prompt: list[int], params: SamplingParams, **kwargs
+    ) -> Completion:
         result = None
         async for item in self.stream(agent_id, prompt, params, **kwargs):
             result = item
@@ -185,7 +199,9 @@ class AgentManager:
         return self._locks.setdefault(agent_id, asyncio.Lock())
 
     # ---- worker-thread side --------------------------------------------------------------
-    def _start_task(self, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done: Future) -> None:
+    def _start_task(
+        self, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done: Future
+    ) -> None:
         """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
         agent, restore_s = self._acquire(agent_id, prompt, base_agent)
         sequence = Sequence(
@@ -218,12 +234,18 @@ class AgentManager:
         self._record(agent, completion)
         self._checkpoint(agent)
         self._evict(keep=agent.agent_id)
-        return dataclasses.replace(completion, usage=dataclasses.replace(completion.usage, restore_s=round(restore_s, 4)))
+        return dataclasses.replace(
+            completion, usage=dataclasses.replace(completion.usage, restore_s=round(restore_s, 4))
+        )
 
     def _run_prefix(self, agent_id: str, prompt: list[int]) -> int:
         agent, _ = self._acquire(agent_id, prompt + [-1], None)
         context = agent.context
-        cached = rewind(context, min(len(prompt), len(context.tokens), _prefix_len(context.tokens, prompt)), self.engine.make_caches)
+        cached = rewind(
+            context,
+            min(len(prompt), len(context.tokens), _prefix_len(context.tokens, prompt)),
+            self.engine.make_caches,
+        )
         agent.persisted = min(agent.persisted, cached)
         prefill(self.engine.model, context, prompt[cached:], None)
         self._checkpoint(agent)
@@ -234,7 +256,9 @@ class AgentManager:
         agent = self._agents.get(agent_id)
         restore_s = 0.0
         if agent is None:
-            agent = self._restore(agent_id, prompt) or self._fork(agent_id, base_agent) or self._fresh(agent_id)
+            agent = (
+                self._restore(agent_id, prompt) or self._fork(agent_id, base_agent) or self._fresh(agent_id)
+            )
             restore_s = agent.stats.restore_s
             self._agents[agent_id] = agent
         elif self._needs_disk_rewind(agent, prompt):
@@ -248,7 +272,9 @@ class AgentManager:
 
     def _needs_disk_rewind(self, agent: Agent, prompt: list[int]) -> bool:
         position = reusable_prefix(agent.context, prompt)
-        return position < len(agent.context.tokens) and not kv_cache.can_trim_to(agent.context.caches, position)
+        return position < len(agent.context.tokens) and not kv_cache.can_trim_to(
+            agent.context.caches, position
+        )
 
     def _restore(self, agent_id: str, prompt: list[int] | None) -> Agent | None:
         """Load an agent from disk, at the longest prefix it shares with `prompt` (None: all)."""
@@ -262,9 +288,13 @@ class AgentManager:
         except CheckpointError as e:
             self._refuse(agent_id, e)
             return None
-        agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens), restored.metadata)
+        agent = Agent(
+            agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens), restored.metadata
+        )
         agent.stats.restores, agent.stats.restore_s = 1, restored.seconds
-        logger.info("restored agent %r: %d tokens in %.1f ms", agent_id, len(restored.tokens), restored.seconds * 1000)
+        logger.info(
+            "restored agent %r: %d tokens in %.1f ms", agent_id, len(restored.tokens), restored.seconds * 1000
+        )
         return agent
 
     def _fork(self, agent_id: str, base_agent: str | None) -> Agent | None:
@@ -290,7 +320,9 @@ class AgentManager:
 
     def _checkpoint(self, agent: Agent) -> None:
         context = agent.context
-        agent.stats.checkpoint_s = self.store.save(agent.agent_id, context.tokens, context.caches, agent.persisted, agent.metadata)
+        agent.stats.checkpoint_s = self.store.save(
+            agent.agent_id, context.tokens, context.caches, agent.persisted, agent.metadata
+        )
         agent.persisted = len(context.tokens)
         kv_cache.compact(context.caches)
         self.store.compact_if_needed(agent.agent_id)
@@ -344,7 +376,9 @@ class AgentManager:
     # ---- statistics ----------------------------------------------------------------------
     def _update_snapshot(self) -> None:
         seconds_per_token = self._prefill_rate.seconds_per_token()
-        agents = {agent_id: _agent_summary(agent, seconds_per_token) for agent_id, agent in self._agents.items()}
+        agents = {
+            agent_id: _agent_summary(agent, seconds_per_token) for agent_id, agent in self._agents.items()
+        }
         self._snapshot = {
             "model": self.engine.info.name,
             "agents_in_memory": len(agents),

@@ -36,7 +36,9 @@ def cache_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'AGENT':40} {'TOKENS':>8} {'SEGS':>5} {'BYTES':>12}  UPDATED")
     for row in rows:
-        print(f"{str(row['agent_id']):40} {row['tokens']:>8} {row['segments']:>5} {row['bytes_on_disk']:>12}  {row['updated']}")
+        print(
+            f"{row['agent_id']!s:40} {row['tokens']:>8} {row['segments']:>5} {row['bytes_on_disk']:>12}  {row['updated']}"
+        )
     return 0
 
 

@@ -26,7 +26,6 @@ from node.checkpoint_format import (
     BLOCK,
     FORMAT_VERSION,
     MANIFEST,
-    STORAGE_DTYPES,
     agent_dirname,
     block_digests,
     validate_agent_id,
@@ -112,7 +111,9 @@ class CheckpointStore:
                 f"not by the loaded model {self.fingerprint!r}"
             )
         if manifest.get("agent_id") != agent_id:
-            raise CheckpointCorrupt(f"checkpoint in {self.agent_dir(agent_id)} belongs to {manifest.get('agent_id')!r}")
+            raise CheckpointCorrupt(
+                f"checkpoint in {self.agent_dir(agent_id)} belongs to {manifest.get('agent_id')!r}"
+            )
 
     def list_agents(self) -> list[dict]:
         result = []
@@ -177,7 +178,14 @@ class CheckpointStore:
         name = f"seg-{start:09d}-{stop:09d}-{time.time_ns() % 10**9:09d}.safetensors"
         self._write_tensors(folder, name, tensors)
         digests = {key: block_digests(value) for key, value in tensors.items()}
-        return {"file": name, "start": start, "stop": stop, "length": stop - start, "dtype": dtype, "digests": digests}
+        return {
+            "file": name,
+            "start": start,
+            "stop": stop,
+            "length": stop - start,
+            "dtype": dtype,
+            "digests": digests,
+        }
 
     @staticmethod
     def _write_tensors(folder: Path, name: str, tensors: dict[str, np.ndarray]) -> None:
@@ -213,8 +221,14 @@ class CheckpointStore:
         }
         name = f"seg-{0:09d}-{manifest['token_count']:09d}-{time.time_ns() % 10**9:09d}.safetensors"
         self._write_tensors(folder, name, tensors)
-        merged = {"file": name, "start": 0, "stop": manifest["token_count"], "length": manifest["token_count"],
-                  "dtype": segments[0]["dtype"], "digests": {k: block_digests(v) for k, v in tensors.items()}}
+        merged = {
+            "file": name,
+            "start": 0,
+            "stop": manifest["token_count"],
+            "length": manifest["token_count"],
+            "dtype": segments[0]["dtype"],
+            "digests": {k: block_digests(v) for k, v in tensors.items()},
+        }
         manifest = {**manifest, "segments": [merged]}
         self._write_manifest(folder, manifest)
         self._collect_garbage(folder, manifest)
@@ -228,7 +242,9 @@ class CheckpointStore:
         folder = self.agent_dir(agent_id)
         result: list[int] = []
         for segment in manifest["segments"]:
-            result.extend(self._read(folder, segment, "tokens", 0, segment["stop"] - segment["start"]).tolist())
+            result.extend(
+                self._read(folder, segment, "tokens", 0, segment["stop"] - segment["start"]).tolist()
+            )
         return result
 
     def restore(self, agent_id: str, make_caches, position: int | None = None) -> Restored:
@@ -240,7 +256,9 @@ class CheckpointStore:
         position = manifest["token_count"] if position is None else min(position, manifest["token_count"])
         caches = make_caches()
         if len(caches) != manifest["layers"]:
-            raise CheckpointCorrupt(f"checkpoint of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}")
+            raise CheckpointCorrupt(
+                f"checkpoint of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
+            )
         folder = self.agent_dir(agent_id)
         tokens = self._gather(folder, manifest, "tokens", 0, position)
         for i, cache in enumerate(caches):
@@ -249,7 +267,9 @@ class CheckpointStore:
             values = self._gather(folder, manifest, f"v.{i}", first, position)
             kv_cache.install(cache, keys, values, first)
         mx.eval([c.keys for c in caches] + [c.values for c in caches])
-        return Restored(tokens.tolist(), caches, manifest.get("metadata") or {}, time.perf_counter() - started)
+        return Restored(
+            tokens.tolist(), caches, manifest.get("metadata") or {}, time.perf_counter() - started
+        )
 
     def _gather(self, folder: Path, manifest: dict, name: str, start: int, stop: int):
         parts = []
@@ -286,19 +306,27 @@ class CheckpointStore:
         expected = 0
         for segment in manifest["segments"]:
             if segment["start"] != expected:
-                raise CheckpointCorrupt(f"segment {segment['file']} starts at {segment['start']}, expected {expected}")
+                raise CheckpointCorrupt(
+                    f"segment {segment['file']} starts at {segment['start']}, expected {expected}"
+                )
             for name in segment["digests"]:
                 self._read(folder, segment, name, 0, segment["length"])
             expected = segment["stop"]
         if expected != manifest["token_count"]:
-            raise CheckpointCorrupt(f"segments cover {expected} tokens, manifest says {manifest['token_count']}")
+            raise CheckpointCorrupt(
+                f"segments cover {expected} tokens, manifest says {manifest['token_count']}"
+            )
 
     # ---- housekeeping --------------------------------------------------------------------
     def quarantine(self, agent_id: str, reason: str) -> Path | None:
         folder = self.agent_dir(agent_id)
         if not folder.exists():
             return None
-        target = self.root / "quarantine" / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}"
+        target = (
+            self.root
+            / "quarantine"
+            / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}"
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(folder), target)
         (target / "REASON.txt").write_text(reason + "\n")
@@ -316,7 +344,9 @@ class CheckpointStore:
             if not (target / segment["file"]).exists():
                 os.link(source / segment["file"], target / segment["file"])
         now = time.time()
-        self._write_manifest(target, {**manifest, "agent_id": target_id, "created": now, "updated": now, "metadata": {}})
+        self._write_manifest(
+            target, {**manifest, "agent_id": target_id, "created": now, "updated": now, "metadata": {}}
+        )
 
     def delete(self, agent_id: str) -> bool:
         folder = self.agent_dir(agent_id)

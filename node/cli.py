@@ -24,7 +24,9 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cache-dir", default=None, help="agent checkpoints (default ~/.agent_caches or $NODE_CACHE_DIR)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="agent checkpoints (default ~/.agent_caches or $NODE_CACHE_DIR)"
+    )
 
 
 def _generate_parser(commands) -> None:
@@ -50,9 +52,15 @@ def _serve_parser(commands) -> None:
     p.add_argument("--skills", default=",".join(ALL_SKILLS), help="comma-separated skill ids to host")
     _add_model(p)
     _add_cache_dir(p)
-    p.add_argument("--api-key", default=None, help="require this key (Bearer or X-API-Key) on every call but the cards")
-    p.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes, help="largest request body")
-    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens generated per task")
+    p.add_argument(
+        "--api-key", default=None, help="require this key (Bearer or X-API-Key) on every call but the cards"
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, default=defaults.max_message_bytes, help="largest request body"
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=defaults.max_tokens, help="most tokens generated per task"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     bind_fast_blas()
     from node import commands
 

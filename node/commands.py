@@ -9,8 +9,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from node.config import default_cache_dir
 
@@ -29,7 +29,11 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 def _print_result(args: argparse.Namespace, completion) -> None:
     if args.json:
-        result = {"text": completion.text, "finish_reason": completion.finish_reason, "usage": completion.usage.as_dict()}
+        result = {
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "usage": completion.usage.as_dict(),
+        }
         if args.agent:
             result["agent"] = args.agent
         print(json.dumps(result))
@@ -49,7 +53,9 @@ def run_generate(args: argparse.Namespace, progress: Progress) -> int:
         prompt = engine.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = engine.encode(args.prompt)
-    completion = generate(engine, CachedContext(engine.make_caches()), prompt, _sampling(args), on_text=stream)
+    completion = generate(
+        engine, CachedContext(engine.make_caches()), prompt, _sampling(args), on_text=stream
+    )
     _print_result(args, completion)
     return 0
 
@@ -64,12 +70,12 @@ async def _generate_as_agent(engine, args: argparse.Namespace) -> int:
         if args.chat:
             messages = metadata.get("messages", []) + [{"role": "user", "content": args.prompt}]
             prompt = engine.encode_chat(messages)
-            metadata = lambda done: {"messages": messages + [{"role": "assistant", "content": done.text}]}  # noqa: E731
+            metadata = lambda done: {"messages": messages + [{"role": "assistant", "content": done.text}]}
         else:
             # The last sampled token is not fed to the model yet, so the cache lacks it.
             history = await manager.tokens(args.agent) + metadata.get("unfed_tokens", [])
             prompt = history + engine.encode(args.prompt, add_bos=not history)
-            metadata = lambda done: {"unfed_tokens": list(done.token_ids[-1:])}  # noqa: E731
+            metadata = lambda done: {"unfed_tokens": list(done.token_ids[-1:])}
         completion = None
         async for item in manager.stream(args.agent, prompt, _sampling(args), metadata=metadata):
             if isinstance(item, str) and not args.json:

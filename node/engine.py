@@ -11,13 +11,13 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_map
 from mlx_lm.utils import dequantize_model, load_model
 
@@ -68,7 +68,11 @@ def _prepare_for_backend(model: nn.Module) -> str:
         return str(next(iter(dict(_float_leaves(model)).values())).dtype)
     if any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()):
         model = dequantize_model(model)
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    model.update(
+        tree_map(
+            lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()
+        )
+    )
     return "float32"
 
 
@@ -90,7 +94,10 @@ class Engine:
 
     @classmethod
     def load(
-        cls, spec: str = "default", progress: Callable[[str], None] = logger.info, cache_root: Path | None = None
+        cls,
+        spec: str = "default",
+        progress: Callable[[str], None] = logger.info,
+        cache_root: Path | None = None,
     ) -> Engine:
         started = time.perf_counter()
         folder = resolve_model_folder(spec, progress, cache_root)

@@ -9,8 +9,8 @@ rest (in chunks), then decodes with greedy or temperature/top-p sampling until E
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler

@@ -16,9 +16,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -136,11 +136,7 @@ def _gemma3_transform(name: str, array: np.ndarray, config: dict) -> np.ndarray:
 def _unpermute_rope(array: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's interleaving of Q/K rows for its rope layout."""
     rows = array.shape[0]
-    return (
-        array.reshape(heads, rows // heads // 2, 2, *array.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(array.shape)
-    )
+    return array.reshape(heads, rows // heads // 2, 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
 
 
 def _llama_transform(name: str, array: np.ndarray, config: dict) -> np.ndarray:
@@ -229,7 +225,9 @@ def _dequantize(tensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).reshape(shape).astype(np.float32)
 
 
-def _write_weights(reader, mapping: ArchitectureMapping, config: dict, folder: Path, progress: Progress) -> None:
+def _write_weights(
+    reader, mapping: ArchitectureMapping, config: dict, folder: Path, progress: Progress
+) -> None:
     from safetensors.numpy import save_file
 
     weights: dict[str, np.ndarray] = {}
@@ -277,7 +275,9 @@ def converted_folder(path: Path, cache_root: Path, progress: Progress) -> Path:
     """Return the cached conversion of `path`, converting it first when needed."""
     path = path.resolve()
     stat = path.stat()
-    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}".encode()
+    ).hexdigest()[:16]
     folder = cache_root / f"{path.stem}-{key}"
     if (folder / "node_source.json").exists():
         return folder

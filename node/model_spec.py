@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from node.errors import ModelSpecError
 from node.gguf_import import check_gguf_header, converted_folder
@@ -40,8 +40,7 @@ def _check_folder(path: Path) -> Path:
     missing = [name for name in ("config.json",) if not (path / name).exists()]
     if missing or not any(path.glob("*.safetensors")):
         raise ModelSpecError(
-            f"{path} is not an mlx-lm model folder: expected config.json, *.safetensors and "
-            "tokenizer files"
+            f"{path} is not an mlx-lm model folder: expected config.json, *.safetensors and tokenizer files"
         )
     if not (path / "tokenizer.json").exists():
         raise ModelSpecError(f"{path} has no tokenizer.json (a fast tokenizer is required)")
@@ -67,6 +66,4 @@ def check_gguf_header_or_explain(path: Path) -> None:
     try:
         check_gguf_header(path)
     except Exception as e:
-        raise ModelSpecError(
-            f"{path} is neither an mlx-lm model folder nor a GGUF file ({e})"
-        ) from e
+        raise ModelSpecError(f"{path} is neither an mlx-lm model folder nor a GGUF file ({e})") from e

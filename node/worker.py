@@ -14,9 +14,10 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -91,7 +92,7 @@ class ModelWorker:
                         return
                     self._run_job(*job)
                 self._advance()
-        except BaseException as e:  # noqa: BLE001 - anything here kills the owner of MLX state
+        except BaseException as e:
             logger.exception("model worker died")
             self._die(e)
 
@@ -123,7 +124,7 @@ class ModelWorker:
         decoding = [a for a in self._active if not a.sequence.prefilling and a.sequence.wants_step()]
         for start in range(0, len(decoding), self.max_batch):
             batch = decoding[start : start + self.max_batch]
-            self._guarded(batch, lambda: self._decode(batch))
+            self._guarded(batch, lambda batch=batch: self._decode(batch))
 
     def _decode(self, batch: list[_Active]) -> None:
         self.decode_steps += 1
@@ -139,7 +140,7 @@ class ModelWorker:
         """Run `work`; a failure fails the sequences it touched, not the worker."""
         try:
             work()
-        except Exception as e:  # noqa: BLE001 - reported to each affected request
+        except Exception as e:
             logger.exception("generation failed")
             for active in group:
                 self._active.remove(active)

@@ -9,7 +9,11 @@ import pytest
 from node.agents import AgentManager, AgentRequest
 from node.generation import CachedContext, SamplingParams, generate
 
-TEXTS = ["the cat sat on the mat and the dog sat " * 3, "a dog", "the mat is on the cat of the dog in a mat " * 2]
+TEXTS = [
+    "the cat sat on the mat and the dog sat " * 3,
+    "a dog",
+    "the mat is on the cat of the dog in a mat " * 2,
+]
 
 
 async def test_concurrent_requests_are_batched_and_match_solo_runs(tiny_engine, tmp_path):
@@ -17,7 +21,9 @@ async def test_concurrent_requests_are_batched_and_match_solo_runs(tiny_engine, 
     prompts = [tiny_engine.encode(t) for t in TEXTS]
     alone = [generate(tiny_engine, CachedContext(tiny_engine.make_caches()), p, params) for p in prompts]
     manager = await AgentManager.start(tiny_engine, tmp_path)
-    results = await manager.generate_concurrent([AgentRequest(f"b{i}", p, params) for i, p in enumerate(prompts)])
+    results = await manager.generate_concurrent(
+        [AgentRequest(f"b{i}", p, params) for i, p in enumerate(prompts)]
+    )
     stats = manager.stats()["batching"]
     await manager.close()
     assert [r.token_ids for r in results] == [a.token_ids for a in alone]
@@ -26,7 +32,9 @@ async def test_concurrent_requests_are_batched_and_match_solo_runs(tiny_engine, 
 
 async def test_request_joins_a_running_batch_and_finished_ones_leave(tiny_engine, tmp_path):
     manager = await AgentManager.start(tiny_engine, tmp_path)
-    long = asyncio.create_task(manager.generate("long", tiny_engine.encode(TEXTS[0]), SamplingParams(max_tokens=60)))
+    long = asyncio.create_task(
+        manager.generate("long", tiny_engine.encode(TEXTS[0]), SamplingParams(max_tokens=60))
+    )
     await asyncio.sleep(0.05)
     short = await manager.generate("short", tiny_engine.encode(TEXTS[1]), SamplingParams(max_tokens=4))
     assert not long.done()  # the short request finished while the long one kept going
@@ -62,7 +70,9 @@ async def test_default_model_batched_greedy_equals_solo(engine, tmp_path):
     ]
     alone = [generate(engine, CachedContext(engine.make_caches()), p, params).text for p in prompts]
     manager = await AgentManager.start(engine, tmp_path)
-    results = await manager.generate_concurrent([AgentRequest(f"a{i}", p, params) for i, p in enumerate(prompts)])
+    results = await manager.generate_concurrent(
+        [AgentRequest(f"a{i}", p, params) for i, p in enumerate(prompts)]
+    )
     stats = manager.stats()["batching"]
     await manager.close()
     assert [r.text for r in results] == alone

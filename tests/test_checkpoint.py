@@ -63,7 +63,7 @@ async def test_diverging_history_is_restored_from_disk(tiny_engine, tmp_path):
     assert result.token_ids == cold.token_ids
     store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
     store.verify("alpha")
-    assert store.tokens("alpha")[:len(edited)] == edited
+    assert store.tokens("alpha")[: len(edited)] == edited
 
 
 async def test_new_agent_forks_from_base_agent(tiny_engine, tmp_path):
@@ -156,7 +156,9 @@ async def test_memory_budget_evicts(tiny_engine, tmp_path):
 async def test_concurrent_agents_stay_isolated(tiny_engine, tmp_path):
     manager = await _manager(tiny_engine, tmp_path)
     prompts = [tiny_engine.encode(f"{TEXT} {w}") for w in ("cat", "dog", "mat")]
-    results = await manager.generate_concurrent([AgentRequest(f"c{i}", p, GREEDY) for i, p in enumerate(prompts)])
+    results = await manager.generate_concurrent(
+        [AgentRequest(f"c{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    )
     for prompt, result in zip(prompts, results):
         cold = generate(tiny_engine, CachedContext(tiny_engine.make_caches()), prompt, GREEDY)
         assert result.token_ids == cold.token_ids
@@ -185,12 +187,16 @@ asyncio.run(main())
 """
 
 
-def test_sigkill_during_checkpoint_writes_keeps_a_valid_checkpoint(tiny_gguf, tiny_engine, model_cache, tmp_path):
+def test_sigkill_during_checkpoint_writes_keeps_a_valid_checkpoint(
+    tiny_gguf, tiny_engine, model_cache, tmp_path
+):
     store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
     for delay in (0.3, 0.55, 0.8, 1.1):
         process = subprocess.Popen(
             [sys.executable, "-c", KILL_LOOP, str(tiny_gguf), str(tmp_path), str(model_cache)],
-            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
         )
         assert process.stdout.readline().strip() == "ready"
         time.sleep(delay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ def test_gguf_import_round_trip(tiny_gguf, tiny_engine):
     for name, array in expected.items():
         tolerance = 0.02 if "mlp.up_proj" in name else 1e-6  # Q8_0 vs exact F32
         np.testing.assert_allclose(np.array(loaded[name]), array, atol=tolerance, err_msg=name)
-    config = json.loads(open(tiny_engine.info.folder + "/config.json").read())
+    config = json.loads(Path(tiny_engine.info.folder, "config.json").read_text())
     assert config["model_type"] == "gemma3_text" and config["sliding_window"] == 8
 
 
@@ -64,7 +65,9 @@ def test_unsupported_gguf_architecture(tmp_path):
 
 
 def _cold(engine, prompt, max_tokens=12):
-    return generate(engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=max_tokens))
+    return generate(
+        engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=max_tokens)
+    )
 
 
 def test_extending_prompt_prefills_only_new_tokens(tiny_engine):
@@ -106,8 +109,11 @@ def test_stop_strings_and_streaming(engine):
     stop = "Saturday"
     chunks: list[str] = []
     stopped = generate(
-        engine, CachedContext(engine.make_caches()), prompt,
-        SamplingParams(max_tokens=10, stop=(stop,)), on_text=chunks.append,
+        engine,
+        CachedContext(engine.make_caches()),
+        prompt,
+        SamplingParams(max_tokens=10, stop=(stop,)),
+        on_text=chunks.append,
     )
     assert stopped.finish_reason == "stop" and stopped.stop_sequence == stop
     assert stopped.text == free.text[: free.text.find(stop)]
@@ -123,7 +129,10 @@ def test_sampling_is_seeded_and_cancellable(tiny_engine):
     assert one.token_ids == two.token_ids
     calls = iter(range(100))
     cancelled = generate(
-        tiny_engine, CachedContext(tiny_engine.make_caches()), prompt, SamplingParams(max_tokens=50),
+        tiny_engine,
+        CachedContext(tiny_engine.make_caches()),
+        prompt,
+        SamplingParams(max_tokens=50),
         should_stop=lambda: next(calls) >= 3,
     )
     assert cancelled.finish_reason == "cancelled" and cancelled.usage.generated_tokens == 3
@@ -131,7 +140,11 @@ def test_sampling_is_seeded_and_cancellable(tiny_engine):
 
 @pytest.mark.parametrize(
     "text",
-    ["héllo wörld — 日本語 🙂 naïve", "  leading and trailing  \n\n\ttabs\r\n", "def f(x):\n    return {'a': [x ** 2]}  # ok\n"],
+    [
+        "héllo wörld — 日本語 🙂 naïve",
+        "  leading and trailing  \n\n\ttabs\r\n",
+        "def f(x):\n    return {'a': [x ** 2]}  # ok\n",
+    ],
 )
 def test_default_tokenizer_round_trips(engine, text):
     ids = engine.encode(text, add_bos=False)

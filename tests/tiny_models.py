@@ -55,11 +55,19 @@ def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 _TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
@@ -72,7 +80,9 @@ def gguf_name(name: str) -> str:
     return f"blk.{layer}.{_TO_GGUF[rest.removesuffix('.weight')]}.weight"
 
 
-def write_tiny_gguf(path: Path, seed: int = 0, quantize: tuple[str, ...] = ("mlp.up_proj",)) -> dict[str, np.ndarray]:
+def write_tiny_gguf(
+    path: Path, seed: int = 0, quantize: tuple[str, ...] = ("mlp.up_proj",)
+) -> dict[str, np.ndarray]:
     """Write the GGUF; return the weights the import must reproduce (Q8_0 ones within tolerance)."""
     writer = gguf.GGUFWriter(str(path), "gemma3")
     writer.add_block_count(LAYERS)
