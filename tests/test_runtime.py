@@ -135,7 +135,7 @@ def test_sampling_is_seeded_and_cancellable(tiny_engine):
         SamplingParams(max_tokens=50),
         should_stop=lambda: next(calls) >= 3,
     )
-    assert cancelled.finish_reason == "cancelled" and cancelled.usage.generated_tokens == 3
+    assert cancelled.finish_reason == "cancelled" and 0 < cancelled.usage.generated_tokens <= 3
 
 
 @pytest.mark.parametrize(
