@@ -179,10 +179,10 @@ engine = Engine.load(sys.argv[1], progress=lambda m: None, cache_root=sys.argv[3
 async def main():
     manager = await AgentManager.start(engine, sys.argv[2])
     prompt = engine.encode("the cat sat on the mat " * 30)
-    print("ready", flush=True)
     while True:
         prompt = prompt + engine.encode(" the dog", add_bos=False)
         await manager.generate("victim", prompt, SamplingParams(max_tokens=2))
+        print("saved", flush=True)
 asyncio.run(main())
 """
 
@@ -191,19 +191,17 @@ def test_sigkill_during_checkpoint_writes_keeps_a_valid_checkpoint(
     tiny_gguf, tiny_engine, model_cache, tmp_path
 ):
     store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
-    for delay in (0.3, 0.55, 0.8, 1.1):
+    for delay in (0.05, 0.13, 0.21, 0.34, 0.55):
         process = subprocess.Popen(
             [sys.executable, "-c", KILL_LOOP, str(tiny_gguf), str(tmp_path), str(model_cache)],
             stdout=subprocess.PIPE,
             text=True,
             env={**os.environ, "PYTHONPATH": os.getcwd()},
         )
-        assert process.stdout.readline().strip() == "ready"
+        assert process.stdout.readline().strip() == "saved"  # a checkpoint exists; more are being written
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        if store.exists("victim"):
-            store.verify("victim")  # whatever the moment of the kill, the listed checkpoint is whole
-            restored = store.restore("victim", tiny_engine.make_caches)
-            assert len(restored.tokens) == store.manifest("victim")["token_count"]
-    assert store.exists("victim")
+        store.verify("victim")  # whatever the moment of the kill, the listed checkpoint is whole
+        restored = store.restore("victim", tiny_engine.make_caches)
+        assert len(restored.tokens) == store.manifest("victim")["token_count"]
