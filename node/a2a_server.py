@@ -13,7 +13,6 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, c
 from a2a.server.tasks import (
     BasePushNotificationSender,
     InMemoryPushNotificationConfigStore,
-    InMemoryTaskStore,
 )
 from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
@@ -23,6 +22,7 @@ from node.a2a_cards import node_card, skill_card, skill_path
 from node.a2a_executor import SkillExecutor, SkillRuntime
 from node.a2a_handler import NodeRequestHandler, SkillRouter
 from node.config import NodeConfig
+from node.task_stores import TaskStores
 
 LEGACY_CARD_PATH = "/.well-known/agent.json"
 
@@ -48,33 +48,34 @@ def default_skill(skills: tuple[str, ...]) -> str:
     return DEFAULT_SKILL if DEFAULT_SKILL in skills else skills[0]
 
 
-def build_agents(config: NodeConfig, runtime: SkillRuntime) -> A2AAgents:
+def build_agents(config: NodeConfig, runtime: SkillRuntime, stores: TaskStores | None = None) -> A2AAgents:
     from skills import SKILLS
 
+    stores = stores or TaskStores()
     push_client = httpx.AsyncClient(timeout=10.0)
     secured = config.api_key is not None
     executors = {skill_id: SKILLS[skill_id](runtime) for skill_id in config.skills}
     handlers, skill_routes = [], []
     for skill_id, executor in executors.items():
         card = skill_card(config.base_url, skill_id, secured)
-        handler = _handler(executor, card, (skill_id,), push_client)
+        handler = _handler(executor, card, (skill_id,), push_client, stores)
         handlers.append(handler)
         skill_routes += _skill_agent_routes(handler, card, skill_path(skill_id))
     router = SkillRouter(executors, default_skill(config.skills))
     card = node_card(config.base_url, config.skills, secured)
-    node = _handler(router, card, config.skills, push_client)
+    node = _handler(router, card, config.skills, push_client, stores)
     handlers.append(node)
     # The node's HTTP+JSON routes end with a catch-all `/{tenant}` mount: they must come last.
     return A2AAgents(skill_routes + _agent_routes(node, card), handlers, executors, push_client)
 
 
 def _handler(
-    executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient
+    executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient, stores: TaskStores
 ) -> NodeRequestHandler:
     push_configs = InMemoryPushNotificationConfigStore()
     return NodeRequestHandler(
         agent_executor=executor,
-        task_store=InMemoryTaskStore(),
+        **stores.handler_stores(),
         agent_card=card,
         push_config_store=push_configs,
         push_sender=BasePushNotificationSender(push_client, push_configs),

@@ -22,13 +22,20 @@ from node.a2a_middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from node.a2a_server import build_agents
 from node.anthropic_api import anthropic_routes
 from node.config import NodeConfig
+from node.network import Network
+from node.task_stores import TaskStores
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(config: NodeConfig, manager=None) -> Starlette:
     runtime = SkillRuntime(config, manager)
-    agents = build_agents(config, runtime)
+    stores = TaskStores(config.database_url)
+    agents = build_agents(config, runtime, stores)
+    network = Network(config)
+    for executor in agents.executors.values():
+        if hasattr(executor, "network"):  # the coordination skill delegates through it
+            executor.network = network
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -36,11 +43,15 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
         if owned:
             runtime.manager = await start_manager(config)
         try:
+            await stores.initialize()
             await warm_up(agents.executors.values())
+            await network.start()
             yield
         finally:
             runtime.stop_all()
+            await network.stop()
             await agents.aclose()
+            await stores.close()
             if owned:
                 await runtime.manager.close()
 
@@ -48,11 +59,13 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
         Route("/health", _health(runtime), methods=["GET"]),
         Route("/agents", _agents(runtime), methods=["GET"]),
         *anthropic_routes(lambda: runtime.manager, config),
+        *network.routes(),
         # Last: the node's HTTP+JSON routes end with a catch-all `/{tenant}/...` mount.
         *agents.routes,
     ]
     app = Starlette(routes=routes, middleware=_middleware(config), lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.network = network
     return app
 
 

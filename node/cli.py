@@ -61,11 +61,42 @@ def _serve_parser(commands) -> None:
     p.add_argument(
         "--max-tokens", type=int, default=defaults.max_tokens, help="most tokens generated per task"
     )
+    _network_flags(p, defaults)
+
+
+def _network_flags(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument(
+        "--peer", action="append", default=[], metavar="URL", help="a peer node's URL (repeatable)"
+    )
+    p.add_argument("--join", default=None, metavar="URL", help="register with the registry at this node URL")
+    p.add_argument(
+        "--registry", action="store_true", help="act as the network's registry (members in SQLite)"
+    )
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="postgresql+asyncpg://... : registry and A2A task store in PostgreSQL, shared by the nodes",
+    )
+    p.add_argument(
+        "--peer-timeout", type=float, default=defaults.peer_timeout_s, help="seconds per delegated sub-task"
+    )
+    p.add_argument(
+        "--heartbeat", type=float, default=defaults.heartbeat_s, help="seconds between registry heartbeats"
+    )
+    p.add_argument(
+        "--public-url", default=None, help="the URL others reach this node at (default: host and port)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m node", description=__doc__)
     parser.add_argument("--demo", action="store_true", help="run the multi-node demo on the default model")
+    parser.add_argument(
+        "--cache-dir",
+        dest="demo_cache_dir",
+        default=None,
+        help="with --demo: keep the nodes' caches in this folder (default: a new temporary folder)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command")
     _generate_parser(commands)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ALL_SKILLS = ("technical_analysis", "business_analysis", "coordination")
+DATABASE_SCHEMES = ("postgresql+asyncpg://", "sqlite+aiosqlite://")
 
 
 def default_cache_dir() -> Path:
@@ -31,6 +32,7 @@ class NodeConfig:
     database_url: str | None = None
     peer_timeout_s: float = 120.0
     heartbeat_s: float = 10.0
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in ALL_SKILLS]
@@ -41,7 +43,20 @@ class NodeConfig:
         for name in ("max_message_bytes", "max_tokens", "max_agents", "memory_budget_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.peer_timeout_s <= 0 or self.heartbeat_s <= 0:
+            raise ValueError("peer_timeout_s and heartbeat_s must be positive")
+        if self.database_url is not None and not self.database_url.startswith(DATABASE_SCHEMES):
+            raise ValueError(f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}")
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """The URL peers and cards use: `public_url` when set (a node bound to 0.0.0.0)."""
+        return self.public_url.rstrip("/") if self.public_url else f"http://{self.host}:{self.port}"
+
+    @property
+    def registry_url(self) -> str | None:
+        """Where this node registers and discovers peers: the node it joins, else itself if it
+        is the registry, else nowhere."""
+        if self.join:
+            return self.join.rstrip("/")
+        return self.base_url if self.registry else None

@@ -32,6 +32,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         api_key=args.api_key or None,
         max_message_bytes=args.max_message_bytes,
         max_tokens=args.max_tokens,
+        peers=tuple(url.rstrip("/") for url in args.peer),
+        join=args.join,
+        registry=args.registry,
+        database_url=args.database_url,
+        peer_timeout_s=args.peer_timeout,
+        heartbeat_s=args.heartbeat,
+        public_url=args.public_url,
     )
 
 

@@ -1,23 +1,98 @@
-"""Coordination: the node's default skill; plans a request and answers it.
+"""Coordination: the node's default skill; plans a request, delegates it, synthesizes the answers.
 
-For now it answers with its own persistent agent. `delegate` is the seam where a later issue asks
-other skills and peer nodes: whatever it returns is put in front of the coordinator's prompt.
+The plan is deterministic (the small base model plans poorly): one sub-task per expert skill,
+phrased from the request. The sub-tasks run concurrently over A2A at peers that host those skills,
+other nodes or this one through the same HTTP path (`node.peers`), each in a context derived from
+the coordinator's contextId, so the experts' conversations persist too. The coordinator then
+answers with its own persistent agent, the findings put in front of the request. The task's last
+artifact, `delegation`, says which peer answered which sub-task with timings and usage, and what
+is missing. Message metadata `"delegate": false` makes the coordinator answer alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from dataclasses import dataclass, replace
 
+from a2a.server.agent_execution import RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.tasks import TaskUpdater
+from a2a.types import Part
+from google.protobuf import struct_pb2
+from google.protobuf.json_format import ParseDict
+
 from node.a2a_executor import SkillExecutor, TurnRequest
+from node.peers import REPORT_ARTIFACT, SubtaskResult
+
+EXPERT_QUESTIONS = {
+    "technical_analysis": (
+        "Give a short technical analysis of this request: the components involved, the trade-offs "
+        "and the main technical risk.\n\nRequest: {request}"
+    ),
+    "business_analysis": (
+        "Give a short business analysis of this request: the costs, the benefits and the main "
+        "business risk.\n\nRequest: {request}"
+    ),
+}
+DELEGATE_KEY = "delegate"
+STOP_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
-class Delegated:
-    """An answer gathered from another agent (a local skill or a peer node)."""
+class Subtask:
+    skill: str
+    question: str
 
-    agent: str
-    text: str
+
+def plan(request_text: str) -> list[Subtask]:
+    return [Subtask(skill, q.format(request=request_text)) for skill, q in EXPERT_QUESTIONS.items()]
+
+
+def subtask_context(context_id: str, skill: str) -> str:
+    """The expert's conversation for this coordinator conversation (the same one every turn)."""
+    return f"{context_id}/{skill}"
+
+
+@dataclass(frozen=True)
+class DelegationReport:
+    results: tuple[SubtaskResult, ...]
+    elapsed_s: float
+
+    @property
+    def missing(self) -> list[str]:
+        return [r.skill for r in self.results if r.answer is None]
+
+    def as_dict(self) -> dict:
+        return {
+            "elapsed_s": round(self.elapsed_s, 3),
+            "missing": self.missing,
+            "subtasks": [r.as_dict() for r in self.results],
+        }
+
+    def render(self) -> str:
+        answered = len(self.results) - len(self.missing)
+        head = (
+            f"Delegation: {len(self.results)} sub-tasks in {self.elapsed_s:.1f} s, "
+            f"{answered} answered, {len(self.missing)} missing"
+        )
+        return "\n".join([head, *(line for r in self.results for line in _render_result(r))])
+
+
+def _render_result(result: SubtaskResult) -> list[str]:
+    failed = [a for a in result.attempts if a.outcome != "completed"]
+    earlier = [f"    {a.peer}: {a.outcome} after {a.elapsed_s:.1f} s ({a.detail})" for a in failed]
+    if result.answer is None:
+        why = "no peer answered" if result.attempts else "no peer hosts this skill"
+        return [f"- {result.skill}: MISSING, {why}", *earlier]
+    u = {k: int(v) for k, v in result.answer.usage.items() if k.endswith("_tokens")}
+    numbers = (
+        f"prompt {u.get('prompt_tokens', '?')} tokens, {u.get('cached_tokens', '?')} cached, "
+        f"{u.get('generated_tokens', '?')} generated"
+    )
+    head = f"- {result.skill}: answered by {result.peer} in {result.attempts[-1].elapsed_s:.1f} s ({numbers})"
+    return [head, *earlier]
 
 
 class CoordinationExecutor(SkillExecutor):
@@ -27,18 +102,75 @@ class CoordinationExecutor(SkillExecutor):
         "analysis). Break the request into steps, use the experts' findings when they are given, "
         "and answer with a short, well-structured summary and next steps."
     )
+    network = None  # node.network.Network, set by create_app
+
+    def __init__(self, runtime) -> None:
+        super().__init__(runtime)
+        self._queues: dict[str, EventQueue] = {}
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self._queues[context.task_id] = event_queue  # for the delegation report artifact
+        try:
+            await super().execute(context, event_queue)
+        finally:
+            self._queues.pop(context.task_id, None)
 
     async def answer(self, request: TurnRequest, out, stop: threading.Event):
-        findings = await self.delegate(request, stop)
-        return await super().answer(self.with_findings(request, findings), out, stop)
+        report = await self.delegate(request, stop)
+        completion = await super().answer(self.with_findings(request, report), out, stop)
+        if report is not None and completion.finish_reason != "cancelled" and not stop.is_set():
+            await self._publish(request, report)
+        return completion
 
-    async def delegate(self, request: TurnRequest, stop: threading.Event) -> list[Delegated]:
-        """Ask other agents for what `request` needs; none are wired in yet."""
-        return []
+    async def delegate(self, request: TurnRequest, stop: threading.Event) -> DelegationReport | None:
+        """Run the plan's sub-tasks concurrently at peers; None when delegation is off."""
+        delegator = self.network.delegator if self.network is not None else None
+        if delegator is None or request.metadata.get(DELEGATE_KEY) is False:
+            return None
+        limits = {k: request.metadata[k] for k in ("max_tokens",) if k in request.metadata}
+        started = time.monotonic()
+        jobs = [
+            asyncio.create_task(
+                delegator.run(s.skill, s.question, subtask_context(request.context_id, s.skill), limits)
+            )
+            for s in plan(request.text)
+        ]
+        await _until_done_or_stopped(jobs, stop)
+        results = tuple(
+            job.result() for job in jobs if job.done() and not job.cancelled() and not job.exception()
+        )
+        return DelegationReport(results, time.monotonic() - started)
 
     @staticmethod
-    def with_findings(request: TurnRequest, findings: list[Delegated]) -> TurnRequest:
-        if not findings:
+    def with_findings(request: TurnRequest, report: DelegationReport | None) -> TurnRequest:
+        if report is None:
             return request
-        notes = "\n\n".join(f"Findings from {f.agent}:\n{f.text}" for f in findings)
-        return replace(request, text=f"{notes}\n\nRequest:\n{request.text}")
+        notes = [
+            f"Findings from {r.skill.replace('_', ' ')}:\n{r.answer.text.strip()}"
+            if r.answer is not None
+            else f"No findings from {r.skill.replace('_', ' ')} (unavailable)."
+            for r in report.results
+        ]
+        return replace(request, text="\n\n".join([*notes, f"Request:\n{request.text}"]))
+
+    async def _publish(self, request: TurnRequest, report: DelegationReport) -> None:
+        queue = self._queues.get(request.task_id)
+        if queue is None:
+            return
+        data = ParseDict(report.as_dict(), struct_pb2.Value())
+        updater = TaskUpdater(queue, request.task_id, request.context_id)
+        await updater.add_artifact(
+            [Part(text=report.render()), Part(data=data)], name=REPORT_ARTIFACT, last_chunk=True
+        )
+
+
+async def _until_done_or_stopped(jobs: list[asyncio.Task], stop: threading.Event) -> None:
+    """Wait for every job; if the task is cancelled meanwhile, cancel the ones still running."""
+    pending = set(jobs)
+    while pending:
+        if stop.is_set():
+            for job in pending:
+                job.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            return
+        _, pending = await asyncio.wait(pending, timeout=STOP_POLL_S)
