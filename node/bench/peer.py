@@ -129,8 +129,8 @@ async def run(bench: Bench) -> Outcome:
     notes = [
         f"llama.cpp {cold['threads']} threads, model load {cold['load_s']:.2f} s; same token ids on both sides",
         (
-            "llama.cpp state file (llama_state_save_file) holds its sliding-window KV only and is not fsynced; ours keeps "
-            "every layer's full history (exact rewinds) and fsyncs"
+            "llama.cpp's state file (llama_state_save_file) holds f16 K/V (ours: the model's fp32) "
+            "and is not fsynced (ours is)"
         ),
     ]
     if not ours:

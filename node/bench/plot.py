@@ -53,7 +53,7 @@ def plot_context_scaling(records: list[dict], path: Path, title: str) -> Path | 
     axes.set_yscale("log")
     axes.set_xlabel("context size (tokens)")
     axes.set_ylabel("seconds (log scale)")
-    axes.set_title(title)
+    axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     path = Path(path)

@@ -109,6 +109,7 @@ def scenario_record(number: int, name: str, title: str, outcome: Outcome, env: d
         "status": outcome.status,
         "timestamp": timestamp(),
         "duration_s": round(seconds, 2),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # at its end
         **env,
         "results": outcome.results,
         "notes": outcome.notes,

@@ -111,7 +111,10 @@ def _finish(options: BenchOptions, header: dict, records: list[dict]) -> dict:
         document = {**document, "finished": res.timestamp()}
         say(f"results: {res.write_document(options.json_path, header, records)}")
     if options.plot_path is not None:
-        title = f"Restore vs re-prefill: {header['model']['name']} on {header['machine']['cores']}-core {header['machine']['cpu'][:32]}"
+        machine = header["machine"]
+        title = (
+            f"Restore vs re-prefill: {header['model']['name']}\n{machine['cores']} cores, {machine['cpu']}"
+        )
         written = plot_context_scaling(records, options.plot_path, title)
         say(
             f"plot: {written}"
