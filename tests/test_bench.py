@@ -28,7 +28,7 @@ TINY = Profile(
 # llama.cpp runs on the tiny GGUF too, where llama-cpp-python is installed (extra `peer`)
 SCENARIOS = ("runtime", "single", "resume", "context", "multi_agent") + (
     ("peer",) if peer.llama_cpp_installed() else ()
-)
+) + ("batched",)
 COMMON = {
     "id",
     "name",
@@ -116,6 +116,16 @@ def test_multi_agent_fields(document):
     assert {"creation_s", "generation_s", "total_s", "model_bytes", "memory_bytes", "disk_bytes"} <= set(
         results
     )
+
+
+def test_batched_fields(document):
+    results = scenario(document, "batched")["results"]
+    assert [r["agents"] for r in results["rows"]] == [1, 3, 8]
+    for row in results["rows"]:
+        assert row["batched"]["largest_batch"] == row["agents"]
+        assert row["sequential"]["batched"] is False
+        assert {"aggregate_tok_s", "wall_s", "generated_tokens"} <= set(row["batched"])
+    assert {"three_agents_vs_one", "target_three_agents_vs_one"} <= set(results)
 
 
 @pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")

@@ -1,6 +1,6 @@
 """The registered scenarios, in run order.
 
-To add a scenario (e.g. 6, "batched decode"): write a module with
+To add a scenario: write a module with
 `async def run(bench: Bench) -> Outcome` and append one `Scenario(...)` line to `SCENARIOS`.
 Later scenarios may read what earlier ones left in `bench.shared`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from node.bench import context, multi_agent, peer, runtime, sessions
+from node.bench import batched, context, multi_agent, peer, runtime, sessions
 from node.bench.results import Outcome
 from node.bench.workbench import Bench, BenchError
 
@@ -30,7 +30,7 @@ SCENARIOS: list[Scenario] = [
     Scenario(3, "context", "Context scaling: restore in a fresh process vs re-prefill", context.run),
     Scenario(4, "multi_agent", "Multi-agent workflow with isolated caches", multi_agent.run),
     Scenario(5, "peer", "llama.cpp on the same GGUF, with its own state save/restore", peer.run),
-    # Scenario(6, "batched", "Batched decode", batched.run),  <- the next scenario goes here
+    Scenario(6, "batched", "Batched decode across concurrent agents vs sequential", batched.run),
 ]
 
 
