@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from dataclasses import dataclass, replace
 
 from a2a.server.agent_execution import RequestContext
@@ -38,6 +39,7 @@ EXPERT_QUESTIONS = {
 }
 DELEGATE_KEY = "delegate"
 STOP_POLL_S = 0.2
+SUBTASK_NAMESPACE = uuid.UUID("5b0f4a52-6a43-4c1e-9a7e-2d6f1c0b8e11")
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ def plan(request_text: str) -> list[Subtask]:
 
 
 def subtask_context(context_id: str, skill: str) -> str:
-    """The expert's conversation for this coordinator conversation (the same one every turn)."""
-    return f"{context_id}/{skill}"
+    """The expert's conversation for this coordinator conversation (the same one every turn).
+
+    A UUID, because the a2a-sdk database task store keeps contextIds in 36 characters."""
+    return str(uuid.uuid5(SUBTASK_NAMESPACE, f"{context_id}/{skill}"))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import pytest
 from a2a.types import GetTaskRequest, TaskState
 from google.protobuf.json_format import MessageToDict
 
+from skills.coordination import subtask_context
 from tests.a2a_node import NodeProcess, a2a_client, http_client, metadata_of, send
 from tests.conftest import free_port
 
@@ -36,7 +37,13 @@ def network(tmp_path_factory):
     common = ("--heartbeat", str(HEARTBEAT_S), "--max-tokens", "24")
     b = NodeProcess(b_port, folder / "b", "--skills", "coordination", "--registry", *common)
     a = NodeProcess(
-        free_port(), folder / "a", "--skills", "technical_analysis,business_analysis", "--join", registry, *common
+        free_port(),
+        folder / "a",
+        "--skills",
+        "technical_analysis,business_analysis",
+        "--join",
+        registry,
+        *common,
     )
     c = NodeProcess(free_port(), folder / "c", "--skills", "technical_analysis", "--join", registry, *common)
     nodes = {"a": a, "b": b, "c": c}
@@ -119,9 +126,11 @@ async def test_coordinator_delegates_across_nodes(network):
         assert subtask["elapsed_s"] > 0
         assert f"answered by {a.url}" in report["text"]
         # The expert's conversation is a persistent agent on A, checkpointed like any other.
-        assert agent_id(skill, f"{context_id}/{skill}") in a_agents
+        assert agent_id(skill, subtask_context(context_id, skill)) in a_agents
     # The coordinator answered too, in its own persistent context.
-    answer = [e for e in events if e.HasField("artifact_update") and e.artifact_update.artifact.name == "answer"]
+    answer = [
+        e for e in events if e.HasField("artifact_update") and e.artifact_update.artifact.name == "answer"
+    ]
     assert answer
     final = [e.status_update for e in events if e.HasField("status_update")][-1]
     assert metadata_of(final)["usage"]["generated_tokens"] == 4
@@ -149,7 +158,10 @@ async def test_a_peer_killed_mid_task_is_retried_elsewhere_and_the_gap_reported(
     assert [t["peer"] for t in by_skill["business_analysis"]["attempts"]] == [a.url]
     technical = by_skill["technical_analysis"]
     assert technical["peer"] == c.url
-    assert [(t["peer"], t["outcome"] != "completed") for t in technical["attempts"]] == [(a.url, True), (c.url, False)]
+    assert [(t["peer"], t["outcome"] != "completed") for t in technical["attempts"]] == [
+        (a.url, True),
+        (c.url, False),
+    ]
 
 
 async def wait_until_running(http: httpx.AsyncClient, url: str, tasks: int, timeout_s: float = 300) -> None:
@@ -162,7 +174,7 @@ async def wait_until_running(http: httpx.AsyncClient, url: str, tasks: int, time
 
 
 def test_a_killed_node_expires_and_a_stopped_one_leaves(network):
-    a, b, c = network["a"], network["b"], network["c"]
+    b, c = network["b"], network["c"]
     # A was killed by the previous test: it stops heartbeating and expires after 3 heartbeats.
     assert wait_for_members(b.url, {b.url, c.url}, timeout_s=20 * HEARTBEAT_S)
     assert c.stop() == 0
