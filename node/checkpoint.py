@@ -13,8 +13,10 @@ import logging
 import os
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import mlx.core as mx
 import numpy as np
@@ -71,7 +73,34 @@ def _to_mlx(array: np.ndarray, dtype: str) -> mx.array:
     result = mx.array(array)
     if dtype == "bfloat16":
         result = result.view(mx.bfloat16)
+    tokens, heads, dim = result.shape
+    if heads == 1:  # same memory layout either way: no transpose copy
+        return result.reshape(1, 1, tokens, dim)
     return result.transpose(1, 0, 2)[None]
+
+
+class _OpenSegments:
+    """Each segment file opened once (mmap-backed) for the duration of one read."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stack = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def rows(self, segment: dict, name: str, start: int, stop: int) -> np.ndarray:
+        try:
+            if segment["file"] not in self._handles:
+                path = str(self.folder / segment["file"])
+                self._handles[segment["file"]] = self._stack.enter_context(safe_open(path, framework="numpy"))
+            return self._handles[segment["file"]].get_slice(name)[start:stop]
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointCorrupt(f"segment {segment['file']} is unreadable: {e}") from e
 
 
 class CheckpointStore:
@@ -215,10 +244,13 @@ class CheckpointStore:
             return False
         folder = self.agent_dir(agent_id)
         segments = manifest["segments"]
-        tensors = {
-            name: np.concatenate([self._read(folder, s, name, 0, s["stop"] - s["start"]) for s in segments])
-            for name in segments[0]["digests"]
-        }
+        with _OpenSegments(folder) as files:
+            tensors = {
+                name: np.concatenate(
+                    [self._read(files, s, name, 0, s["stop"] - s["start"]) for s in segments]
+                )
+                for name in segments[0]["digests"]
+            }
         name = f"seg-{0:09d}-{manifest['token_count']:09d}-{time.time_ns() % 10**9:09d}.safetensors"
         self._write_tensors(folder, name, tensors)
         merged = {
@@ -239,13 +271,8 @@ class CheckpointStore:
         manifest = self.manifest(agent_id)
         if manifest is None:
             return []
-        folder = self.agent_dir(agent_id)
-        result: list[int] = []
-        for segment in manifest["segments"]:
-            result.extend(
-                self._read(folder, segment, "tokens", 0, segment["stop"] - segment["start"]).tolist()
-            )
-        return result
+        with _OpenSegments(self.agent_dir(agent_id)) as files:
+            return self._gather(files, manifest, "tokens", 0, manifest["token_count"]).tolist()
 
     def restore(self, agent_id: str, make_caches, position: int | None = None) -> Restored:
         """Rebuild an agent's caches at `position` tokens (default: everything saved)."""
@@ -259,24 +286,24 @@ class CheckpointStore:
             raise CheckpointCorrupt(
                 f"checkpoint of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
             )
-        folder = self.agent_dir(agent_id)
-        tokens = self._gather(folder, manifest, "tokens", 0, position)
-        for i, cache in enumerate(caches):
-            first = kv_cache.history_start(cache, position)
-            keys = self._gather(folder, manifest, f"k.{i}", first, position)
-            values = self._gather(folder, manifest, f"v.{i}", first, position)
-            kv_cache.install(cache, keys, values, first)
-        mx.eval([c.keys for c in caches] + [c.values for c in caches])
+        with _OpenSegments(self.agent_dir(agent_id)) as files:
+            tokens = self._gather(files, manifest, "tokens", 0, position)
+            for i, cache in enumerate(caches):
+                first = kv_cache.history_start(cache, position)
+                keys = self._gather(files, manifest, f"k.{i}", first, position)
+                values = self._gather(files, manifest, f"v.{i}", first, position)
+                kv_cache.install(cache, keys, values, first)
+            mx.eval([c.keys for c in caches] + [c.values for c in caches])
         return Restored(
             tokens.tolist(), caches, manifest.get("metadata") or {}, time.perf_counter() - started
         )
 
-    def _gather(self, folder: Path, manifest: dict, name: str, start: int, stop: int):
+    def _gather(self, files: _OpenSegments, manifest: dict, name: str, start: int, stop: int):
         parts = []
         for segment in manifest["segments"]:
             lo, hi = max(start, segment["start"]), min(stop, segment["stop"])
             if lo < hi:
-                parts.append(self._read(folder, segment, name, lo - segment["start"], hi - segment["start"]))
+                parts.append(self._read(files, segment, name, lo - segment["start"], hi - segment["start"]))
         if name == "tokens":
             return np.concatenate(parts) if parts else np.zeros(0, np.int32)
         dtype = manifest["segments"][0]["dtype"]
@@ -284,14 +311,12 @@ class CheckpointStore:
         return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=2)
 
     @staticmethod
-    def _read(folder: Path, segment: dict, name: str, lo: int, hi: int) -> np.ndarray:
+    def _read(files: _OpenSegments, segment: dict, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of one tensor of one segment, verified block by block."""
         first, last = lo // BLOCK, (hi + BLOCK - 1) // BLOCK
-        try:
-            with safe_open(str(folder / segment["file"]), framework="numpy") as handle:
-                rows = handle.get_slice(name)[first * BLOCK : min(last * BLOCK, segment["length"])]
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointCorrupt(f"segment {segment['file']} is unreadable: {e}") from e
+        if name not in segment["digests"]:
+            raise CheckpointCorrupt(f"segment {segment['file']} lists no tensor {name}")
+        rows = files.rows(segment, name, first * BLOCK, min(last * BLOCK, segment["length"]))
         expected = segment["digests"][name][first:last]
         if block_digests(rows) != expected:
             raise CheckpointCorrupt(f"segment {segment['file']} tensor {name} fails its digest")
@@ -302,16 +327,16 @@ class CheckpointStore:
         manifest = self.manifest(agent_id)
         if manifest is None:
             raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
-        folder = self.agent_dir(agent_id)
         expected = 0
-        for segment in manifest["segments"]:
-            if segment["start"] != expected:
-                raise CheckpointCorrupt(
-                    f"segment {segment['file']} starts at {segment['start']}, expected {expected}"
-                )
-            for name in segment["digests"]:
-                self._read(folder, segment, name, 0, segment["length"])
-            expected = segment["stop"]
+        with _OpenSegments(self.agent_dir(agent_id)) as files:
+            for segment in manifest["segments"]:
+                if segment["start"] != expected:
+                    raise CheckpointCorrupt(
+                        f"segment {segment['file']} starts at {segment['start']}, expected {expected}"
+                    )
+                for name in segment["digests"]:
+                    self._read(files, segment, name, 0, segment["length"])
+                expected = segment["stop"]
         if expected != manifest["token_count"]:
             raise CheckpointCorrupt(
                 f"segments cover {expected} tokens, manifest says {manifest['token_count']}"
