@@ -3,6 +3,12 @@
 Each file holds one card in the A2A v1.0 JSON form with `{url}` placeholders. The node card lists
 no skills of its own: it gets the skill entries of the skill cards the node hosts, so each skill is
 described once.
+
+A card lists the v1.0 and the v0.3 interfaces. The SDK serves a card that lists a v0.3 interface
+with the v0.3 top-level fields (`url`, `preferredTransport`, `protocolVersion`,
+`additionalInterfaces`) merged in, for v0.3 clients; the v1.0 card schema rejects those fields, so
+the well-known path serves `current_card(card)` (v1.0 interfaces only) and the legacy path the full
+card.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 from functools import cache
 from pathlib import Path
 
+from a2a.compat.v0_3.versions import is_legacy_version
 from a2a.types import AgentCard
 from google.protobuf.json_format import ParseDict
 
@@ -46,6 +53,22 @@ def node_card(base_url: str, skills: tuple[str, ...], api_key: bool) -> AgentCar
 def skill_card(base_url: str, skill_id: str, api_key: bool) -> AgentCard:
     data = json.loads(json.dumps(load_card_data(skill_id)))
     return _build(data, base_url.rstrip("/") + skill_path(skill_id) + "/", api_key)
+
+
+def current_card(card: AgentCard) -> AgentCard:
+    """`card` without its v0.3 interfaces: what v1.0 clients read at the well-known path."""
+    current = AgentCard()
+    current.CopyFrom(card)
+    del current.supported_interfaces[:]
+    current.supported_interfaces.extend(
+        i for i in card.supported_interfaces if _is_current(i.protocol_version)
+    )
+    return current
+
+
+def _is_current(protocol_version: str) -> bool:
+    # Like the SDK, an interface without a version counts as a v0.3 one.
+    return bool(protocol_version) and not is_legacy_version(protocol_version)
 
 
 def _build(data: dict, url: str, api_key: bool) -> AgentCard:

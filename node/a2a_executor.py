@@ -103,7 +103,7 @@ class SkillExecutor(AgentExecutor):
         stop = self.runtime.running.get(context.task_id)
         if stop is not None:
             stop.set()
-        updater = TaskUpdater(event_queue, context.task_id, context.context_id)
+        updater = TaskUpdater(event_queue, context.task_id, task_context_id(context))
         await updater.cancel()
 
     # ---- one turn ------------------------------------------------------------------------
@@ -156,7 +156,16 @@ class SkillExecutor(AgentExecutor):
 
 def _turn_request(context: RequestContext) -> TurnRequest:
     metadata = {**context.metadata, **MessageToDict(context.message.metadata)}
-    return TurnRequest(context.task_id, context.context_id, context.get_user_input(), metadata)
+    return TurnRequest(context.task_id, task_context_id(context), context.get_user_input(), metadata)
+
+
+def task_context_id(context: RequestContext) -> str:
+    """The contextId of the task the request is about.
+
+    A follow-up that names its task but no context gets a fresh contextId from the SDK; the
+    conversation (and the events, which the SDK checks against the stored task) is the task's."""
+    task = context.current_task
+    return task.context_id if task is not None and task.context_id else context.context_id
 
 
 class _ArtifactStream:

@@ -1,15 +1,19 @@
-"""ASGI middleware in front of the A2A routes: the API key and the request-size limit.
+"""ASGI middleware in front of the A2A routes: the API key and the request-size limit; and
+`json_only`, the content-type check in front of the JSON-RPC endpoints.
 
-Both are plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
+The middleware is plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 
-from a2a.utils.errors import InvalidRequestError
-from starlette.responses import JSONResponse
+from a2a.server.request_handlers.response_helpers import build_error_response
+from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.a2a_cards import API_KEY_HEADER
@@ -30,6 +34,31 @@ def is_public(scope: Scope) -> bool:
 
 def checks_itself(scope: Scope) -> bool:
     return scope.get("path", "").startswith(SELF_CHECKING_PREFIXES)
+
+
+def is_json(content_type: str) -> bool:
+    """`application/json`, or a JSON-based type such as `application/a2a+json`."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+def json_only(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """A JSON-RPC endpoint that answers -32005 to a body declared as another media type.
+
+    Without it the SDK tries to parse such a body and answers -32700. Refusing it also keeps
+    browsers' cross-origin "simple" requests (`text/plain` needs no CORS preflight) out. A request
+    without a Content-Type is still parsed."""
+
+    async def checked(request: Request) -> Response:
+        content_type = request.headers.get("content-type")
+        if content_type is None or is_json(content_type):
+            return await endpoint(request)
+        error = ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
+        return JSONResponse(build_error_response(None, error))
+
+    return checked
 
 
 class ApiKeyMiddleware:

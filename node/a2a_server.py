@@ -18,13 +18,16 @@ from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from starlette.routing import BaseRoute, Mount, Route
 
-from node.a2a_cards import node_card, skill_card, skill_path
+from node.a2a_cards import current_card, node_card, skill_card, skill_path
 from node.a2a_executor import SkillExecutor, SkillRuntime
 from node.a2a_handler import NodeRequestHandler, SkillRouter
+from node.a2a_middleware import json_only
 from node.config import NodeConfig
 from node.task_stores import TaskStores
 
 LEGACY_CARD_PATH = "/.well-known/agent.json"
+# Cards change only when the node restarts (and the SDK sends an ETag to revalidate against).
+CARD_CACHE_CONTROL = "public, max-age=300"
 
 
 @dataclass
@@ -84,17 +87,25 @@ def _handler(
 
 
 def _card_routes(card: AgentCard) -> list[BaseRoute]:
+    """The v1.0 card at the well-known path; the card with the v0.3 fields at the legacy one."""
     return [
-        *create_agent_card_routes(card, card_url=AGENT_CARD_WELL_KNOWN_PATH),
-        *create_agent_card_routes(card, card_url=LEGACY_CARD_PATH),
+        *create_agent_card_routes(
+            current_card(card), card_url=AGENT_CARD_WELL_KNOWN_PATH, cache_control=CARD_CACHE_CONTROL
+        ),
+        *create_agent_card_routes(card, card_url=LEGACY_CARD_PATH, cache_control=CARD_CACHE_CONTROL),
     ]
+
+
+def _jsonrpc_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
+    routes = create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True)
+    return [Route(r.path, endpoint=json_only(r.endpoint), methods=list(r.methods or ())) for r in routes]
 
 
 def _agent_routes(handler: NodeRequestHandler, card: AgentCard) -> list[BaseRoute]:
     """Card, JSON-RPC at `/` and HTTP+JSON below it, relative to the agent's path."""
     return [
         *_card_routes(card),
-        *create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True),
+        *_jsonrpc_routes(handler),
         *create_rest_routes(handler, enable_v0_3_compat=True),
     ]
 

@@ -73,6 +73,44 @@ async def test_without_a_key_nothing_is_refused():
     assert "securitySchemes" not in card
 
 
+@pytest.fixture
+def plain():
+    app = create_app(NodeConfig(port=9999, skills=("coordination", "technical_analysis")))
+    transport = httpx.ASGITransport(app=app)
+    return httpx.AsyncClient(transport=transport, base_url="http://node", headers={"A2A-Version": "1.0"})
+
+
+V03_FIELDS = {"url", "preferredTransport", "protocolVersion", "additionalInterfaces"}
+
+
+@pytest.mark.parametrize("agent", ["", "/skills/technical_analysis"])
+async def test_v1_card_at_the_well_known_path_and_v03_card_at_the_legacy_one(plain, agent):
+    async with plain as http:
+        current = await http.get(f"{agent}/.well-known/agent-card.json")
+        legacy = await http.get(f"{agent}/.well-known/agent.json")
+    for response in (current, legacy):
+        assert response.headers["cache-control"].startswith("public, max-age=")
+        assert response.headers["etag"]
+    # The v1.0 schema allows no v0.3 fields; v0.3 clients need them.
+    assert not V03_FIELDS & set(current.json())
+    assert {i["protocolVersion"] for i in current.json()["supportedInterfaces"]} == {"1.0"}
+    assert V03_FIELDS <= set(legacy.json())
+    assert legacy.json()["url"] == f"http://127.0.0.1:9999{agent}/"
+
+
+@pytest.mark.parametrize("path", ["/", "/skills/technical_analysis", "/skills/technical_analysis/"])
+async def test_jsonrpc_refuses_a_body_that_is_not_json(plain, path):
+    async with plain as http:
+        refused = await http.post(
+            path, content=str(GET_TASK).encode(), headers={"Content-Type": "text/plain"}
+        )
+        served = await http.post(
+            path, json=GET_TASK, headers={"Content-Type": "application/json; charset=utf-8"}
+        )
+    assert refused.json()["error"]["code"] == -32005
+    assert served.json()["error"]["code"] == -32001  # reached the handler: task not found
+
+
 def test_conversation_drops_an_unanswered_question_and_renders_turns():
     stored = {
         "messages": [
