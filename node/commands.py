@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,5 +105,6 @@ def dispatch(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    print("demo not built yet", file=sys.stderr)
-    return 1
+    from node.demo import run
+
+    return run(args.demo_cache_dir)

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 MISSED_BEATS = 3
 RETRY_S = 1.0
 LEAVE_TIMEOUT_S = 2.0
+BEAT_TIMEOUT_S = 5.0
 WARN_AFTER_FAILURES = 10
 
 
@@ -57,7 +58,7 @@ class Membership:
                 )
 
     async def beat(self) -> None:
-        response = await self.http.post(self.endpoint, json=self.registration())
+        response = await self.http.post(self.endpoint, json=self.registration(), timeout=BEAT_TIMEOUT_S)
         response.raise_for_status()
 
     async def _beat_forever(self) -> None:

@@ -28,6 +28,7 @@ from node.registry import REGISTRY_PATH
 
 logger = logging.getLogger(__name__)
 CARD_TTL_S = 30.0
+LOOKUP_TIMEOUT_S = 5.0
 CANCEL_TIMEOUT_S = 3.0
 MAX_DETAIL_CHARS = 300
 REPORT_ARTIFACT = "delegation"
@@ -112,7 +113,9 @@ class PeerDirectory:
         if self.config.registry_url is None:
             return []
         try:
-            response = await self.http.get(self.config.registry_url + REGISTRY_PATH, params={"skill": skill})
+            response = await self.http.get(
+                self.config.registry_url + REGISTRY_PATH, params={"skill": skill}, timeout=LOOKUP_TIMEOUT_S
+            )
             response.raise_for_status()
             return [member["url"] for member in response.json()["members"]]
         except (httpx.HTTPError, ValueError, KeyError) as e:
@@ -124,7 +127,7 @@ class PeerDirectory:
         if cached is not None and time.monotonic() - cached[0] < CARD_TTL_S:
             return cached[1]
         try:
-            response = await self.http.get(url + AGENT_CARD_WELL_KNOWN_PATH)
+            response = await self.http.get(url + AGENT_CARD_WELL_KNOWN_PATH, timeout=LOOKUP_TIMEOUT_S)
             response.raise_for_status()
             skills = tuple(s["id"] for s in response.json().get("skills", []))
         except (httpx.HTTPError, ValueError, KeyError) as e:
