@@ -9,6 +9,8 @@ with the v0.3 top-level fields (`url`, `preferredTransport`, `protocolVersion`,
 `additionalInterfaces`) merged in, for v0.3 clients; the v1.0 card schema rejects those fields, so
 the well-known path serves `current_card(card)` (v1.0 interfaces only) and the legacy path the full
 card.
+
+Interface URLs have no trailing slash: HTTP+JSON clients append `/message:send` etc. to them.
 """
 
 from __future__ import annotations
@@ -47,12 +49,12 @@ def skill_path(skill_id: str) -> str:
 def node_card(base_url: str, skills: tuple[str, ...], api_key: bool) -> AgentCard:
     data = json.loads(json.dumps(load_card_data(NODE_CARD)))
     data["skills"] = [entry for skill_id in skills for entry in load_card_data(skill_id)["skills"]]
-    return _build(data, base_url.rstrip("/") + "/", api_key)
+    return _build(data, base_url.rstrip("/"), api_key)
 
 
 def skill_card(base_url: str, skill_id: str, api_key: bool) -> AgentCard:
     data = json.loads(json.dumps(load_card_data(skill_id)))
-    return _build(data, base_url.rstrip("/") + skill_path(skill_id) + "/", api_key)
+    return _build(data, base_url.rstrip("/") + skill_path(skill_id), api_key)
 
 
 def current_card(card: AgentCard) -> AgentCard:

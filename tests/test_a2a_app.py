@@ -88,14 +88,19 @@ async def test_v1_card_at_the_well_known_path_and_v03_card_at_the_legacy_one(pla
     async with plain as http:
         current = await http.get(f"{agent}/.well-known/agent-card.json")
         legacy = await http.get(f"{agent}/.well-known/agent.json")
+        # HTTP+JSON clients append the method's path to the interface URL.
+        interfaces = current.json()["supportedInterfaces"]
+        rest = next(i["url"] for i in interfaces if i["protocolBinding"] == "HTTP+JSON")
+        missing = await http.get(f"{rest}/tasks/no-such-task")
     for response in (current, legacy):
         assert response.headers["cache-control"].startswith("public, max-age=")
         assert response.headers["etag"]
     # The v1.0 schema allows no v0.3 fields; v0.3 clients need them.
     assert not V03_FIELDS & set(current.json())
-    assert {i["protocolVersion"] for i in current.json()["supportedInterfaces"]} == {"1.0"}
+    assert {i["protocolVersion"] for i in interfaces} == {"1.0"}
     assert V03_FIELDS <= set(legacy.json())
-    assert legacy.json()["url"] == f"http://127.0.0.1:9999{agent}/"
+    assert legacy.json()["url"] == f"http://127.0.0.1:9999{agent}"
+    assert missing.status_code == 404 and missing.json()["error"]  # the handler's answer, not a routing 404
 
 
 @pytest.mark.parametrize("path", ["/", "/skills/technical_analysis", "/skills/technical_analysis/"])

@@ -75,15 +75,15 @@ async def test_node_card_at_both_paths_and_each_skill_has_its_own(node):
         current = (await http.get(f"{node.url}/.well-known/agent-card.json")).json()
         legacy = (await http.get(f"{node.url}/.well-known/agent.json")).json()
         # The legacy path adds the v0.3 interfaces and fields (see test_a2a_app.py).
-        assert legacy["url"] == f"{node.url}/" and legacy["skills"] == current["skills"]
+        assert legacy["url"] == node.url and legacy["skills"] == current["skills"]
         assert [s["id"] for s in current["skills"]] == list(SKILLS)
         assert current["capabilities"]["streaming"] is True
         assert "persistent-context" in current["capabilities"]["extensions"][0]["uri"]
-        assert {i["url"] for i in current["supportedInterfaces"]} == {f"{node.url}/"}
+        assert {i["url"] for i in current["supportedInterfaces"]} == {node.url}
         for skill in SKILLS:
             card = (await http.get(f"{node.url}/skills/{skill}/.well-known/agent-card.json")).json()
             assert [s["id"] for s in card["skills"]] == [skill]
-            assert card["supportedInterfaces"][0]["url"] == f"{node.url}/skills/{skill}/"
+            assert card["supportedInterfaces"][0]["url"] == f"{node.url}/skills/{skill}"
             assert "securitySchemes" not in card
 
 
