@@ -247,7 +247,7 @@ class AgentManager:
             self.engine.make_caches,
         )
         agent.persisted = min(agent.persisted, cached)
-        prefill(self.engine.model, context, prompt[cached:], None)
+        prefill(self.engine.model, context, prompt[cached:])
         self._checkpoint(agent)
         self._evict(keep=agent_id)
         return cached

@@ -88,16 +88,16 @@ def rewind(context: CachedContext, position: int, fresh_caches: Callable[[], lis
     return position
 
 
-def prefill(model, context: CachedContext, tokens: list[int], progress: ProgressCallback | None) -> None:
-    done = 0
-    while done < len(tokens):
-        chunk = tokens[done : done + PREFILL_CHUNK]
-        model(mx.array(chunk)[None], cache=context.caches)
-        mx.eval([c.keys for c in context.caches] + [c.values for c in context.caches])
-        context.tokens.extend(chunk)
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(tokens))
+def _prefill_chunk(model, context: CachedContext, chunk: list[int]) -> None:
+    model(mx.array(chunk)[None], cache=context.caches)
+    mx.eval([c.keys for c in context.caches] + [c.values for c in context.caches])
+    context.tokens.extend(chunk)
+
+
+def prefill(model, context: CachedContext, tokens: list[int]) -> None:
+    """Feed `tokens` to the model (no sampling), extending the context."""
+    for start in range(0, len(tokens), PREFILL_CHUNK):
+        _prefill_chunk(model, context, tokens[start : start + PREFILL_CHUNK])
     mx.clear_cache()
 
 
@@ -183,9 +183,7 @@ class Sequence:
             del self.pending[self.prefilled :]
             return
         chunk = self.pending[self.prefilled : self.prefilled + PREFILL_CHUNK]
-        self.engine.model(mx.array(chunk)[None], cache=self.context.caches)
-        mx.eval([c.keys for c in self.context.caches] + [c.values for c in self.context.caches])
-        self.context.tokens.extend(chunk)
+        _prefill_chunk(self.engine.model, self.context, chunk)
         self.prefilled += len(chunk)
         if self.on_prefill is not None:
             self.on_prefill(self.prefilled, len(self.pending))
@@ -240,16 +238,9 @@ def step(model, sequence: Sequence) -> None:
     sequence.accept(sequence.sample(logits).item())
 
 
-def generate(
-    engine,
-    context: CachedContext,
-    prompt: list[int],
-    params: SamplingParams,
-    on_text: TextCallback | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    on_prefill: ProgressCallback | None = None,
-) -> Completion:
-    sequence = Sequence(engine, context, prompt, params, on_text, should_stop, on_prefill)
+def generate(engine, context: CachedContext, prompt: list[int], params: SamplingParams, **callbacks) -> Completion:
+    """Run one sequence to the end; `callbacks` are Sequence's on_text, should_stop, on_prefill."""
+    sequence = Sequence(engine, context, prompt, params, **callbacks)
     while sequence.prefilling:
         sequence.prefill_chunk()
     mx.clear_cache()
