@@ -1,5 +1,5 @@
 """ASGI middleware in front of the A2A routes: the API key and the request-size limit; and
-`json_only`, the content-type check in front of the JSON-RPC endpoints.
+`json_only`, the content-type check in front of the endpoints that take a body.
 
 The middleware is plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
 """
@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from a2a.server.request_handlers.response_helpers import build_error_response
+from a2a.utils.error_handlers import build_rest_error_payload
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +25,7 @@ PUBLIC_PATHS = ("/health",)
 # The Anthropic Messages API (node.anthropic_api) checks the key and the body size itself and
 # answers in Anthropic's error shape, which its clients (the SDK, Claude Code) parse.
 SELF_CHECKING_PREFIXES = ("/v1/messages", "/v1/models")
+UNSUPPORTED_MEDIA_TYPE = 415
 
 
 def is_public(scope: Scope) -> bool:
@@ -44,19 +46,35 @@ def is_json(content_type: str) -> bool:
     )
 
 
-def json_only(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """A JSON-RPC endpoint that answers -32005 to a body declared as another media type.
+Endpoint = Callable[[Request], Awaitable[Response]]
 
-    Without it the SDK tries to parse such a body and answers -32700. Refusing it also keeps
-    browsers' cross-origin "simple" requests (`text/plain` needs no CORS preflight) out. A request
-    without a Content-Type is still parsed."""
+
+def jsonrpc_error(error: ContentTypeNotSupportedError) -> Response:
+    return JSONResponse(build_error_response(None, error))
+
+
+def rest_error(error: ContentTypeNotSupportedError) -> Response:
+    # The spec's error table maps ContentTypeNotSupportedError to 415 (the SDK's mapping says 400).
+    payload = build_rest_error_payload(error)
+    payload["error"]["code"] = UNSUPPORTED_MEDIA_TYPE
+    return JSONResponse(payload, status_code=UNSUPPORTED_MEDIA_TYPE)
+
+
+def json_only(endpoint: Endpoint, refuse: Callable[[ContentTypeNotSupportedError], Response]) -> Endpoint:
+    """An endpoint that refuses a body declared as another media type than JSON.
+
+    The SDK would parse such a body anyway (JSON-RPC: -32700 when it is not JSON; HTTP+JSON: as
+    JSON). Refusing it with ContentTypeNotSupportedError also keeps browsers' cross-origin "simple"
+    requests (`text/plain` needs no CORS preflight) out. A request without a Content-Type is
+    parsed as before."""
 
     async def checked(request: Request) -> Response:
         content_type = request.headers.get("content-type")
         if content_type is None or is_json(content_type):
             return await endpoint(request)
-        error = ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
-        return JSONResponse(build_error_response(None, error))
+        return refuse(
+            ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
+        )
 
     return checked
 

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from node.a2a_cards import current_card, node_card, skill_card, skill_path
 from node.a2a_executor import SkillExecutor, SkillRuntime
 from node.a2a_handler import NodeRequestHandler, SkillRouter
-from node.a2a_middleware import json_only
+from node.a2a_middleware import json_only, jsonrpc_error, rest_error
 from node.config import NodeConfig
 from node.task_stores import TaskStores
 
@@ -98,7 +98,20 @@ def _card_routes(card: AgentCard) -> list[BaseRoute]:
 
 def _jsonrpc_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
     routes = create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True)
-    return [Route(r.path, endpoint=json_only(r.endpoint), methods=list(r.methods or ())) for r in routes]
+    return [_json_only(route, jsonrpc_error) for route in routes]
+
+
+def _rest_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
+    return [_json_only(route, rest_error) for route in create_rest_routes(handler, enable_v0_3_compat=True)]
+
+
+def _json_only(route: BaseRoute, refuse) -> BaseRoute:
+    """`route` (or the routes of a mount) with the content-type check on POST."""
+    if isinstance(route, Mount):
+        return Mount(route.path, routes=[_json_only(r, refuse) for r in route.routes])
+    if isinstance(route, Route) and "POST" in (route.methods or ()):
+        return Route(route.path, endpoint=json_only(route.endpoint, refuse), methods=list(route.methods))
+    return route
 
 
 def _agent_routes(handler: NodeRequestHandler, card: AgentCard) -> list[BaseRoute]:
@@ -106,7 +119,7 @@ def _agent_routes(handler: NodeRequestHandler, card: AgentCard) -> list[BaseRout
     return [
         *_card_routes(card),
         *_jsonrpc_routes(handler),
-        *create_rest_routes(handler, enable_v0_3_compat=True),
+        *_rest_routes(handler),
     ]
 
 

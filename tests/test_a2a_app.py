@@ -116,6 +116,18 @@ async def test_jsonrpc_refuses_a_body_that_is_not_json(plain, path):
     assert served.json()["error"]["code"] == -32001  # reached the handler: task not found
 
 
+@pytest.mark.parametrize(
+    "path", ["/message:send", "/skills/technical_analysis/message:send", "/v1/message:send"]
+)
+async def test_http_json_refuses_a_body_that_is_not_json(plain, path):
+    body = {"message": {"messageId": "m", "role": "ROLE_USER", "parts": []}}
+    async with plain as http:
+        refused = await http.post(path, content=str(body).encode(), headers={"Content-Type": "text/plain"})
+        served = await http.post(path, json=body)
+    assert refused.status_code == 415, refused.text
+    assert served.status_code == 400, served.text  # reached the handler: no parts
+
+
 def test_conversation_drops_an_unanswered_question_and_renders_turns():
     stored = {
         "messages": [
