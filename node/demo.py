@@ -22,12 +22,13 @@ from pathlib import Path
 
 import httpx
 from a2a.client import ClientConfig, create_client
-from a2a.types import Message, Part, Role, SendMessageRequest, TaskState
+from a2a.types import TaskState
 from google.protobuf.json_format import MessageToDict
 
 from node import demo_report as report
 from node.a2a_conversation import conversation_agent_id
 from node.demo_nodes import DemoNode, free_port, start_all, stop_all
+from node.peers import text_request
 from skills.coordination import subtask_context
 
 MAX_TOKENS = 24
@@ -156,7 +157,7 @@ class Demo:
         started = time.monotonic()
         async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as http:
             client = await create_client(node.url, ClientConfig(httpx_client=http, streaming=True))
-            request = _request(text, context_id, {"skill": skill, **metadata})
+            request = text_request(text, context_id, {"skill": skill, **metadata})
             events = [event async for event in client.send_message(request)]
         return _turn(skill, node.name, events, time.monotonic() - started)
 
@@ -185,17 +186,6 @@ def _labels(contexts: dict[str, str]) -> dict[str, str]:
 
 def _first_prompt(skill: str) -> str:
     return f"{BRIEF}\n\n{QUESTIONS[skill][0]}"
-
-
-def _request(text: str, context_id: str, metadata: dict) -> SendMessageRequest:
-    message = Message(
-        message_id=str(uuid.uuid4()),
-        role=Role.ROLE_USER,
-        parts=[Part(text=text)],
-        context_id=context_id,
-        metadata=metadata,
-    )
-    return SendMessageRequest(message=message)
 
 
 def _turn(skill: str, node: str, events: list, wall_s: float) -> Turn:

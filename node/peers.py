@@ -151,7 +151,7 @@ class PeerClient:
         try:
             async with asyncio.timeout(self.timeout_s):
                 client = await self._client(url)
-                request = _request(text, context_id, {**metadata, "skill": skill})
+                request = text_request(text, context_id, {**metadata, "skill": skill})
                 async for event in client.send_message(request):
                     collected.add(event)
         except TimeoutError:
@@ -235,7 +235,8 @@ class _Collected:
         return Answer("".join(self.chunks), self.task_id or "", self.metadata.get("usage", {}))
 
 
-def _request(text: str, context_id: str, metadata: dict) -> SendMessageRequest:
+def text_request(text: str, context_id: str, metadata: dict) -> SendMessageRequest:
+    """A SendMessageRequest with one text part in `context_id`."""
     message = Message(
         message_id=str(uuid.uuid4()),
         role=Role.ROLE_USER,
