@@ -29,6 +29,7 @@ from node.generation import (
     Completion,
     SamplingParams,
     Sequence,
+    common_prefix_length,
     prefill,
     reusable_prefix,
     rewind,
@@ -239,11 +240,12 @@ class AgentManager:
         )
 
     def _run_prefix(self, agent_id: str, prompt: list[int]) -> int:
+        # The sentinel lets a restore reuse all of `prompt` (a generation must feed its last token).
         agent, _ = self._acquire(agent_id, prompt + [-1], None)
         context = agent.context
         cached = rewind(
             context,
-            min(len(prompt), len(context.tokens), _prefix_len(context.tokens, prompt)),
+            min(len(prompt), len(context.tokens), common_prefix_length(context.tokens, prompt)),
             self.engine.make_caches,
         )
         agent.persisted = min(agent.persisted, cached)
@@ -283,7 +285,10 @@ class AgentManager:
                 return None
             position = None
             if prompt is not None:
-                position = min(_prefix_len(self.store.tokens(agent_id), prompt), max(len(prompt) - 1, 0))
+
+                def position(saved: list[int]) -> int:
+                    return min(common_prefix_length(saved, prompt), max(len(prompt) - 1, 0))
+
             restored = self.store.restore(agent_id, self.engine.make_caches, position)
         except CheckpointError as e:
             self._refuse(agent_id, e)
@@ -400,11 +405,6 @@ class AgentManager:
             "bytes": sum(m["bytes_on_disk"] for m in listed),
             "root": str(self.store.root),
         }
-
-
-def _prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 class PrefillRate:

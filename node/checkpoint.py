@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,29 +275,35 @@ class CheckpointStore:
         with _OpenSegments(self.agent_dir(agent_id)) as files:
             return self._gather(files, manifest, "tokens", 0, manifest["token_count"]).tolist()
 
-    def restore(self, agent_id: str, make_caches, position: int | None = None) -> Restored:
-        """Rebuild an agent's caches at `position` tokens (default: everything saved)."""
+    def restore(
+        self, agent_id: str, make_caches, position: Callable[[list[int]], int] | None = None
+    ) -> Restored:
+        """Rebuild an agent's caches, at `position(saved_tokens)` tokens (default: everything saved).
+
+        The manifest and the token ids are read once, so a caller that picks the position from the
+        saved tokens (the prefix they share with a new prompt) costs no second read.
+        """
         started = time.perf_counter()
         manifest = self.manifest(agent_id)
         if manifest is None:
             raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
-        position = manifest["token_count"] if position is None else min(position, manifest["token_count"])
         caches = make_caches()
         if len(caches) != manifest["layers"]:
             raise CheckpointCorrupt(
                 f"checkpoint of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
             )
         with _OpenSegments(self.agent_dir(agent_id)) as files:
-            tokens = self._gather(files, manifest, "tokens", 0, position)
+            tokens = self._gather(files, manifest, "tokens", 0, manifest["token_count"]).tolist()
+            if position is not None:
+                tokens = tokens[: min(position(tokens), len(tokens))]
+            position = len(tokens)
             for i, cache in enumerate(caches):
                 first = kv_cache.history_start(cache, position)
                 keys = self._gather(files, manifest, f"k.{i}", first, position)
                 values = self._gather(files, manifest, f"v.{i}", first, position)
                 kv_cache.install(cache, keys, values, first)
             mx.eval([c.keys for c in caches] + [c.values for c in caches])
-        return Restored(
-            tokens.tolist(), caches, manifest.get("metadata") or {}, time.perf_counter() - started
-        )
+        return Restored(tokens, caches, manifest.get("metadata") or {}, time.perf_counter() - started)
 
     def _gather(self, files: _OpenSegments, manifest: dict, name: str, start: int, stop: int):
         parts = []

@@ -6,8 +6,8 @@ quantized matmuls are 4-1000x slower); on Metal and CUDA the model keeps its own
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import struct
 import time
@@ -157,4 +157,4 @@ class Engine:
         return make_caches(self.model)
 
     def describe(self) -> dict:
-        return json.loads(json.dumps(self.info.__dict__))
+        return dataclasses.asdict(self.info)

@@ -16,8 +16,6 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-LayerCache = KVCache
-
 
 class SlidingHistoryCache(KVCache):
     def __init__(self, window: int) -> None:
@@ -75,9 +73,9 @@ class SlidingHistoryCache(KVCache):
         start = self._visible_start(self.offset)
         if self.keys is None or start <= self.base:
             return
-        keep_k, keep_v = self.keys[..., start - self.base : self.offset - self.base, :], None
-        keep_v = self.values[..., start - self.base : self.offset - self.base, :]
-        self.keys, self.values = mx.contiguous(keep_k), mx.contiguous(keep_v)
+        kept = slice(start - self.base, self.offset - self.base)
+        self.keys = mx.contiguous(self.keys[..., kept, :])
+        self.values = mx.contiguous(self.values[..., kept, :])
         self.base = start
 
     @property
