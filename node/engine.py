@@ -1,7 +1,8 @@
 """The loaded model: weights, tokenizer, chat template and a fingerprint of all three.
 
 On the CPU backend weights are kept in fp32 (only fp32 matmul goes through BLAS there; bf16 and
-quantized matmuls are 4-1000x slower); on Metal and CUDA the model keeps its own dtype.
+quantized matmuls are 4-1000x slower) and the model runs through `node.cpu_kernels` (set
+NODE_CPU_KERNELS=0 to keep MLX's own); on Metal and CUDA the model keeps its own dtype and kernels.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from mlx import nn
 from mlx.utils import tree_map
 from mlx_lm.utils import dequantize_model, load_model
 
+from node import blas, cpu_kernels
 from node.errors import ModelSpecError
 from node.kv_cache import make_caches
 from node.model_spec import resolve_model_folder
@@ -40,6 +43,7 @@ class ModelInfo:
     backend: str
     dtype: str
     load_s: float
+    kernels: tuple[str, ...] = ()
 
 
 def _safetensors_header(path: Path) -> bytes:
@@ -74,6 +78,18 @@ def _prepare_for_backend(model: nn.Module) -> str:
         )
     )
     return "float32"
+
+
+def _kernels(model: nn.Module) -> tuple[str, ...]:
+    """What runs the model beyond MLX's defaults (CPU only: fast BLAS paths and cpu_kernels)."""
+    if backend() != "cpu":
+        return ()
+    kernels = []
+    if blas.forwarded_calls() is not None:
+        kernels.append("cblas_sgemm: one-row products as sgemv")
+    if os.environ.get("NODE_CPU_KERNELS") != "0":
+        kernels += cpu_kernels.install(model)
+    return tuple(kernels)
 
 
 def _float_leaves(model: nn.Module):
@@ -112,6 +128,7 @@ class Engine:
             raise ModelSpecError(f"cannot load the model in {folder}: {e}") from e
         dtype = _prepare_for_backend(model)
         mx.eval(model.parameters())
+        kernels = _kernels(model)
         info = ModelInfo(
             name=spec if spec != "default" else "gemma-3-270m (default, GGUF Q4_K_M)",
             folder=str(folder),
@@ -119,6 +136,7 @@ class Engine:
             backend=backend(),
             dtype=dtype,
             load_s=time.perf_counter() - started,
+            kernels=kernels,
         )
         return cls(model, tokenizer, info)
 
