@@ -66,7 +66,10 @@ def build_forwarding_library(cache_dir: Path | None = None) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(FORWARD_SOURCE)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        try:
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            result = subprocess.CompletedProcess(command, -1, "", str(e))
         if result.returncode != 0:
             logger.warning("building %s failed: %s", FORWARD_SOURCE.name, result.stderr.strip()[-500:])
             return None
@@ -93,7 +96,8 @@ def bind_fast_blas() -> str | None:
     if forward is not None:
         forward.node_blas_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         forward.node_blas_bind(
-            ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p), ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p)
+            ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
+            ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p),
         )
         forward.node_blas_forwarded_calls.restype = ctypes.c_long
         _forward = forward

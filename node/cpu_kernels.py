@@ -23,20 +23,32 @@ import math
 import sys
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
 _TANH_CLAMP = 7.90531110763549805
 _TANH_P = (
-    -2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
-    1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03,
+    -2.76076847742355e-16,
+    2.00018790482477e-13,
+    -8.60467152213735e-11,
+    5.12229709037114e-08,
+    1.48572235717979e-05,
+    6.37261928875436e-04,
+    4.89352455891786e-03,
 )
 _TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
 
 # Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 split in two parts.
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
-_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+_EXP_P = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
 _ROUNDING = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 to an integer
 _EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38, near the smallest normal float32
 
@@ -187,5 +199,7 @@ _fast_classes: dict[type, type] = {}
 
 def _fast_class(cls: type, activation) -> type:
     if cls not in _fast_classes:
-        _fast_classes[cls] = type(cls.__name__, (cls,), {"__call__": _gated_mlp(activation), "__module__": __name__})
+        _fast_classes[cls] = type(
+            cls.__name__, (cls,), {"__call__": _gated_mlp(activation), "__module__": __name__}
+        )
     return _fast_classes[cls]
