@@ -24,6 +24,9 @@ import sys
 
 import mlx.core as mx
 from mlx import nn
+from mlx_lm.models.cache import KVCache
+
+from node.kv_cache import SlidingHistoryCache
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
 _TANH_CLAMP = 7.90531110763549805
@@ -53,6 +56,7 @@ _ROUNDING = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32
 _EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38, near the smallest normal float32
 
 _GELU_C = math.sqrt(2 / math.pi)
+QUERY_BLOCK = 128
 _MASKED = -3.4028234e38  # finite, so that a fully masked row gives uniform weights, not NaN
 
 
@@ -129,10 +133,72 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     return grouped.reshape(b, heads, length, values.shape[-1])
 
 
+def _visibility(first_query: int, queries: int, first_key: int, keys: int, window: int | None) -> mx.array:
+    q = mx.arange(first_query, first_query + queries)[:, None]
+    k = mx.arange(first_key, first_key + keys)[None]
+    return (k <= q) if window is None else (k <= q) & (k > q - window)
+
+
+def _query_blocks(
+    length: int, kv_length: int, first_key: int, window: int | None
+) -> list[tuple[int, int, int, int]]:
+    """(query start, query stop, first key, key stop) per block of QUERY_BLOCK queries, positions absolute."""
+    first_query = first_key + kv_length - length
+    blocks = []
+    for start in range(0, length, QUERY_BLOCK):
+        stop = min(length, start + QUERY_BLOCK)
+        lo = first_key if window is None else max(first_key, first_query + start - window + 1)
+        blocks.append((first_query + start, first_query + stop, lo, first_query + stop))
+    return blocks
+
+
+def blocked_causal_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, first_key: int, window: int | None
+) -> mx.array:
+    """Causal (optionally sliding-window) attention of the last L of S positions.
+
+    Keys hold positions [first_key, first_key + S) and queries the last L of them. Where blocks of
+    QUERY_BLOCK queries that only score the keys they can see skip at least a quarter of the
+    scores (a 512-token chunk at the start, any chunk of a sliding-window layer), it goes block
+    by block; otherwise one masked pass is faster.
+    """
+    length, kv_length = queries.shape[2], keys.shape[2]
+    blocks = _query_blocks(length, kv_length, first_key, window)
+    scored = sum((q_stop - q_start) * (k_stop - k_start) for q_start, q_stop, k_start, k_stop in blocks)
+    if len(blocks) == 1 or scored > 0.75 * length * kv_length:
+        (q_start, _, _, _) = blocks[0]
+        mask = _visibility(q_start, length, first_key, kv_length, window)
+        return attention(queries, keys, values, scale, mask)
+    outputs = []
+    offset = blocks[0][0]
+    for q_start, q_stop, k_start, k_stop in blocks:
+        span = slice(k_start - first_key, k_stop - first_key)
+        mask = _visibility(q_start, q_stop - q_start, k_start, k_stop - k_start, window)
+        rows = slice(q_start - offset, q_stop - offset)
+        outputs.append(attention(queries[:, :, rows], keys[:, :, span], values[:, :, span], scale, mask))
+    return mx.concatenate(outputs, axis=2)
+
+
+def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | None] | None:
+    """(first key position, window) when `mask` is just `cache`'s causal mask, else None."""
+    if type(cache) is KVCache and isinstance(mask, str) and mask == "causal":
+        return cache.offset - keys, None
+    if (
+        isinstance(cache, SlidingHistoryCache)
+        and isinstance(mask, mx.array)
+        and mask.shape == (queries, keys)
+    ):
+        return cache.offset - keys, cache.window
+    return None
+
+
 def _fast_sdpa(fallback):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits"):
             return fallback(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
+        if layout is not None:
+            return blocked_causal_attention(queries, keys, values, scale, *layout)
         return attention(queries, keys, values, scale, mask)
 
     scaled_dot_product_attention.fallback = fallback
