@@ -238,7 +238,9 @@ def step(model, sequence: Sequence) -> None:
     sequence.accept(sequence.sample(logits).item())
 
 
-def generate(engine, context: CachedContext, prompt: list[int], params: SamplingParams, **callbacks) -> Completion:
+def generate(
+    engine, context: CachedContext, prompt: list[int], params: SamplingParams, **callbacks
+) -> Completion:
     """Run one sequence to the end; `callbacks` are Sequence's on_text, should_stop, on_prefill."""
     sequence = Sequence(engine, context, prompt, params, **callbacks)
     while sequence.prefilling:

@@ -95,6 +95,7 @@ def test_installed_kernels_keep_the_models_output(tiny_engine):
     model, prompt = tiny_engine.model, mx.array([tiny_engine.encode("the cat sat on the mat " * 12)])
     assert mx.default_device() == mx.cpu
     assert any(name.endswith("gemma3_text.MLP") for name in tiny_engine.info.kernels)
+    assert any(name.endswith(".RoPE") for name in tiny_engine.info.kernels)
     fast = model(prompt, cache=tiny_engine.make_caches())
     cpu_kernels.uninstall(model)
     try:
@@ -133,3 +134,22 @@ def test_no_compiler_means_plain_sgemm(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     assert blas.build_forwarding_library(tmp_path / "native") is None
+
+
+@pytest.mark.parametrize("offset", [0, 7680, 30000])
+def test_table_rope_is_exact_where_mlx_rope_drifts(offset):
+    rope = nn.RoPE(64, traditional=False, base=10000.0)
+    x = mx.random.normal((1, 4, 96, 64), key=mx.random.key(offset))
+    angles = np.arange(offset, offset + 96)[:, None] * 10000.0 ** (-np.arange(0, 64, 2) / 64)[None]
+    x64 = np.array(x).astype(np.float64)
+    x1, x2 = x64[..., :32], x64[..., 32:]
+    want = np.concatenate(
+        [x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)], -1
+    )
+    got = np.array(cpu_kernels._table_rope(rope, x, offset))
+    mlx = np.array(rope(x, offset))
+    assert np.abs(got - want).max() < 1e-5
+    assert np.abs(got - want).max() <= np.abs(mlx - want).max() + 1e-6
+    assert np.array_equal(
+        np.array(cpu_kernels._table_rope(rope, x[:, :, :1], offset)), np.array(rope(x[:, :, :1], offset))
+    )

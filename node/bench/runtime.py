@@ -11,6 +11,10 @@ from node.bench.workbench import Bench
 TARGETS = {"warm_load_s": ("<=", 5.0), "prefill_tok_s_512": (">=", 250.0), "decode_tok_s": (">=", 6.0)}
 
 
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    return round(ours / theirs, 2) if ours and theirs else None
+
+
 def _meets(value: float | None, rule: tuple[str, float]) -> bool | None:
     if value is None:
         return None
@@ -33,14 +37,14 @@ def _loads(bench: Bench, notes: list[str]) -> dict:
     return figures
 
 
-async def _decode_rate(bench: Bench) -> dict:
+async def _decode_rate(bench: Bench, agent_id: str = "decode-probe") -> dict:
     from node.generation import SamplingParams
 
     manager = await bench.contexts_manager()
     prompt = corpus.tokens(bench.engine, 32)
-    bench.say(f"decoding {bench.profile.decode_tokens} tokens after a 32-token prompt ...")
+    bench.say(f"decoding {bench.profile.decode_tokens} tokens after a 32-token prompt ({agent_id}) ...")
     completion = await manager.generate(
-        "decode-probe", prompt, SamplingParams(max_tokens=bench.profile.decode_tokens)
+        agent_id, prompt, SamplingParams(max_tokens=bench.profile.decode_tokens)
     )
     usage = completion.usage
     steps = usage.generated_tokens - 1
@@ -48,15 +52,57 @@ async def _decode_rate(bench: Bench) -> dict:
     return {"decode_tokens": usage.generated_tokens, "decode_s": usage.generate_s, "decode_tok_s": rate}
 
 
+async def _warm_up(bench: Bench) -> None:
+    """Untimed: the first calls of a process trace the model and load MLX's compiled kernels."""
+    from node.generation import SamplingParams
+
+    manager = await bench.contexts_manager()
+    await manager.generate("warm-up", corpus.tokens(bench.engine, 64), SamplingParams(max_tokens=2))
+
+
+async def _with_mlx_kernels(bench: Bench, size: int) -> dict:
+    """The same prefill and decode on MLX's own kernels, in this process, right after ours."""
+    from node.cpu_kernels import mlx_defaults
+    from node.generation import SamplingParams
+
+    manager = await bench.contexts_manager()
+    with mlx_defaults(bench.engine.model) as switched:
+        if not switched:
+            return {}
+        bench.say(f"same prefill of {size} tokens and decode on MLX's own kernels (side by side) ...")
+        completion = await manager.generate(
+            f"mlx-kernels-ctx-{size}", corpus.tokens(bench.engine, size), SamplingParams(max_tokens=1)
+        )
+        decode = await _decode_rate(bench, "mlx-kernels-decode-probe")
+    return {
+        f"mlx_kernels_prefill_tok_s_{size}": round(size / completion.usage.prefill_s, 2),
+        "mlx_kernels_decode_tok_s": decode["decode_tok_s"],
+    }
+
+
 async def run(bench: Bench) -> Outcome:
     notes: list[str] = []
     results = _loads(bench, notes)
+    await _warm_up(bench)
     for size in bench.profile.prefill_sizes:
         built = await bench.context(size)
         results[f"prefill_s_{size}"] = built["prefill_s"]
         results[f"prefill_tok_s_{size}"] = round(size / built["prefill_s"], 2)
     results.update(await _decode_rate(bench))
+    first = bench.profile.prefill_sizes[0]
+    side_by_side = await _with_mlx_kernels(bench, first)
+    results.update(side_by_side)
+    if side_by_side:
+        results[f"prefill_speedup_{first}"] = _ratio(
+            results[f"prefill_tok_s_{first}"], side_by_side[f"mlx_kernels_prefill_tok_s_{first}"]
+        )
+        results["decode_speedup"] = _ratio(results["decode_tok_s"], side_by_side["mlx_kernels_decode_tok_s"])
+        notes.append(
+            "mlx_kernels_*: the same work with node.cpu_kernels and the sgemv forwarding switched off in this "
+            "process (MLX's own kernels, every matmul through OpenBLAS sgemm); speedup = ours / that"
+        )
     notes.append("prefill rate = tokens / time to first token (includes one forward step of the last token)")
+    notes.append("an untimed 64-token warm-up runs first (tracing, MLX's compiled-kernel cache)")
     results["targets"] = {
         name: {"rule": f"{op} {bound:g}", "met": _meets(results.get(name), (op, bound))}
         for name, (op, bound) in TARGETS.items()
@@ -68,6 +114,7 @@ async def run(bench: Bench) -> Outcome:
         "parent_load_s",
         *[f"prefill_tok_s_{s}" for s in bench.profile.prefill_sizes],
         "decode_tok_s",
+        *[name for name in results if name.startswith(("mlx_kernels_", "prefill_speedup", "decode_speedup"))],
     ):
         target = results["targets"].get(name, {})
         table.add(name, results.get(name), target.get("rule"), target.get("met"))
