@@ -5,11 +5,12 @@ Loading OpenBLAS from the `cmeel-openblas` wheel with RTLD_GLOBAL before libmlx 
 libmlx resolve `cblas_sgemm` there instead (~110-250 GFLOP/s on the 2-core CI machine). This must
 run before anything in the process imports `mlx`, so entry points call `bind_fast_blas()` first.
 
-MLX sends every fp32 matmul to `cblas_sgemm`, and OpenBLAS's sgemm is 3-6x slower than its sgemv
-when one operand is a single row, which is every decode step. `native/sgemm_forward.c` is a
-`cblas_sgemm` that forwards such products to `cblas_sgemv`; it is compiled once with the system C
-compiler (MLX's own CPU kernel fusion needs one too), cached, and loaded ahead of OpenBLAS.
-Without a compiler everything still works, only decode is slower.
+MLX sends every fp32 matmul to `cblas_sgemm`, and OpenBLAS's sgemm is 2-6x slower than needed
+when one operand has one or a few rows, which is every decode step. `native/thin_sgemm.c` is a
+`cblas_sgemm` that serves such products itself (sgemv, or a kernel that reads the weights once
+for up to 8 rows) and passes the rest to OpenBLAS. It is compiled once with the system C compiler
+(MLX's own CPU kernel fusion needs one too), cached, and loaded ahead of OpenBLAS. Without a
+compiler everything still works, only decode is slower.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FORWARD_SOURCE = Path(__file__).parent / "native" / "sgemm_forward.c"
+THIN_SGEMM_SOURCE = Path(__file__).parent / "native" / "thin_sgemm.c"
 
 _bound: str | None = None
-_forward: ctypes.CDLL | None = None
+_thin: ctypes.CDLL | None = None
 
 
 def _openblas_candidates() -> list[Path]:
@@ -52,34 +53,50 @@ def _compiler() -> str | None:
     return None
 
 
-def build_forwarding_library(cache_dir: Path | None = None) -> Path | None:
-    """Compile `sgemm_forward.c` once per source version; None when no C compiler works."""
-    source = FORWARD_SOURCE.read_bytes()
-    target = (cache_dir or native_cache_dir()) / f"sgemm_forward-{hashlib.sha256(source).hexdigest()[:16]}.so"
+def build_thin_sgemm(cache_dir: Path | None = None) -> Path | None:
+    """Compile `thin_sgemm.c` once per source version; None when no C compiler works."""
+    source = THIN_SGEMM_SOURCE.read_bytes()
+    target = (cache_dir or native_cache_dir()) / f"thin_sgemm-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if target.exists():
         return target
     compiler = _compiler()
     if compiler is None:
-        logger.warning("no C compiler found (cc, gcc, clang): single-row matmuls stay on OpenBLAS sgemm")
+        logger.warning("no C compiler found (cc, gcc, clang): decode matmuls stay on OpenBLAS sgemm (slower)")
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(FORWARD_SOURCE)]
+        command = [
+            compiler,
+            "-O3",
+            "-fopenmp-simd",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(built),
+            str(THIN_SGEMM_SOURCE),
+        ]
         try:
             result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
             result = subprocess.CompletedProcess(command, -1, "", str(e))
         if result.returncode != 0:
-            logger.warning("building %s failed: %s", FORWARD_SOURCE.name, result.stderr.strip()[-500:])
+            logger.warning("building %s failed: %s", THIN_SGEMM_SOURCE.name, result.stderr.strip()[-500:])
             return None
         os.replace(built, target)
+    for stale in target.parent.glob("thin_sgemm-*.so"):
+        if stale != target:
+            stale.unlink(missing_ok=True)  # builds of older sources (a loaded copy stays valid)
     return target
 
 
 def bind_fast_blas() -> str | None:
-    """Load OpenBLAS globally on Linux; return its path, or None where it is not needed or found."""
-    global _bound, _forward
+    """Load OpenBLAS globally on Linux; return its path, or None where it is not needed or found.
+
+    NODE_THIN_SGEMM=0 leaves every matmul to OpenBLAS's sgemm.
+    """
+    global _bound, _thin
     if _bound is not None or platform.system() != "Linux":
         return _bound
     if "mlx.core" in sys.modules:
@@ -89,31 +106,31 @@ def bind_fast_blas() -> str | None:
     if candidate is None:
         logger.warning("cmeel-openblas not found; MLX falls back to its slow reference BLAS")
         return None
-    forward_path = None if os.environ.get("NODE_GEMV_FORWARD") == "0" else build_forwarding_library()
-    # The forwarding library goes first so that libmlx binds its cblas_sgemm, not OpenBLAS's.
-    forward = ctypes.CDLL(str(forward_path), mode=ctypes.RTLD_GLOBAL) if forward_path else None
+    thin_path = None if os.environ.get("NODE_THIN_SGEMM") == "0" else build_thin_sgemm()
+    # The thin-product library goes first so that libmlx binds its cblas_sgemm, not OpenBLAS's.
+    thin = ctypes.CDLL(str(thin_path), mode=ctypes.RTLD_GLOBAL) if thin_path else None
     openblas = ctypes.CDLL(str(candidate), mode=ctypes.RTLD_GLOBAL)
-    if forward is not None:
-        forward.node_blas_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        forward.node_blas_bind(
+    if thin is not None:
+        thin.node_blas_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        thin.node_blas_bind(
             ctypes.cast(openblas.cblas_sgemm, ctypes.c_void_p),
             ctypes.cast(openblas.cblas_sgemv, ctypes.c_void_p),
         )
-        forward.node_blas_forwarded_calls.restype = ctypes.c_long
-        _forward = forward
+        thin.node_blas_thin_calls.restype = ctypes.c_long
+        _thin = thin
     _bound = str(candidate)
-    logger.debug("bound OpenBLAS from %s (gemv forwarding: %s)", candidate, forward_path)
+    logger.debug("bound OpenBLAS from %s (thin products: %s)", candidate, thin_path)
     return _bound
 
 
-def forwarded_calls() -> int | None:
-    """How many sgemm calls went to sgemv so far; None when the forwarding library is not loaded."""
-    return None if _forward is None else _forward.node_blas_forwarded_calls()
+def thin_calls() -> int | None:
+    """How many sgemm calls the thin paths served so far; None when the library is not loaded."""
+    return None if _thin is None else _thin.node_blas_thin_calls()
 
 
-def set_gemv_forwarding(on: bool) -> bool:
-    """Turn forwarding on or off (for side-by-side benchmarks); False when it is not loaded."""
-    if _forward is None:
+def set_thin_sgemm(on: bool) -> bool:
+    """Turn the thin paths on or off (for side-by-side benchmarks); False when not loaded."""
+    if _thin is None:
         return False
-    _forward.node_blas_set_forwarding(int(on))
+    _thin.node_blas_set_thin(int(on))
     return True

@@ -332,11 +332,11 @@ def mlx_defaults(model: nn.Module) -> Iterator[bool]:
     was_installed = installed(model)
     if was_installed:
         uninstall(model)
-    forwarding = blas.set_gemv_forwarding(False)
+    forwarding = blas.set_thin_sgemm(False)
     try:
         yield was_installed or forwarding
     finally:
         if forwarding:
-            blas.set_gemv_forwarding(True)
+            blas.set_thin_sgemm(True)
         if was_installed:
             install(model)

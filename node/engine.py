@@ -85,8 +85,8 @@ def _kernels(model: nn.Module) -> tuple[str, ...]:
     if backend() != "cpu":
         return ()
     kernels = []
-    if blas.forwarded_calls() is not None:
-        kernels.append("cblas_sgemm: one-row products as sgemv")
+    if blas.thin_calls() is not None:
+        kernels.append("cblas_sgemm: thin products (decode) as sgemv / few-row kernel")
     if os.environ.get("NODE_CPU_KERNELS") != "0":
         kernels += cpu_kernels.install(model)
     return tuple(kernels)

@@ -26,9 +26,11 @@ TINY = Profile(
     cold_conversion=True,
 )
 # llama.cpp runs on the tiny GGUF too, where llama-cpp-python is installed (extra `peer`)
-SCENARIOS = ("runtime", "single", "resume", "context", "multi_agent") + (
-    ("peer",) if peer.llama_cpp_installed() else ()
-) + ("batched",)
+SCENARIOS = (
+    ("runtime", "single", "resume", "context", "multi_agent")
+    + (("peer",) if peer.llama_cpp_installed() else ())
+    + ("batched",)
+)
 COMMON = {
     "id",
     "name",
