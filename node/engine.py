@@ -175,4 +175,4 @@ class Engine:
         return make_caches(self.model)
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self.info)
+        return {**dataclasses.asdict(self.info), "kernels": list(self.info.kernels)}  # as JSON reads back
