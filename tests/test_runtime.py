@@ -26,6 +26,32 @@ def test_gguf_import_round_trip(tiny_gguf, tiny_engine):
     assert config["model_type"] == "gemma3_text" and config["sliding_window"] == 8
 
 
+def test_llama_gguf_import_round_trip(tmp_path, model_cache):
+    import mlx.core as mx
+
+    from node import cpu_kernels
+    from node.engine import Engine
+    from tests.tiny_models import write_tiny_llama_gguf
+
+    expected = write_tiny_llama_gguf(tmp_path / "tiny-llama.gguf")
+    engine = Engine.load(str(tmp_path / "tiny-llama.gguf"), progress=lambda m: None, cache_root=model_cache)
+    loaded = dict(tree_flatten(engine.model.parameters()))
+    assert set(expected) == set(loaded)
+    for name, array in expected.items():  # Q/K rows back in Hugging Face order
+        np.testing.assert_allclose(np.array(loaded[name]), array, atol=1e-6, err_msg=name)
+    assert "mlx_lm.models.llama.MLP" in engine.info.kernels
+    prompt = mx.array([engine.encode("the cat sat on the mat and the dog")])
+    fast = engine.model(prompt, cache=engine.make_caches())
+    cpu_kernels.uninstall(engine.model)
+    reference = engine.model(prompt, cache=engine.make_caches())
+    cpu_kernels.install(engine.model)
+    assert mx.allclose(fast, reference, atol=1e-4, rtol=1e-4).item()
+    completion = generate(
+        engine, CachedContext(engine.make_caches()), engine.encode("the cat"), SamplingParams(max_tokens=5)
+    )
+    assert completion.usage.generated_tokens >= 1
+
+
 def test_converted_model_is_cached(tiny_gguf, tiny_engine, model_cache):
     from node.engine import Engine
 
