@@ -11,8 +11,8 @@ which `mx.compile` fuses into generated kernels:
 - `tanh`: Eigen's rational approximation (|error| < 4e-7 over all floats);
 - `exp` of non-positive arguments (softmax after subtracting the row maximum): Cephes' expf
   (relative error < 1e-7), with the power of two built from the exponent bits;
-- attention with that softmax (grouped query heads share one matmul), by blocks of queries
-  where causality lets blocks skip keys;
+- attention with that softmax (grouped query heads share one matmul), by blocks of queries,
+  where causality lets the blocks skip at least a quarter of the keys (elsewhere MLX's own);
 - RoPE from cos/sin tables computed once per chunk in float64.
 
 `install(model)` routes a loaded mlx-lm model through them on the CPU backend only: its gated
@@ -106,13 +106,6 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 
 
 @mx.compile
-def _softmax_of_masked(scores: mx.array, mask: mx.array) -> mx.array:
-    scores = mx.where(mask, scores, _MASKED)
-    e = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
-    return e / mx.sum(e, axis=-1, keepdims=True)
-
-
-@mx.compile
 def _softmax(scores: mx.array) -> mx.array:
     e = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
     return e / mx.sum(e, axis=-1, keepdims=True)
@@ -135,7 +128,7 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     if mask is None:
         weights = _softmax(scores)
     elif mask.dtype == mx.bool_:
-        weights = _softmax_of_masked(scores, mask)
+        weights = _softmax(mx.where(mask, scores, _MASKED))
     else:
         weights = _softmax(scores + mask)
     grouped = weights.reshape(b, kv_heads, heads // kv_heads * length, kv_length) @ values
@@ -164,20 +157,12 @@ def _query_blocks(
 def blocked_causal_attention(
     queries: mx.array, keys: mx.array, values: mx.array, scale: float, first_key: int, window: int | None
 ) -> mx.array:
-    """Causal (optionally sliding-window) attention of the last L of S positions.
+    """Causal (optionally sliding-window) attention of the last L of S positions, by query blocks.
 
-    Keys hold positions [first_key, first_key + S) and queries the last L of them. Where blocks of
-    QUERY_BLOCK queries that only score the keys they can see skip at least a quarter of the
-    scores (a 512-token chunk at the start, any chunk of a sliding-window layer), it goes block
-    by block; otherwise one masked pass is faster.
+    Keys hold positions [first_key, first_key + S) and queries the last L of them; each block of
+    QUERY_BLOCK queries scores only the keys it can see.
     """
-    length, kv_length = queries.shape[2], keys.shape[2]
-    blocks = _query_blocks(length, kv_length, first_key, window)
-    scored = sum((q_stop - q_start) * (k_stop - k_start) for q_start, q_stop, k_start, k_stop in blocks)
-    if len(blocks) == 1 or scored > 0.75 * length * kv_length:
-        (q_start, _, _, _) = blocks[0]
-        mask = _visibility(q_start, length, first_key, kv_length, window)
-        return attention(queries, keys, values, scale, mask)
+    blocks = _query_blocks(queries.shape[2], keys.shape[2], first_key, window)
     outputs = []
     offset = blocks[0][0]
     for q_start, q_stop, k_start, k_stop in blocks:
@@ -185,7 +170,16 @@ def blocked_causal_attention(
         mask = _visibility(q_start, q_stop - q_start, k_start, k_stop - k_start, window)
         rows = slice(q_start - offset, q_stop - offset)
         outputs.append(attention(queries[:, :, rows], keys[:, :, span], values[:, :, span], scale, mask))
-    return mx.concatenate(outputs, axis=2)
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+
+def _blocks_pay_off(length: int, kv_length: int, first_key: int, window: int | None) -> bool:
+    """Whether query blocks skip at least a quarter of the scores (a 512-token chunk at the start,
+    any chunk of a sliding-window layer). Otherwise MLX's own attention is as fast or faster: our
+    softmax makes several passes over the scores, which costs once they outgrow the caches."""
+    blocks = _query_blocks(length, kv_length, first_key, window)
+    scored = sum((q_stop - q_start) * (k_stop - k_start) for q_start, q_stop, k_start, k_stop in blocks)
+    return scored <= 0.75 * length * kv_length
 
 
 def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | None] | None:
@@ -203,12 +197,12 @@ def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | Non
 
 def _fast_sdpa(fallback):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if queries.shape[2] == 1 or sinks is not None or hasattr(cache, "bits"):
+        layout = None
+        if queries.shape[2] > 1 and sinks is None and not hasattr(cache, "bits"):
+            layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
+        if layout is None or not _blocks_pay_off(queries.shape[2], keys.shape[2], *layout):
             return fallback(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
-        layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
-        if layout is not None:
-            return blocked_causal_attention(queries, keys, values, scale, *layout)
-        return attention(queries, keys, values, scale, mask)
+        return blocked_causal_attention(queries, keys, values, scale, *layout)
 
     scaled_dot_product_attention.fallback = fallback
     return scaled_dot_product_attention

@@ -91,8 +91,14 @@ def test_blocked_causal_attention_matches_masked(length, offset, window):
     assert mx.allclose(got, want, atol=2e-6, rtol=1e-5).item()
 
 
-def test_installed_kernels_keep_the_models_output(tiny_engine):
+def test_installed_kernels_keep_the_models_output(tiny_engine, monkeypatch):
     model, prompt = tiny_engine.model, mx.array([tiny_engine.encode("the cat sat on the mat " * 12)])
+    blocked_calls = []
+    blocked = cpu_kernels.blocked_causal_attention
+    monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 16)  # so that the tiny prompt spans several blocks
+    monkeypatch.setattr(
+        cpu_kernels, "blocked_causal_attention", lambda *a: blocked_calls.append(a[-1]) or blocked(*a)
+    )
     assert mx.default_device() == mx.cpu
     assert any(name.endswith("gemma3_text.MLP") for name in tiny_engine.info.kernels)
     assert any(name.endswith(".RoPE") for name in tiny_engine.info.kernels)
@@ -103,6 +109,7 @@ def test_installed_kernels_keep_the_models_output(tiny_engine):
     finally:
         replaced = cpu_kernels.install(model)
     assert "mlx_lm.models.gemma3_text.scaled_dot_product_attention" in replaced
+    assert {None, 8} <= set(blocked_calls)  # the global layer and the sliding-window layers went by blocks
     assert mx.allclose(fast, reference, atol=1e-4, rtol=1e-4).item()
 
 
