@@ -27,6 +27,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from node.config import user_cache_dir
+
 logger = logging.getLogger(__name__)
 
 THIN_SGEMM_SOURCE = Path(__file__).parent / "native" / "thin_sgemm.c"
@@ -41,22 +43,17 @@ def _openblas_candidates() -> list[Path]:
     return [root / "cmeel.prefix" / "lib" / "libopenblas.so.0" for root in roots]
 
 
-def native_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "persistent-agent-node" / "native"
-
-
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+    return next((path for path in found if path), None)
 
 
 def build_thin_sgemm(cache_dir: Path | None = None) -> Path | None:
     """Compile `thin_sgemm.c` once per source version; None when no C compiler works."""
     source = THIN_SGEMM_SOURCE.read_bytes()
-    target = (cache_dir or native_cache_dir()) / f"thin_sgemm-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    target = (
+        cache_dir or user_cache_dir() / "native"
+    ) / f"thin_sgemm-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if target.exists():
         return target
     compiler = _compiler()

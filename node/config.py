@@ -10,6 +10,11 @@ ALL_SKILLS = ("technical_analysis", "business_analysis", "coordination")
 DATABASE_SCHEMES = ("postgresql+asyncpg://", "sqlite+aiosqlite://")
 
 
+def user_cache_dir() -> Path:
+    """Where the node keeps derived files it can rebuild (converted models, compiled helpers)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "persistent-agent-node"
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("NODE_CACHE_DIR") or Path.home() / ".agent_caches").expanduser()
 

@@ -43,7 +43,7 @@ class ModelInfo:
     backend: str
     dtype: str
     load_s: float
-    kernels: tuple[str, ...] = ()
+    kernels: list[str] = dataclasses.field(default_factory=list)
 
 
 def _safetensors_header(path: Path) -> bytes:
@@ -80,16 +80,16 @@ def _prepare_for_backend(model: nn.Module) -> str:
     return "float32"
 
 
-def _kernels(model: nn.Module) -> tuple[str, ...]:
+def _kernels(model: nn.Module) -> list[str]:
     """What runs the model beyond MLX's defaults (CPU only: fast BLAS paths and cpu_kernels)."""
     if backend() != "cpu":
-        return ()
+        return []
     kernels = []
     if blas.thin_calls() is not None:
         kernels.append("cblas_sgemm: thin products (decode) as sgemv / few-row kernel")
     if os.environ.get("NODE_CPU_KERNELS") != "0":
         kernels += cpu_kernels.install(model)
-    return tuple(kernels)
+    return kernels
 
 
 def _float_leaves(model: nn.Module):
@@ -175,4 +175,4 @@ class Engine:
         return make_caches(self.model)
 
     def describe(self) -> dict:
-        return {**dataclasses.asdict(self.info), "kernels": list(self.info.kernels)}  # as JSON reads back
+        return dataclasses.asdict(self.info)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from node.config import user_cache_dir
 from node.errors import ModelSpecError
 from node.gguf_import import check_gguf_header, converted_folder
 
@@ -16,8 +17,7 @@ def model_cache_root() -> Path:
     override = os.environ.get("NODE_MODEL_CACHE")
     if override:
         return Path(override).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "persistent-agent-node" / "models"
+    return user_cache_dir() / "models"
 
 
 def default_gguf(progress: Callable[[str], None]) -> Path:

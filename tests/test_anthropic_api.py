@@ -5,10 +5,6 @@ later turns are served from the persistent cache, also after the server restarts
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import anthropic
 import httpx
 import pytest
 
+from tests.a2a_node import NodeProcess
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -23,65 +20,36 @@ pytestmark = pytest.mark.slow
 API_KEY = "test-key"
 MAX_MESSAGE_BYTES = 100_000
 GREEDY = {"temperature": 0.0}  # the SDK 2.x `create` has no temperature argument
-ROOT = Path(__file__).resolve().parents[1]
 
 
-class NodeProcess:
-    """`python -m node serve` on a free port, started and stopped by the test."""
+def start_node(cache_dir: Path) -> NodeProcess:
+    """`python -m node serve` on a free port with this API's key and size limit."""
+    extra = (
+        "--api-key",
+        API_KEY,
+        "--skills",
+        "technical_analysis",
+        "--max-message-bytes",
+        str(MAX_MESSAGE_BYTES),
+    )
+    return NodeProcess(free_port(), cache_dir, *extra).start()
 
-    def __init__(self, cache_dir: Path, log: Path) -> None:
-        self.cache_dir, self.log_path = cache_dir, log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
 
-    def start(self, timeout_s: float = 180.0) -> NodeProcess:
-        command = [
-            sys.executable, "-m", "node", "serve", "--port", str(self.port), "--cache-dir", str(self.cache_dir),
-            "--api-key", API_KEY, "--skills", "technical_analysis", "--max-message-bytes", str(MAX_MESSAGE_BYTES),
-        ]  # fmt: skip
-        with self.log_path.open("a") as log:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            self.process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the node exited with {self.process.returncode}:\n{self.log_path.read_text()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"the node did not start in {timeout_s} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def client(self, api_key: str = API_KEY) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=api_key, max_retries=0, timeout=300)
+def sdk_client(node: NodeProcess, api_key: str = API_KEY) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=node.url, api_key=api_key, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     folder = tmp_path_factory.mktemp("anthropic-node")
-    process = NodeProcess(folder / "cache", folder / "node.log").start()
+    process = start_node(folder / "cache")
     yield process
     process.stop()
 
 
 @pytest.fixture(scope="module")
 def client(node) -> anthropic.Anthropic:
-    return node.client()
+    return sdk_client(node)
 
 
 def user(text: str) -> list[dict]:
@@ -143,7 +111,7 @@ def test_errors_map_to_sdk_exceptions(node, client):
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         client.messages.create(model="m", max_tokens=0, messages=user("hi"))
     with pytest.raises(anthropic.AuthenticationError) as refused:
-        node.client(api_key="wrong").messages.create(model="m", max_tokens=8, messages=user("hi"))
+        sdk_client(node, api_key="wrong").messages.create(model="m", max_tokens=8, messages=user("hi"))
     assert (
         refused.value.body["type"] == "error"
         and refused.value.body["error"]["type"] == "authentication_error"
@@ -171,14 +139,14 @@ def _prompt_tokens(message) -> int:
 
 
 def test_three_turns_reuse_the_cache_across_a_restart(tmp_path):
-    node = NodeProcess(tmp_path / "cache", tmp_path / "node.log").start()
+    node = start_node(tmp_path / "cache")
     system = f"You are a helpful assistant. Session {uuid.uuid4()}."
     messages = user("Name a fruit.")
     try:
-        first = _turn(node.client(), system, messages)
+        first = _turn(sdk_client(node), system, messages)
         assert first.usage.cache_read_input_tokens == 0
         messages += [{"role": "assistant", "content": first.content[0].text}, *user("Name a vegetable.")]
-        second = _turn(node.client(), system, messages)
+        second = _turn(sdk_client(node), system, messages)
     finally:
         node.stop()
     assert second.usage.cache_read_input_tokens >= _prompt_tokens(first)
@@ -187,7 +155,7 @@ def test_three_turns_reuse_the_cache_across_a_restart(tmp_path):
     node.start()  # a fresh process on the same cache directory: the agent comes back from disk
     try:
         messages += [{"role": "assistant", "content": second.content[0].text}, *user("Name a colour.")]
-        third = _turn(node.client(), system, messages)
+        third = _turn(sdk_client(node), system, messages)
     finally:
         node.stop()
     assert third.usage.cache_read_input_tokens >= _prompt_tokens(second)

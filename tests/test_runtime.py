@@ -96,12 +96,17 @@ def _cold(engine, prompt, max_tokens=12):
     )
 
 
+def _extend_cached(engine, text: str, more: str, max_tokens: int):
+    """Generate after `text`, then after `text + more` on the same cache: (first, longer, reused)."""
+    first = engine.encode(text)
+    context = CachedContext(engine.make_caches())
+    generate(engine, context, first, SamplingParams(max_tokens=4))
+    longer = first + engine.encode(more, add_bos=False)
+    return first, longer, generate(engine, context, longer, SamplingParams(max_tokens=max_tokens))
+
+
 def test_extending_prompt_prefills_only_new_tokens(tiny_engine):
-    first = tiny_engine.encode("the cat sat on the mat and the dog")
-    context = CachedContext(tiny_engine.make_caches())
-    generate(tiny_engine, context, first, SamplingParams(max_tokens=4))
-    longer = first + tiny_engine.encode(" is a cat", add_bos=False)
-    reused = generate(tiny_engine, context, longer, SamplingParams(max_tokens=12))
+    first, longer, reused = _extend_cached(tiny_engine, "the cat sat on the mat and the dog", " is a cat", 12)
     assert reused.usage.cached_tokens == len(first)
     assert reused.usage.prefilled_tokens == len(longer) - len(first)
     assert reused.token_ids == _cold(tiny_engine, longer).token_ids
@@ -197,10 +202,8 @@ def test_default_model_matches_llama_cpp(engine, prompt, expected):
 
 @pytest.mark.slow
 def test_default_model_prefix_reuse_matches_cold(engine):
-    first = engine.encode("Q: What is the capital of France?\nA:")
-    context = CachedContext(engine.make_caches())
-    generate(engine, context, first, SamplingParams(max_tokens=4))
-    longer = first + engine.encode(" Paris.\nQ: What is the capital of Italy?\nA:", add_bos=False)
-    reused = generate(engine, context, longer, SamplingParams(max_tokens=8))
+    first, longer, reused = _extend_cached(
+        engine, "Q: What is the capital of France?\nA:", " Paris.\nQ: What is the capital of Italy?\nA:", 8
+    )
     assert reused.usage.cached_tokens == len(first)
     assert reused.token_ids == _cold(engine, longer, max_tokens=8).token_ids
