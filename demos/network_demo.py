@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from node.cli import main
+from node.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["--demo", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from node.a2a_executor import SkillExecutor
+from node.a2a.executor import SkillExecutor
 
 
 class BusinessAnalysisExecutor(SkillExecutor):

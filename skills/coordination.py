@@ -2,7 +2,7 @@
 
 The plan is deterministic (the small base model plans poorly): one sub-task per expert skill,
 phrased from the request. The sub-tasks run concurrently over A2A at peers that host those skills,
-other nodes or this one through the same HTTP path (`node.peers`), each in a context derived from
+other nodes or this one through the same HTTP path (`node.network.peers`), each in a context derived from
 the coordinator's contextId, so the experts' conversations persist too. The coordinator then
 answers with its own persistent agent, the findings put in front of the request. The task's last
 artifact, `delegation`, says which peer answered which sub-task with timings and usage, and what
@@ -24,8 +24,8 @@ from a2a.types import Part
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
 
-from node.a2a_executor import SkillExecutor, TurnRequest
-from node.peers import REPORT_ARTIFACT, SubtaskResult
+from node.a2a.executor import SkillExecutor, TurnRequest
+from node.network.peers import REPORT_ARTIFACT, SubtaskResult
 
 EXPERT_QUESTIONS = {
     "technical_analysis": (
@@ -106,7 +106,7 @@ class CoordinationExecutor(SkillExecutor):
         "analysis). Break the request into steps, use the experts' findings when they are given, "
         "and answer with a short, well-structured summary and next steps."
     )
-    network = None  # node.network.Network, set by create_app
+    network = None  # node.network.node_network.Network, set by create_app
 
     def __init__(self, runtime) -> None:
         super().__init__(runtime)

@@ -5,9 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from node.blas import bind_fast_blas
-
-bind_fast_blas()  # before anything imports mlx in the test process
+import node.model  # noqa: F401  (binds the fast BLAS before any test module imports mlx)
 
 
 def free_port() -> int:
@@ -33,7 +31,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_gguf, model_cache):
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     return Engine.load(str(tiny_gguf), progress=lambda message: None, cache_root=model_cache)
 
@@ -41,7 +39,7 @@ def tiny_engine(tiny_gguf, model_cache):
 @pytest.fixture(scope="session")
 def engine():
     """The real default model (Gemma 3 270M from PyPI)."""
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     return Engine.load("default", progress=lambda message: None)
 
@@ -53,6 +51,6 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def pytest_unconfigure(config) -> None:
     # MLX used from the model worker thread can abort in its C++ destructors at exit
     # (ml-explore/mlx issue 3126); leave before they run, keeping pytest's own exit status.
-    from node.cli import exit_without_mlx_teardown
+    from node.cli.main import exit_without_mlx_teardown
 
     exit_without_mlx_teardown(getattr(config, "_node_exit_status", 0))

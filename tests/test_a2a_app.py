@@ -9,9 +9,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from node.a2a_conversation import Conversation, conversation_agent_id
-from node.app import create_app
+from node.a2a.conversation import Conversation, conversation_agent_id
 from node.config import NodeConfig
+from node.server.app import create_app
 
 KEY = "s3cret-key"
 GET_TASK = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "no-such-task"}}

@@ -15,9 +15,9 @@ import httpx2 as httpx  # the anthropic SDK 2.x is built on httpx2
 import pytest
 from starlette.applications import Starlette
 
-from node.anthropic_api import anthropic_routes
-from node.anthropic_prompt import agent_id_for
-from node.anthropic_responses import with_timer
+from node.anthropic.api import anthropic_routes
+from node.anthropic.prompt import agent_id_for
+from node.anthropic.responses import with_timer
 from node.config import NodeConfig
 from node.errors import WorkerDead
 

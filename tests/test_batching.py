@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from node.agents import AgentManager, AgentRequest
-from node.generation import CachedContext, SamplingParams, generate
+from node.memory.agents import AgentManager, AgentRequest
+from node.runtime.generation import CachedContext, SamplingParams, generate
 
 TEXTS = [
     "the cat sat on the mat and the dog sat " * 3,
@@ -48,7 +48,7 @@ async def test_request_joins_a_running_batch_and_finished_ones_leave(tiny_engine
 async def test_cancel_during_prefill_stops_the_sequence(tiny_engine, tmp_path):
     import threading
 
-    from node import generation
+    from node.runtime import generation
 
     manager = await AgentManager.start(tiny_engine, tmp_path)
     cancel = threading.Event()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from node.agents import AgentManager, AgentRequest
-from node.checkpoint import CheckpointStore
-from node.checkpoint_format import agent_dirname, validate_agent_id
 from node.errors import InvalidAgentId
-from node.generation import CachedContext, SamplingParams, generate
+from node.memory.agents import AgentManager, AgentRequest
+from node.memory.checkpoint import CheckpointStore
+from node.memory.checkpoint_format import agent_dirname, validate_agent_id
+from node.runtime.generation import CachedContext, SamplingParams, generate
 
 GREEDY = SamplingParams(max_tokens=6)
 TEXT = "the cat sat on the mat and the dog sat on a mat "
@@ -171,10 +171,9 @@ async def test_concurrent_agents_stay_isolated(tiny_engine, tmp_path):
 
 KILL_LOOP = """
 import asyncio, sys
-from node.blas import bind_fast_blas; bind_fast_blas()
-from node.engine import Engine
-from node.agents import AgentManager
-from node.generation import SamplingParams
+from node.model.engine import Engine
+from node.memory.agents import AgentManager
+from node.runtime.generation import SamplingParams
 engine = Engine.load(sys.argv[1], progress=lambda m: None, cache_root=sys.argv[3])
 async def main():
     manager = await AgentManager.start(engine, sys.argv[2])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from mlx import nn
 
-from node import blas, cpu_kernels
+from node.model import blas, cpu_kernels
 
 
 def test_tanh_matches_reference_over_all_magnitudes():

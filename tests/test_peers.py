@@ -20,7 +20,7 @@ from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, 
 from starlette.applications import Starlette
 
 from node.config import NodeConfig
-from node.peers import Delegator, PeerClient, PeerDirectory
+from node.network.peers import Delegator, PeerClient, PeerDirectory
 from tests.conftest import free_port
 
 SKILL = "technical_analysis"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from node.checkpoint import CheckpointStore
-from node.generation import CachedContext, SamplingParams, generate
+from node.memory.checkpoint import CheckpointStore
+from node.runtime.generation import CachedContext, SamplingParams, generate
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from node.errors import ModelImportError, ModelSpecError
-from node.generation import CachedContext, SamplingParams, generate
+from node.runtime.generation import CachedContext, SamplingParams, generate
 
 
 def test_gguf_import_round_trip(tiny_gguf, tiny_engine):
@@ -29,8 +29,8 @@ def test_gguf_import_round_trip(tiny_gguf, tiny_engine):
 def test_llama_gguf_import_round_trip(tmp_path, model_cache):
     import mlx.core as mx
 
-    from node import cpu_kernels
-    from node.engine import Engine
+    from node.model import cpu_kernels
+    from node.model.engine import Engine
     from tests.tiny_models import write_tiny_llama_gguf
 
     expected = write_tiny_llama_gguf(tmp_path / "tiny-llama.gguf")
@@ -53,7 +53,7 @@ def test_llama_gguf_import_round_trip(tmp_path, model_cache):
 
 
 def test_converted_model_is_cached(tiny_gguf, tiny_engine, model_cache):
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     messages: list[str] = []
     again = Engine.load(str(tiny_gguf), progress=messages.append, cache_root=model_cache)
@@ -63,7 +63,7 @@ def test_converted_model_is_cached(tiny_gguf, tiny_engine, model_cache):
 
 
 def test_bad_model_specs_are_explained(tmp_path):
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     with pytest.raises(ModelSpecError, match="not found"):
         Engine.load(str(tmp_path / "missing"))
@@ -78,7 +78,7 @@ def test_bad_model_specs_are_explained(tmp_path):
 def test_unsupported_gguf_architecture(tmp_path):
     import gguf
 
-    from node.gguf_import import convert_gguf
+    from node.model.gguf_import import convert_gguf
 
     writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
     writer.add_tensor("x", np.zeros(4, np.float32))

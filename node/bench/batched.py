@@ -16,8 +16,8 @@ AGENT_COUNTS = (1, 3, 8)
 
 
 def _requests(bench: Bench, count: int, tokens: int):
-    from node.agents import AgentRequest
-    from node.generation import SamplingParams
+    from node.memory.agents import AgentRequest
+    from node.runtime.generation import SamplingParams
 
     return [
         AgentRequest(
@@ -30,8 +30,8 @@ def _requests(bench: Bench, count: int, tokens: int):
 
 
 async def _measure(bench: Bench, count: int, batched: bool, tokens: int) -> dict:
-    from node.agents import AgentRequest
-    from node.generation import SamplingParams
+    from node.memory.agents import AgentRequest
+    from node.runtime.generation import SamplingParams
 
     manager = await bench.new_manager(f"batched-{count}-{'on' if batched else 'off'}")
     manager.worker.batched = batched

@@ -18,7 +18,7 @@ RATIO_TARGET = 1000.0
 
 async def _append_task(bench: Bench, built: dict) -> dict:
     """Append `append_tokens` new tokens to the largest context as one task; time its checkpoint."""
-    from node.generation import SamplingParams
+    from node.runtime.generation import SamplingParams
 
     manager = await bench.contexts_manager()
     agent_id = built["agent_id"]

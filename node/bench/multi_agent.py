@@ -43,8 +43,8 @@ async def _create(bench: Bench, manager, systems: dict[str, list[int]]) -> dict[
 
 
 async def _workflow(bench: Bench, manager, systems: dict[str, list[int]]) -> tuple[dict, dict]:
-    from node.agents import AgentRequest
-    from node.generation import SamplingParams
+    from node.memory.agents import AgentRequest
+    from node.runtime.generation import SamplingParams
 
     engine, params = bench.engine, SamplingParams(max_tokens=bench.profile.task_tokens)
     brief = engine.encode(corpus.document(3, offset=3000) + BRIEF, add_bos=False)

@@ -24,7 +24,7 @@ HOW_TO_ENABLE = (
 def gguf_path(bench: Bench) -> Path | None:
     spec = bench.options.model
     if spec == "default":
-        from node.model_spec import default_gguf
+        from node.model.spec import default_gguf
 
         return default_gguf(bench.say)
     path = Path(spec).expanduser()

@@ -60,7 +60,7 @@ def run_bench(options: BenchOptions) -> dict:
 
 
 async def _run(options: BenchOptions, selected, work_dir: Path) -> dict:
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     say(
         f"profile {options.profile.name}; scenarios: {', '.join(s.name for s in selected)}; work dir {work_dir}"

@@ -40,7 +40,7 @@ def _loads(bench: Bench, notes: list[str]) -> dict:
 
 
 async def _decode_rate(bench: Bench, agent_id: str = "decode-probe") -> dict:
-    from node.generation import SamplingParams
+    from node.runtime.generation import SamplingParams
 
     manager = await bench.contexts_manager()
     prompt = corpus.tokens(bench.engine, 32)
@@ -56,7 +56,7 @@ async def _decode_rate(bench: Bench, agent_id: str = "decode-probe") -> dict:
 
 async def _warm_up(bench: Bench) -> None:
     """Untimed: the first calls of a process trace the model and load MLX's compiled kernels."""
-    from node.generation import SamplingParams
+    from node.runtime.generation import SamplingParams
 
     manager = await bench.contexts_manager()
     size = bench.profile.prefill_sizes[0]
@@ -65,7 +65,7 @@ async def _warm_up(bench: Bench) -> None:
 
 
 async def _prefill_s(bench: Bench, agent_id: str, size: int) -> float:
-    from node.generation import SamplingParams
+    from node.runtime.generation import SamplingParams
 
     manager = await bench.contexts_manager()
     completion = await manager.generate(
@@ -84,7 +84,7 @@ async def _prefill_rates(bench: Bench, size: int, samples: int) -> list[float]:
 
 async def _side_by_side(bench: Bench, size: int, ours: list[float], samples: int) -> dict:
     """Prefill (alternating with ours) and decode on MLX's own kernels, in this process."""
-    from node.cpu_kernels import mlx_defaults
+    from node.model.cpu_kernels import mlx_defaults
 
     bench.say(f"prefill of {size} tokens and decode on MLX's own kernels, alternating with ours ...")
     theirs: list[float] = []
@@ -125,7 +125,7 @@ async def run(bench: Bench) -> Outcome:
         )
         results["decode_speedup"] = _ratio(results["decode_tok_s"], side_by_side["mlx_kernels_decode_tok_s"])
         notes.append(
-            "mlx_kernels_*: the same work with node.cpu_kernels and the thin-sgemm paths switched off in this "
+            "mlx_kernels_*: the same work with node.model.cpu_kernels and the thin-sgemm paths switched off in this "
             "process (MLX's own kernels, every matmul through OpenBLAS sgemm), alternating with ours; "
             "speedup = ours / that"
         )

@@ -15,7 +15,7 @@ from node.bench.workbench import Bench
 
 
 def _cold(bench: Bench, prompt: list[int], max_tokens: int):
-    from node.generation import CachedContext, SamplingParams, generate
+    from node.runtime.generation import CachedContext, SamplingParams, generate
 
     started = time.perf_counter()
     completion = generate(
@@ -25,7 +25,7 @@ def _cold(bench: Bench, prompt: list[int], max_tokens: int):
 
 
 async def run_single(bench: Bench) -> Outcome:
-    from node.generation import SamplingParams
+    from node.runtime.generation import SamplingParams
 
     prompt = corpus.tokens(bench.engine, 256) + bench.engine.encode(corpus.question(0), add_bos=False)
     tokens = bench.profile.task_tokens
@@ -108,7 +108,7 @@ def _row(number: int, prompt: list[int], session: dict, cold, cold_s: float) -> 
 
 
 async def run_resume(bench: Bench) -> Outcome:
-    from node.checkpoint import CheckpointStore
+    from node.memory.checkpoint import CheckpointStore
 
     cache_dir = bench.work_dir / "resume"
     store = CheckpointStore(cache_dir, bench.engine.info.fingerprint)

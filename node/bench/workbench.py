@@ -53,7 +53,7 @@ class Bench:
         return self._manager
 
     async def new_manager(self, name: str):
-        from node.agents import AgentManager
+        from node.memory.agents import AgentManager
 
         return await AgentManager.start(self.engine, self.work_dir / name)
 
@@ -64,8 +64,8 @@ class Bench:
         return self._contexts[size]
 
     async def _build_context(self, size: int) -> dict:
-        from node.agents import PrefillProgress
-        from node.generation import SamplingParams
+        from node.memory.agents import PrefillProgress
+        from node.runtime.generation import SamplingParams
 
         manager = await self.contexts_manager()
         agent_id, prompt = f"ctx-{size}", corpus.tokens(self.engine, size)

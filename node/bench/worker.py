@@ -15,15 +15,13 @@ import json
 import sys
 import time
 
-from node.blas import bind_fast_blas
-
 
 def _progress(message: str) -> None:
     print(f"[worker] {message}", file=sys.stderr, flush=True)
 
 
 def load(args: argparse.Namespace) -> dict:
-    from node.engine import Engine
+    from node.model.engine import Engine
 
     started = time.perf_counter()
     engine = Engine.load(args.model, _progress)
@@ -35,7 +33,7 @@ def load(args: argparse.Namespace) -> dict:
 
 
 def restore_one(engine, store, agent_id: str, decode: int) -> dict:
-    from node.generation import CachedContext, SamplingParams, generate
+    from node.runtime.generation import CachedContext, SamplingParams, generate
 
     started = time.perf_counter()
     restored = store.restore(agent_id, engine.make_caches)  # mx.eval's the restored arrays
@@ -58,8 +56,8 @@ def restore_one(engine, store, agent_id: str, decode: int) -> dict:
 
 
 def restore(args: argparse.Namespace) -> dict:
-    from node.checkpoint import CheckpointStore
-    from node.engine import Engine
+    from node.memory.checkpoint import CheckpointStore
+    from node.model.engine import Engine
 
     engine = Engine.load(args.model, _progress)
     store = CheckpointStore(args.cache_dir, engine.info.fingerprint)
@@ -78,10 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in (load_parser, restore_parser):
         p.add_argument("--model", default="default")
     args = parser.parse_args(argv)
-    bind_fast_blas()
     result = load(args) if args.command == "load" else restore(args)
     print(json.dumps(result), flush=True)
-    from node.cli import exit_without_mlx_teardown
+    from node.cli.main import exit_without_mlx_teardown
 
     exit_without_mlx_teardown(0)
     return 0

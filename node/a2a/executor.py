@@ -1,0 +1,198 @@
+"""The A2A executor every skill shares: a task is one turn of a persistent conversation.
+
+Contract (a2a-sdk): enqueue the Task, WORKING, the answer as chunks of one artifact (append), then
+COMPLETED with the usage in the task's metadata, or FAILED with the reason. `cancel` sets the
+task's stop event, which the agent manager checks before every token; the manager checkpoints the
+agent either way, so its cache stays consistent with what it has seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from a2a.helpers import new_task
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.tasks import TaskUpdater
+from a2a.types import Part, TaskState
+from google.protobuf.json_format import MessageToDict
+
+from node.a2a.conversation import Conversation, conversation_agent_id, system_prefix_tokens
+from node.config import NodeConfig
+from node.errors import NodeError
+
+logger = logging.getLogger(__name__)
+ANSWER_ARTIFACT = "answer"
+
+
+@dataclass
+class SkillRuntime:
+    """What executors share: settings, the agent manager (set at start-up) and running tasks."""
+
+    config: NodeConfig
+    manager: object | None = None
+    running: dict[str, threading.Event] = field(default_factory=dict)
+
+    def stop_all(self) -> None:
+        """Stop every running generation (at shutdown: their agents are checkpointed as they stop)."""
+        for stop in list(self.running.values()):
+            stop.set()
+
+    def require_manager(self):
+        if self.manager is None:
+            raise NodeError("the node is still starting: no agent manager yet")
+        return self.manager
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One turn as the skill sees it, free of protocol types."""
+
+    task_id: str
+    context_id: str
+    text: str
+    metadata: dict
+
+
+class SkillExecutor(AgentExecutor):
+    """Answers with the skill's own persistent agent; subclasses set the id and system prompt."""
+
+    skill_id: ClassVar[str]
+    system_prompt: ClassVar[str]
+
+    def __init__(self, runtime: SkillRuntime) -> None:
+        self.runtime = runtime
+
+    # ---- start-up ------------------------------------------------------------------------
+    async def warm_up(self) -> int:
+        """Prefill the skill's base agent with its system prompt once (kept on disk)."""
+        manager = self.runtime.require_manager()
+        prefix = system_prefix_tokens(manager.engine, self.system_prompt)
+        await manager.ensure_prefix(self.skill_id, prefix)
+        return len(prefix)
+
+    # ---- AgentExecutor -------------------------------------------------------------------
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        request = _turn_request(context)
+        updater = TaskUpdater(event_queue, request.task_id, request.context_id)
+        if context.current_task is None:
+            task = new_task(
+                request.task_id, request.context_id, TaskState.TASK_STATE_SUBMITTED, history=[context.message]
+            )
+            await event_queue.enqueue_event(task)
+        await updater.start_work()
+        stop = self.runtime.running.setdefault(request.task_id, threading.Event())
+        try:
+            await self._run_turn(request, updater, stop)
+        except NodeError as e:
+            logger.warning("task %s failed: %s", request.task_id, e)
+            await updater.failed(updater.new_agent_message([Part(text=f"{type(e).__name__}: {e}")]))
+        except Exception as e:
+            logger.exception("task %s failed", request.task_id)
+            await updater.failed(
+                updater.new_agent_message([Part(text=f"internal error: {type(e).__name__}: {e}")])
+            )
+        finally:
+            self.runtime.running.pop(request.task_id, None)
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        stop = self.runtime.running.get(context.task_id)
+        if stop is not None:
+            stop.set()
+        updater = TaskUpdater(event_queue, context.task_id, task_context_id(context))
+        await updater.cancel()
+
+    # ---- one turn ------------------------------------------------------------------------
+    async def _run_turn(self, request: TurnRequest, updater: TaskUpdater, stop: threading.Event) -> None:
+        completion = await self.answer(request, _ArtifactStream(updater), stop)
+        if completion.finish_reason == "cancelled" or stop.is_set():
+            return  # cancel() has written CANCELED
+        usage = completion.usage.as_dict()
+        metadata = {"skill": self.skill_id, "finish_reason": completion.finish_reason, "usage": usage}
+        await updater.update_status(TaskState.TASK_STATE_COMPLETED, metadata=metadata)
+
+    async def answer(self, request: TurnRequest, out: _ArtifactStream, stop: threading.Event):
+        """Generate the reply to `request` with this skill's agent for its context -> Completion.
+
+        Subclasses may add context to `request.text` first (the coordinator's delegation seam)."""
+        from node.runtime.generation import Completion
+
+        manager = self.runtime.require_manager()
+        agent_id = conversation_agent_id(self.skill_id, request.context_id)
+        conversation = Conversation.from_metadata(await manager.metadata(agent_id))
+        prompt = manager.engine.encode_chat(conversation.prompt(self.system_prompt, request.text))
+        extra = {"skill": self.skill_id, "context_id": request.context_id}
+
+        def record(completion: Completion) -> dict:
+            # Evaluated by the manager before the checkpoint, so the reply is saved with the turn
+            # (a cancelled turn keeps no reply: the next turn drops its question).
+            reply = None if completion.finish_reason == "cancelled" else completion.text
+            return conversation.metadata(request.text, reply, **extra)
+
+        completion = None
+        stream = manager.stream(
+            agent_id, prompt, self.sampling(request), base_agent=self.skill_id, metadata=record, cancel=stop
+        )
+        async for item in stream:
+            if isinstance(item, str):
+                await out.write(item)
+            elif isinstance(item, Completion):
+                completion = item
+        await out.close()
+        return completion
+
+    def sampling(self, request: TurnRequest):
+        from node.runtime.generation import SamplingParams
+
+        cap = self.runtime.config.max_tokens
+        asked = request.metadata.get("max_tokens")
+        max_tokens = min(int(asked), cap) if isinstance(asked, (int, float)) and asked > 0 else cap
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def _turn_request(context: RequestContext) -> TurnRequest:
+    metadata = {**context.metadata, **MessageToDict(context.message.metadata)}
+    return TurnRequest(context.task_id, task_context_id(context), context.get_user_input(), metadata)
+
+
+def task_context_id(context: RequestContext) -> str:
+    """The contextId of the task the request is about.
+
+    A follow-up that names its task but no context gets a fresh contextId from the SDK; the
+    conversation (and the events, which the SDK checks against the stored task) is the task's."""
+    task = context.current_task
+    return task.context_id if task is not None and task.context_id else context.context_id
+
+
+class _ArtifactStream:
+    """Text deltas -> chunks of one artifact; holds one delta back so the last chunk is marked."""
+
+    def __init__(self, updater: TaskUpdater) -> None:
+        self._updater = updater
+        self._artifact_id = f"{ANSWER_ARTIFACT}-{uuid.uuid4().hex[:12]}"
+        self._pending: str | None = None
+        self._sent = 0
+
+    async def write(self, text: str) -> None:
+        if not text:
+            return
+        if self._pending is not None:
+            await self._send(self._pending, last=False)
+        self._pending = text
+
+    async def close(self) -> None:
+        await self._send(self._pending or "", last=True)
+
+    async def _send(self, text: str, last: bool) -> None:
+        await self._updater.add_artifact(
+            [Part(text=text)],
+            artifact_id=self._artifact_id,
+            name=ANSWER_ARTIFACT,
+            append=self._sent > 0,
+            last_chunk=last,
+        )
+        self._sent += 1

@@ -1,0 +1,132 @@
+"""The node's A2A agents: one per hosted skill under /skills/<id>/, plus the node itself at /.
+
+Each agent is the SDK's stack: a card, a `NodeRequestHandler` with its own task store and push
+configuration store, and the JSON-RPC and HTTP+JSON routes (v1.0 and v0.3) at the agent's path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
+from a2a.server.tasks import (
+    BasePushNotificationSender,
+    InMemoryPushNotificationConfigStore,
+)
+from a2a.types import AgentCard
+from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
+from starlette.routing import BaseRoute, Mount, Route
+
+from node.a2a.cards import current_card, node_card, skill_card, skill_path
+from node.a2a.executor import SkillExecutor, SkillRuntime
+from node.a2a.handler import NodeRequestHandler, SkillRouter
+from node.a2a.task_stores import TaskStores
+from node.config import NodeConfig
+from node.server.guards import json_only, jsonrpc_error, rest_error
+
+LEGACY_CARD_PATH = "/.well-known/agent.json"
+# Cards change only when the node restarts (and the SDK sends an ETag to revalidate against).
+CARD_CACHE_CONTROL = "public, max-age=300"
+
+
+@dataclass
+class A2AAgents:
+    """Everything the app needs from the A2A side: routes, and what to start and stop."""
+
+    routes: list[BaseRoute]
+    handlers: list[NodeRequestHandler]
+    executors: dict[str, SkillExecutor]
+    push_client: httpx.AsyncClient
+
+    async def aclose(self) -> None:
+        for handler in self.handlers:
+            await handler.aclose()
+        await self.push_client.aclose()
+
+
+def default_skill(skills: tuple[str, ...]) -> str:
+    from skills import DEFAULT_SKILL
+
+    return DEFAULT_SKILL if DEFAULT_SKILL in skills else skills[0]
+
+
+def build_agents(config: NodeConfig, runtime: SkillRuntime, stores: TaskStores | None = None) -> A2AAgents:
+    from skills import SKILLS
+
+    stores = stores or TaskStores()
+    push_client = httpx.AsyncClient(timeout=10.0)
+    secured = config.api_key is not None
+    executors = {skill_id: SKILLS[skill_id](runtime) for skill_id in config.skills}
+    handlers, skill_routes = [], []
+    for skill_id, executor in executors.items():
+        card = skill_card(config.base_url, skill_id, secured)
+        handler = _handler(executor, card, (skill_id,), push_client, stores)
+        handlers.append(handler)
+        skill_routes += _skill_agent_routes(handler, card, skill_path(skill_id))
+    router = SkillRouter(executors, default_skill(config.skills))
+    card = node_card(config.base_url, config.skills, secured)
+    node = _handler(router, card, config.skills, push_client, stores)
+    handlers.append(node)
+    # The node's HTTP+JSON routes end with a catch-all `/{tenant}` mount: they must come last.
+    return A2AAgents(skill_routes + _agent_routes(node, card), handlers, executors, push_client)
+
+
+def _handler(
+    executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient, stores: TaskStores
+) -> NodeRequestHandler:
+    push_configs = InMemoryPushNotificationConfigStore()
+    return NodeRequestHandler(
+        agent_executor=executor,
+        **stores.handler_stores(),
+        agent_card=card,
+        push_config_store=push_configs,
+        push_sender=BasePushNotificationSender(push_client, push_configs),
+        skills=skills,
+    )
+
+
+def _card_routes(card: AgentCard) -> list[BaseRoute]:
+    """The v1.0 card at the well-known path; the card with the v0.3 fields at the legacy one."""
+    return [
+        *create_agent_card_routes(
+            current_card(card), card_url=AGENT_CARD_WELL_KNOWN_PATH, cache_control=CARD_CACHE_CONTROL
+        ),
+        *create_agent_card_routes(card, card_url=LEGACY_CARD_PATH, cache_control=CARD_CACHE_CONTROL),
+    ]
+
+
+def _jsonrpc_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
+    routes = create_jsonrpc_routes(handler, rpc_url="/", enable_v0_3_compat=True)
+    return [_json_only(route, jsonrpc_error) for route in routes]
+
+
+def _rest_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
+    return [_json_only(route, rest_error) for route in create_rest_routes(handler, enable_v0_3_compat=True)]
+
+
+def _json_only(route: BaseRoute, refuse) -> BaseRoute:
+    """`route` (or the routes of a mount) with the content-type check on POST."""
+    if isinstance(route, Mount):
+        return Mount(route.path, routes=[_json_only(r, refuse) for r in route.routes])
+    if isinstance(route, Route) and "POST" in (route.methods or ()):
+        return Route(route.path, endpoint=json_only(route.endpoint, refuse), methods=list(route.methods))
+    return route
+
+
+def _agent_routes(handler: NodeRequestHandler, card: AgentCard) -> list[BaseRoute]:
+    """Card, JSON-RPC at `/` and HTTP+JSON below it, relative to the agent's path."""
+    return [
+        *_card_routes(card),
+        *_jsonrpc_routes(handler),
+        *_rest_routes(handler),
+    ]
+
+
+def _skill_agent_routes(handler: NodeRequestHandler, card: AgentCard, path: str) -> list[BaseRoute]:
+    routes = _agent_routes(handler, card)
+    jsonrpc = next(
+        r for r in routes if isinstance(r, Route) and r.path == "/" and "POST" in (r.methods or ())
+    )
+    # JSON-RPC clients post to the card's URL; accept it with and without the trailing slash.
+    return [Route(path, endpoint=jsonrpc.endpoint, methods=["POST"]), Mount(path, routes=routes)]

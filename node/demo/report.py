@@ -1,0 +1,152 @@
+"""The demo's terminal report: plain text, one section per step, numbers in aligned columns."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+
+from node.memory.checkpoint_format import MANIFEST
+
+WIDTH = 100
+
+
+def out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def title(root: Path, nodes) -> None:
+    out("=" * WIDTH)
+    out("Persistent-agent network demo: real node processes on loopback, Gemma 3 270M on this CPU")
+    out("=" * WIDTH)
+    for node in nodes:
+        out(f"  node {node.name}  {node.url}  serve {' '.join(node.flags)}")
+    out(f"  caches and logs under {root}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    out(f"  load average {load:.1f} on {os.cpu_count()} cores (timings scale with it)")
+
+
+def section(name: str) -> None:
+    out()
+    out(f"--- {name} " + "-" * max(0, WIDTH - len(name) - 5))
+
+
+def startup(seconds: dict[str, float]) -> None:
+    ready = ", ".join(f"node {name} ready in {s:.1f} s" for name, s in seconds.items())
+    out(f"  {ready} (model load + system prompts prefilled or restored)")
+
+
+def members(found: list[dict], names: dict[str, str]) -> None:
+    listed = "; ".join(f"{names.get(m['url'], m['url'])}: {', '.join(m['skills'])}" for m in found)
+    out(f"  registry (node A) members: {listed}")
+
+
+def _tokens(usage: dict, key: str) -> int:
+    return int(usage.get(key, 0))
+
+
+def turns(turns) -> None:
+    out(
+        f"  {'agent':<20}{'node':<6}{'prompt':>7}{'cached':>8}{'prefill':>9}{'prefill s':>11}"
+        f"{'restore s':>11}{'gen':>5}{'gen s':>7}{'wall s':>8}"
+    )
+    for t in turns:
+        u = t.usage
+        out(
+            f"  {t.agent:<20}{t.node:<6}{_tokens(u, 'prompt_tokens'):>7}{_tokens(u, 'cached_tokens'):>8}"
+            f"{_tokens(u, 'prefilled_tokens'):>9}{u.get('prefill_s', 0):>11.2f}{u.get('restore_s', 0):>11.3f}"
+            f"{_tokens(u, 'generated_tokens'):>5}{u.get('generate_s', 0):>7.1f}{t.wall_s:>8.1f}"
+        )
+    for t in turns:
+        out(f"    {t.agent} said: {_excerpt(t.text)}")
+
+
+def resume_table(first: dict, resumed: dict, cold: dict) -> None:
+    section("Restore vs cold prefill (session 2; the cold run is a new context given the same brief)")
+    out(
+        f"  {'agent':<20}{'restored tokens':>16}{'restore s':>11}{'| cold prefill tokens':>22}"
+        f"{'prefill s':>11}{'| speed-up':>11}"
+    )
+    for agent, turn in resumed.items():
+        u, c = turn.usage, cold[agent].usage
+        restore_s, prefill_s = u.get("restore_s", 0.0), c.get("prefill_s", 0.0)
+        speedup = f"{prefill_s / restore_s:.0f}x" if restore_s > 0 else "n/a"
+        out(
+            f"  {agent:<20}{_tokens(u, 'cached_tokens'):>16}{restore_s:>11.3f}"
+            f"{_tokens(c, 'prefilled_tokens'):>22}{prefill_s:>11.2f}{speedup:>11}"
+        )
+    out("  restored = the whole conversation so far (brief, question, answer) read from the checkpoint;")
+    out("  cold = the same brief prefilled from scratch after the skill's cached system prompt.")
+    first_prefill = ", ".join(f"{a} {t.usage.get('prefill_s', 0):.2f} s" for a, t in first.items())
+    out(f"  (session 1 cold prefills of the first turn: {first_prefill})")
+
+
+def delegation(turn, names: dict[str, str]) -> None:
+    report = turn.delegation or {}
+    out(f"  request: coordination on node {turn.node}, wall {turn.wall_s:.1f} s")
+    out(f"  {'sub-task':<20}{'answered by':<34}{'s':>6}{'prompt':>8}{'cached':>8}{'gen':>5}  attempts")
+    for sub in report.get("subtasks", []):
+        peer = sub.get("peer")
+        who = f"{names.get(peer, peer)} ({peer})" if peer else "MISSING"
+        u = sub.get("usage") or {}
+        tries = (
+            ", ".join(f"{names.get(a['peer'], a['peer'])}: {a['outcome']}" for a in sub["attempts"]) or "none"
+        )
+        out(
+            f"  {sub['skill']:<20}{who:<34}{sub['elapsed_s']:>6.1f}{_tokens(u, 'prompt_tokens'):>8}"
+            f"{_tokens(u, 'cached_tokens'):>8}{_tokens(u, 'generated_tokens'):>5}  {tries}"
+        )
+    u = turn.usage
+    out(
+        f"  synthesis on node {turn.node} (its own persistent context): prompt {_tokens(u, 'prompt_tokens')}, "
+        f"cached {_tokens(u, 'cached_tokens')}, generated {_tokens(u, 'generated_tokens')}, "
+        f"{u.get('prefill_s', 0) + u.get('generate_s', 0):.1f} s"
+    )
+    if report.get("missing"):
+        out(f"  missing: {', '.join(report['missing'])}")
+    out(f"  delegation total {report.get('elapsed_s', 0):.1f} s; answer: {_excerpt(turn.text)}")
+
+
+async def caches(nodes, labels: dict[str, str]) -> None:
+    section("Where the caches live")
+    async with httpx.AsyncClient(timeout=10) as http:
+        for node in nodes:
+            stats = (await http.get(f"{node.url}/agents")).json()
+            agents = _on_disk(node.cache_dir)
+            total = sum(size for _, _, size in agents)
+            out(
+                f"  node {node.name}: {node.cache_dir / 'agents'}  ({len(agents)} agents, {_mb(total)} on disk)"
+            )
+            for agent_id, tokens, size in agents:
+                live = stats.get("agents", {}).get(agent_id, {})
+                restores = f", restored {live['restores']}x" if live.get("restores") else ""
+                label = labels.get(agent_id, "")
+                out(f"    {agent_id:<50}{tokens:>5} tokens {_mb(size):>8}  {label}{restores}")
+            registry = node.cache_dir / "registry.sqlite"
+            if registry.exists():
+                out(f"    registry members: {registry} ({registry.stat().st_size / 1024:.0f} KB)")
+
+
+def _on_disk(cache_dir: Path) -> list[tuple[str, int, int]]:
+    found = []
+    for manifest in sorted((cache_dir / "agents").glob(f"*/{MANIFEST}")):
+        data = json.loads(manifest.read_text())
+        size = sum(f.stat().st_size for f in manifest.parent.iterdir() if f.is_file())
+        found.append((data.get("agent_id", manifest.parent.name), int(data.get("token_count", 0)), size))
+    return found
+
+
+def footer(wall_s: float, root: Path) -> None:
+    section("Done")
+    out(f"  demo wall time {wall_s:.0f} s; all node processes stopped; caches kept in {root}")
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _excerpt(text: str, limit: int = 90) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")

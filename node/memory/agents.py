@@ -1,0 +1,439 @@
+"""Persistent agents: isolated KV caches restored from disk instead of recomputed.
+
+`AgentManager` creates, restores, generates for, checkpoints and evicts agents. All MLX work runs on
+the single `ModelWorker` thread; a per-agent asyncio lock keeps two tasks for one agent from
+interleaving on its cache, while tasks for different agents queue for the worker independently.
+Every task ends with a checkpoint, so eviction (LRU, by `max_agents` and a memory budget) never
+loses context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.errors import CheckpointError
+from node.memory.checkpoint import CheckpointStore
+from node.memory.checkpoint_format import validate_agent_id
+from node.runtime import kv_cache
+from node.runtime.generation import (
+    CachedContext,
+    Completion,
+    SamplingParams,
+    Sequence,
+    common_prefix_length,
+    prefill,
+    reusable_prefix,
+    rewind,
+)
+from node.runtime.worker import ModelWorker
+
+logger = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    agent_id: str
+    prompt: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    base_agent: str | None = None
+
+
+@dataclass
+class AgentStats:
+    tasks: int = 0
+    restores: int = 0
+    restore_s: float = 0.0
+    prefill_tokens_avoided: int = 0
+    prefilled_tokens: int = 0
+    prefill_s: float = 0.0
+    checkpoint_s: float = 0.0
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass
+class Agent:
+    agent_id: str
+    context: CachedContext
+    persisted: int = 0
+    metadata: dict = field(default_factory=dict)
+    stats: AgentStats = field(default_factory=AgentStats)
+    busy: bool = False
+
+
+class AgentManager:
+    def __init__(self, engine, store: CheckpointStore, max_agents: int, memory_budget_bytes: int) -> None:
+        self.engine = engine
+        self.store = store
+        self.max_agents = max_agents
+        self.memory_budget_bytes = memory_budget_bytes
+        self._worker = ModelWorker(engine.model)
+        self._agents: OrderedDict[str, Agent] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._snapshot: dict = {"agents": {}}
+        self._prefill_rate = PrefillRate()
+        self._refused: list[dict] = []
+
+    @classmethod
+    async def start(
+        cls, engine, cache_dir: Path, *, max_agents: int = 64, memory_budget_bytes: int = 4 << 30
+    ) -> AgentManager:
+        store = CheckpointStore(Path(cache_dir), engine.info.fingerprint)
+        return cls(engine, store, max_agents, memory_budget_bytes)
+
+    # ---- public API ----------------------------------------------------------------------
+    async def stream(
+        self,
+        agent_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        *,
+        base_agent: str | None = None,
+        metadata: dict | Callable[[Completion], dict] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> AsyncIterator[str | PrefillProgress | Completion]:
+        validate_agent_id(agent_id)
+        if base_agent is not None:
+            validate_agent_id(base_agent)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        abandoned = threading.Event()
+
+        def emit(item) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def should_stop() -> bool:
+            return abandoned.is_set() or (cancel is not None and cancel.is_set())
+
+        done: Future = Future()
+        done.add_done_callback(lambda _: emit(_DONE))
+        async with self._lock(agent_id):
+            started = self._worker.submit(
+                self._start_task, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done
+            )
+            started.add_done_callback(
+                lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
+            )
+            try:
+                while (item := await queue.get()) is not _DONE:
+                    yield item
+                yield await asyncio.wrap_future(done)
+            finally:
+                abandoned.set()
+
+    async def generate(
+        self, agent_id: str, prompt: list[int], params: SamplingParams, **kwargs
+    ) -> Completion:
+        result = None
+        async for item in self.stream(agent_id, prompt, params, **kwargs):
+            result = item
+        return result
+
+    async def generate_concurrent(self, requests: list[AgentRequest]) -> list[Completion]:
+        """Run tasks for several agents at once; each agent's cache stays isolated."""
+        return list(
+            await asyncio.gather(
+                *(self.generate(r.agent_id, r.prompt, r.params, base_agent=r.base_agent) for r in requests)
+            )
+        )
+
+    async def ensure_prefix(self, agent_id: str, prompt: list[int]) -> int:
+        """Make `agent_id` hold exactly `prompt` (prefilling and checkpointing as needed)."""
+        validate_agent_id(agent_id)
+        async with self._lock(agent_id):
+            return await self._worker.run(self._run_prefix, agent_id, prompt)
+
+    async def metadata(self, agent_id: str) -> dict | None:
+        validate_agent_id(agent_id)
+        agent = self._agents.get(agent_id)
+        if agent is not None:
+            return dict(agent.metadata)
+        try:
+            manifest = self.store.manifest(agent_id)
+        except CheckpointError:
+            return None
+        return None if manifest is None else manifest.get("metadata") or {}
+
+    async def tokens(self, agent_id: str) -> list[int]:
+        """The token ids an agent's context holds (empty for an unknown agent)."""
+        validate_agent_id(agent_id)
+        async with self._lock(agent_id):
+            return await self._worker.run(self._tokens, agent_id)
+
+    async def delete(self, agent_id: str) -> bool:
+        validate_agent_id(agent_id)
+        async with self._lock(agent_id):
+            return await self._worker.run(self._delete, agent_id)
+
+    def stats(self) -> dict:
+        return {
+            **self._snapshot,
+            "on_disk": self._disk_summary(),
+            "refused_checkpoints": list(self._refused),
+            "batching": self._worker.stats(),
+        }
+
+    @property
+    def worker(self) -> ModelWorker:
+        return self._worker
+
+    async def close(self) -> None:
+        await self._worker.run(self._save_all)
+        self._worker.close()
+
+    def _lock(self, agent_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(agent_id, asyncio.Lock())
+
+    # ---- worker-thread side --------------------------------------------------------------
+    def _start_task(
+        self, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done: Future
+    ) -> None:
+        """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
+        agent, restore_s = self._acquire(agent_id, prompt, base_agent)
+        sequence = Sequence(
+            self.engine,
+            agent.context,
+            prompt,
+            params,
+            on_text=emit,
+            should_stop=should_stop,
+            on_prefill=lambda done_tokens, total: emit(PrefillProgress(done_tokens, total)),
+        )
+        agent.busy = True
+
+        def finished(result: Completion | BaseException) -> None:
+            agent.busy = False
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                done.set_result(self._finish_task(agent, result, metadata, restore_s))
+            except BaseException as e:  # noqa: BLE001 - delivered to the awaiting request
+                done.set_exception(e)
+
+        self._worker.add_sequence(sequence, finished)
+
+    def _finish_task(self, agent: Agent, completion: Completion, metadata, restore_s: float) -> Completion:
+        agent.persisted = min(agent.persisted, completion.usage.cached_tokens)
+        if metadata is not None:
+            # A callable sees the completion, so the checkpoint can record the reply too.
+            agent.metadata = metadata(completion) if callable(metadata) else metadata
+        self._record(agent, completion)
+        self._checkpoint(agent)
+        self._evict(keep=agent.agent_id)
+        return dataclasses.replace(
+            completion, usage=dataclasses.replace(completion.usage, restore_s=round(restore_s, 4))
+        )
+
+    def _run_prefix(self, agent_id: str, prompt: list[int]) -> int:
+        # The sentinel lets a restore reuse all of `prompt` (a generation must feed its last token).
+        agent, _ = self._acquire(agent_id, prompt + [-1], None)
+        context = agent.context
+        cached = rewind(
+            context,
+            min(len(prompt), len(context.tokens), common_prefix_length(context.tokens, prompt)),
+            self.engine.make_caches,
+        )
+        agent.persisted = min(agent.persisted, cached)
+        prefill(self.engine.model, context, prompt[cached:])
+        self._checkpoint(agent)
+        self._evict(keep=agent_id)
+        return cached
+
+    def _acquire(self, agent_id: str, prompt: list[int], base_agent: str | None) -> tuple[Agent, float]:
+        agent = self._agents.get(agent_id)
+        restore_s = 0.0
+        if agent is None:
+            agent = (
+                self._restore(agent_id, prompt) or self._fork(agent_id, base_agent) or self._fresh(agent_id)
+            )
+            restore_s = agent.stats.restore_s
+            self._agents[agent_id] = agent
+        elif self._needs_disk_rewind(agent, prompt):
+            restored = self._restore(agent_id, prompt)
+            agent = restored or self._fresh(agent_id)
+            restore_s = agent.stats.restore_s
+            self._agents[agent_id] = agent
+        self._agents.move_to_end(agent_id)
+        agent.stats.last_used = time.time()
+        return agent, restore_s
+
+    def _needs_disk_rewind(self, agent: Agent, prompt: list[int]) -> bool:
+        position = reusable_prefix(agent.context, prompt)
+        return position < len(agent.context.tokens) and not kv_cache.can_trim_to(
+            agent.context.caches, position
+        )
+
+    def _restore(self, agent_id: str, prompt: list[int] | None) -> Agent | None:
+        """Load an agent from disk, at the longest prefix it shares with `prompt` (None: all)."""
+        try:
+            if not self.store.exists(agent_id):
+                return None
+            position = None
+            if prompt is not None:
+
+                def position(saved: list[int]) -> int:
+                    return min(common_prefix_length(saved, prompt), max(len(prompt) - 1, 0))
+
+            restored = self.store.restore(agent_id, self.engine.make_caches, position)
+        except CheckpointError as e:
+            self._refuse(agent_id, e)
+            return None
+        agent = Agent(
+            agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens), restored.metadata
+        )
+        agent.stats.restores, agent.stats.restore_s = 1, restored.seconds
+        logger.info(
+            "restored agent %r: %d tokens in %.1f ms", agent_id, len(restored.tokens), restored.seconds * 1000
+        )
+        return agent
+
+    def _fork(self, agent_id: str, base_agent: str | None) -> Agent | None:
+        if base_agent is None or base_agent == agent_id:
+            return None
+        base = self._agents.get(base_agent) or self._restore(base_agent, None)
+        if base is None:
+            return None
+        if base.persisted < len(base.context.tokens):
+            self._checkpoint(base)
+        self.store.fork(base_agent, agent_id)
+        restored = self.store.restore(agent_id, self.engine.make_caches)
+        agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens))
+        agent.stats.restore_s = restored.seconds
+        return agent
+
+    def _fresh(self, agent_id: str) -> Agent:
+        return Agent(agent_id, CachedContext(self.engine.make_caches()))
+
+    def _refuse(self, agent_id: str, error: CheckpointError) -> None:
+        kept = self.store.quarantine(agent_id, str(error))
+        self._refused.append({"agent_id": agent_id, "reason": str(error), "kept_in": str(kept)})
+
+    def _checkpoint(self, agent: Agent) -> None:
+        context = agent.context
+        agent.stats.checkpoint_s = self.store.save(
+            agent.agent_id, context.tokens, context.caches, agent.persisted, agent.metadata
+        )
+        agent.persisted = len(context.tokens)
+        kv_cache.compact(context.caches)
+        self.store.compact_if_needed(agent.agent_id)
+        self._update_snapshot()
+
+    def _record(self, agent: Agent, completion: Completion) -> None:
+        usage, stats = completion.usage, agent.stats
+        stats.tasks += 1
+        stats.prefill_tokens_avoided += usage.cached_tokens
+        stats.prefilled_tokens += usage.prefilled_tokens
+        stats.prefill_s += usage.prefill_s
+        self._prefill_rate.observe(usage.prefilled_tokens, usage.prefill_s)
+
+    def _evict(self, keep: str) -> None:
+        while len(self._agents) > 1 and (
+            len(self._agents) > self.max_agents or self._bytes_in_memory() > self.memory_budget_bytes
+        ):
+            victim_id = next((a for a, v in self._agents.items() if a != keep and not v.busy), None)
+            if victim_id is None:
+                break
+            victim = self._agents.pop(victim_id)
+            if victim.persisted < len(victim.context.tokens):
+                self._checkpoint(victim)
+            logger.info("evicted agent %r from memory (%d tokens stay on disk)", victim_id, victim.persisted)
+        self._update_snapshot()
+
+    def _tokens(self, agent_id: str) -> list[int]:
+        agent = self._agents.get(agent_id)
+        if agent is not None:
+            return list(agent.context.tokens)
+        try:
+            return self.store.tokens(agent_id)
+        except CheckpointError as e:
+            self._refuse(agent_id, e)
+            return []
+
+    def _delete(self, agent_id: str) -> bool:
+        in_memory = self._agents.pop(agent_id, None) is not None
+        on_disk = self.store.delete(agent_id)
+        self._update_snapshot()
+        return in_memory or on_disk
+
+    def _save_all(self) -> None:
+        for agent in self._agents.values():
+            if agent.persisted < len(agent.context.tokens):
+                self._checkpoint(agent)
+
+    def _bytes_in_memory(self) -> int:
+        return sum(agent.context.nbytes for agent in self._agents.values())
+
+    # ---- statistics ----------------------------------------------------------------------
+    def _update_snapshot(self) -> None:
+        seconds_per_token = self._prefill_rate.seconds_per_token()
+        agents = {
+            agent_id: _agent_summary(agent, seconds_per_token) for agent_id, agent in self._agents.items()
+        }
+        self._snapshot = {
+            "model": self.engine.info.name,
+            "agents_in_memory": len(agents),
+            "bytes_in_memory": self._bytes_in_memory(),
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "max_agents": self.max_agents,
+            "tokens_cached": sum(a["tokens"] for a in agents.values()),
+            "restores": sum(a["restores"] for a in agents.values()),
+            "prefill_tokens_avoided": sum(a["prefill_tokens_avoided"] for a in agents.values()),
+            "seconds_saved": round(sum(a["seconds_saved"] for a in agents.values()), 3),
+            "agents": agents,
+        }
+
+    def _disk_summary(self) -> dict:
+        listed = self.store.list_agents()
+        return {
+            "agents": len(listed),
+            "tokens": sum(m.get("token_count", 0) for m in listed),
+            "bytes": sum(m["bytes_on_disk"] for m in listed),
+            "root": str(self.store.root),
+        }
+
+
+class PrefillRate:
+    """Running estimate of prefill cost per token, from tasks long enough to measure it."""
+
+    MIN_TOKENS = 128
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens >= self.MIN_TOKENS:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def seconds_per_token(self) -> float:
+        return self.seconds / self.tokens if self.tokens else 0.0
+
+
+def _agent_summary(agent: Agent, rate: float) -> dict:
+    stats = agent.stats
+    return {
+        "tokens": len(agent.context.tokens),
+        "bytes_in_memory": agent.context.nbytes,
+        "persisted_tokens": agent.persisted,
+        "tasks": stats.tasks,
+        "restores": stats.restores,
+        "restore_s": round(stats.restore_s, 4),
+        "checkpoint_s": round(stats.checkpoint_s, 4),
+        "prefill_tokens_avoided": stats.prefill_tokens_avoided,
+        "seconds_saved": max(0.0, stats.prefill_tokens_avoided * rate - stats.restore_s),
+        "last_used": stats.last_used,
+    }

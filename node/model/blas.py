@@ -1,0 +1,148 @@
+"""Bind MLX's CPU backend to a fast BLAS before MLX is first imported.
+
+The mlx-cpu wheel on Linux bundles the reference netlib BLAS (~3 GFLOP/s for fp32 matmul).
+`native/thin_sgemm.c` is a `cblas_sgemm` loaded with RTLD_GLOBAL before libmlx, so libmlx binds
+it instead. It serves products with one or a few rows itself (sgemv, or a kernel that reads the
+weights once for up to 8 rows: every decode step) and passes the rest to OpenBLAS.
+
+OpenBLAS comes from the `scipy-openblas32` wheel: a DYNAMIC_ARCH build that picks its kernels
+from the CPU it runs on (AVX-512, AVX2, ...) and prefixes its symbols (`scipy_cblas_sgemm`), so
+the shim receives them as pointers. (`cmeel-openblas`, used before, is built for SkylakeX only and
+dies with SIGILL on AVX2 machines.) The shim is compiled once with the system C compiler, cached,
+and dispatches on CPU features itself (target_clones). Without a compiler MLX keeps its slow
+reference BLAS, and the node says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from node.config import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+THIN_SGEMM_SOURCE = Path(__file__).parent / "native" / "thin_sgemm.c"
+
+_bound: str | None = None
+_thin: ctypes.CDLL | None = None
+_openblas: ctypes.CDLL | None = None
+
+
+def _openblas_library() -> Path | None:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return None
+    path = Path(scipy_openblas32.get_lib_dir()) / f"lib{scipy_openblas32.get_library()}.so"
+    return path if path.exists() else None
+
+
+def _compiler() -> str | None:
+    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
+    return next((path for path in found if path), None)
+
+
+def build_thin_sgemm(cache_dir: Path | None = None) -> Path | None:
+    """Compile `thin_sgemm.c` once per source version; None when no C compiler works."""
+    source = THIN_SGEMM_SOURCE.read_bytes()
+    target = (
+        cache_dir or user_cache_dir() / "native"
+    ) / f"thin_sgemm-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found (cc, gcc, clang): MLX keeps its slow reference BLAS")
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [
+            compiler,
+            "-O3",
+            "-fopenmp-simd",
+            "-pthread",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(built),
+            str(THIN_SGEMM_SOURCE),
+        ]
+        try:
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            result = subprocess.CompletedProcess(command, -1, "", str(e))
+        if result.returncode != 0:
+            logger.warning("building %s failed: %s", THIN_SGEMM_SOURCE.name, result.stderr.strip()[-500:])
+            return None
+        os.replace(built, target)
+    for stale in target.parent.glob("thin_sgemm-*.so"):
+        if stale != target:
+            stale.unlink(missing_ok=True)  # builds of older sources (a loaded copy stays valid)
+    return target
+
+
+def bind_fast_blas() -> str | None:
+    """Load the thin-product shim and OpenBLAS on Linux; return OpenBLAS's path, or None where
+    it is not needed (macOS: Accelerate) or cannot be bound (warned once).
+
+    NODE_THIN_SGEMM=0 leaves every matmul to OpenBLAS's sgemm.
+    """
+    global _bound, _thin
+    if _bound is not None or platform.system() != "Linux":
+        return _bound
+    if "mlx.core" in sys.modules:
+        logger.warning(
+            "mlx was imported before node.model bound the fast BLAS: CPU matmul runs on the reference "
+            "BLAS, 30-70x slower. Import node.model (or anything under node.runtime/node.memory) first."
+        )
+        return None
+    library = _openblas_library()
+    if library is None:
+        logger.warning("scipy-openblas32 not found; MLX falls back to its slow reference BLAS")
+        return None
+    shim_path = build_thin_sgemm()
+    if shim_path is None:
+        return None
+    # The shim goes first and global so that libmlx binds its cblas_sgemm.
+    thin = ctypes.CDLL(str(shim_path), mode=ctypes.RTLD_GLOBAL)
+    openblas = ctypes.CDLL(str(library))
+    thin.node_blas_bind.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    thin.node_blas_bind(
+        ctypes.cast(openblas.scipy_cblas_sgemm, ctypes.c_void_p),
+        ctypes.cast(openblas.scipy_cblas_sgemv, ctypes.c_void_p),
+    )
+    thin.node_blas_thin_calls.restype = ctypes.c_long
+    thin.node_blas_set_thin(int(os.environ.get("NODE_THIN_SGEMM") != "0"))
+    _thin, _openblas = thin, openblas
+    _bound = str(library)
+    logger.debug("bound OpenBLAS from %s through %s", library, shim_path)
+    return _bound
+
+
+def set_blas_threads(threads: int) -> None:
+    """Size OpenBLAS's thread pool (nodes sharing a machine must not oversubscribe its cores)."""
+    if _openblas is not None:
+        _openblas.scipy_openblas_set_num_threads(int(threads))
+
+
+def thin_calls() -> int | None:
+    """How many sgemm calls the thin paths served so far; None when the library is not loaded."""
+    return None if _thin is None else _thin.node_blas_thin_calls()
+
+
+def set_thin_sgemm(on: bool) -> bool:
+    """Turn the thin paths on or off (for side-by-side benchmarks); False when not loaded."""
+    if _thin is None:
+        return False
+    _thin.node_blas_set_thin(int(on))
+    return True

@@ -1,0 +1,336 @@
+"""Faster stand-ins for MLX CPU kernels that are slow on x86.
+
+On Linux the mlx-cpu wheel evaluates transcendental functions one element at a time: on the
+2-core CI machine `mx.tanh` takes ~46 ns and `mx.exp` ~28 ns per float, while a multiply takes
+~1 ns. Prefilling 512 tokens of Gemma 3 270M spent ~40% of its time in `gelu_approx` (tanh,
+pow), ~20% in the softmax of `mx.fast.scaled_dot_product_attention` (exp) and ~8% in
+`mx.fast.rope` (sin, cos).
+
+Here the same functions are written as short polynomials and rationals of multiplies and adds,
+which `mx.compile` fuses into generated kernels:
+- `tanh`: Eigen's rational approximation (|error| < 4e-7 over all floats);
+- `exp` of non-positive arguments (softmax after subtracting the row maximum): Cephes' expf
+  (relative error < 1e-7), with the power of two built from the exponent bits;
+- attention with that softmax (grouped query heads share one matmul), by blocks of queries,
+  where causality lets the blocks skip at least a quarter of the keys (elsewhere MLX's own);
+- RoPE from cos/sin tables computed once per chunk in float64.
+
+`install(model)` routes a loaded mlx-lm model through them on the CPU backend only: its gated
+MLPs (Gemma's GELU, Llama's SwiGLU), its `nn.RoPE` layers and the attention function of its
+model modules. Decode steps (one query row) keep MLX's own attention and RoPE, where the work
+is a few thousand floats.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+from mlx_lm.models.cache import KVCache
+
+from node.model import blas
+from node.runtime.kv_cache import SlidingHistoryCache
+
+# Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
+_TANH_CLAMP = 7.90531110763549805
+_TANH_P = (
+    -2.76076847742355e-16,
+    2.00018790482477e-13,
+    -8.60467152213735e-11,
+    5.12229709037114e-08,
+    1.48572235717979e-05,
+    6.37261928875436e-04,
+    4.89352455891786e-03,
+)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+# Cephes expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 split in two parts.
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
+_EXP_P = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
+_ROUNDING = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 to an integer
+_EXP_MIN = -87.0  # exp(-87) ~ 1.6e-38, near the smallest normal float32
+
+_GELU_C = math.sqrt(2 / math.pi)
+QUERY_BLOCK = 128
+_MASKED = -3.4028234e38  # finite, so that a fully masked row gives uniform weights, not NaN
+
+
+def _polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
+    result = coefficients[0]
+    for c in coefficients[1:]:
+        result = result * x + c
+    return result
+
+
+@mx.compile
+def tanh(x: mx.array) -> mx.array:
+    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
+    x2 = x * x
+    return x * _polynomial(x2, _TANH_P) / _polynomial(x2, _TANH_Q)
+
+
+@mx.compile
+def exp_nonpositive(x: mx.array) -> mx.array:
+    """exp(x) for x <= 0, flushed to 0 below -87 (subnormal results would slow BLAS ~50x later)."""
+    clamped = mx.maximum(x, _EXP_MIN)
+    n = (clamped * _LOG2E + _ROUNDING) - _ROUNDING
+    r = clamped - n * _LN2_HI - n * _LN2_LO
+    e = _polynomial(r, _EXP_P) * (r * r) + r + 1.0
+    return mx.where(x > _EXP_MIN, e * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32), 0.0)
+
+
+@mx.compile
+def gelu_approx_gate(gate: mx.array, up: mx.array) -> mx.array:
+    """`nn.gelu_approx(gate) * up`, as in Gemma's MLP."""
+    return 0.5 * gate * (1.0 + tanh(_GELU_C * (gate + 0.044715 * gate * gate * gate))) * up
+
+
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """`silu(gate) * up`, as in Llama's MLP (sigmoid(x) = (1 + tanh(x / 2)) / 2)."""
+    return gate * (0.5 + 0.5 * tanh(0.5 * gate)) * up
+
+
+@mx.compile
+def _softmax(scores: mx.array) -> mx.array:
+    e = exp_nonpositive(scores - mx.max(scores, axis=-1, keepdims=True))
+    return e / mx.sum(e, axis=-1, keepdims=True)
+
+
+def _causal(queries: int, keys: int) -> mx.array:
+    return mx.arange(queries)[:, None] + (keys - queries) >= mx.arange(keys)[None]
+
+
+def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float, mask=None) -> mx.array:
+    """softmax(q k^T * scale + mask) v for (B, heads, L, D) queries and (B, kv_heads, S, D) keys."""
+    b, heads, length, dim = queries.shape
+    kv_heads, kv_length = keys.shape[1], keys.shape[2]
+    grouped = (queries * scale).reshape(b, kv_heads, heads // kv_heads * length, dim)
+    scores = (grouped @ keys.swapaxes(-1, -2)).reshape(b, heads, length, kv_length)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        mask = _causal(length, kv_length)
+    if mask is None:
+        weights = _softmax(scores)
+    elif mask.dtype == mx.bool_:
+        weights = _softmax(mx.where(mask, scores, _MASKED))
+    else:
+        weights = _softmax(scores + mask)
+    grouped = weights.reshape(b, kv_heads, heads // kv_heads * length, kv_length) @ values
+    return grouped.reshape(b, heads, length, values.shape[-1])
+
+
+def _visibility(first_query: int, queries: int, first_key: int, keys: int, window: int | None) -> mx.array:
+    q = mx.arange(first_query, first_query + queries)[:, None]
+    k = mx.arange(first_key, first_key + keys)[None]
+    return (k <= q) if window is None else (k <= q) & (k > q - window)
+
+
+def _query_blocks(
+    length: int, kv_length: int, first_key: int, window: int | None
+) -> list[tuple[int, int, int, int]]:
+    """(query start, query stop, first key, key stop) per block of QUERY_BLOCK queries, positions absolute."""
+    first_query = first_key + kv_length - length
+    blocks = []
+    for start in range(0, length, QUERY_BLOCK):
+        stop = min(length, start + QUERY_BLOCK)
+        lo = first_key if window is None else max(first_key, first_query + start - window + 1)
+        blocks.append((first_query + start, first_query + stop, lo, first_query + stop))
+    return blocks
+
+
+def blocked_causal_attention(
+    queries: mx.array, keys: mx.array, values: mx.array, scale: float, first_key: int, window: int | None
+) -> mx.array:
+    """Causal (optionally sliding-window) attention of the last L of S positions, by query blocks.
+
+    Keys hold positions [first_key, first_key + S) and queries the last L of them; each block of
+    QUERY_BLOCK queries scores only the keys it can see.
+    """
+    blocks = _query_blocks(queries.shape[2], keys.shape[2], first_key, window)
+    outputs = []
+    offset = blocks[0][0]
+    for q_start, q_stop, k_start, k_stop in blocks:
+        span = slice(k_start - first_key, k_stop - first_key)
+        mask = _visibility(q_start, q_stop - q_start, k_start, k_stop - k_start, window)
+        rows = slice(q_start - offset, q_stop - offset)
+        outputs.append(attention(queries[:, :, rows], keys[:, :, span], values[:, :, span], scale, mask))
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+
+def _blocks_pay_off(length: int, kv_length: int, first_key: int, window: int | None) -> bool:
+    """Whether query blocks skip at least a quarter of the scores (a 512-token chunk at the start,
+    any chunk of a sliding-window layer). Otherwise MLX's own attention is as fast or faster: our
+    softmax makes several passes over the scores, which costs once they outgrow the caches."""
+    blocks = _query_blocks(length, kv_length, first_key, window)
+    scored = sum((q_stop - q_start) * (k_stop - k_start) for q_start, q_stop, k_start, k_stop in blocks)
+    return scored <= 0.75 * length * kv_length
+
+
+def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | None] | None:
+    """(first key position, window) when `mask` is just `cache`'s causal mask, else None."""
+    if type(cache) is KVCache and isinstance(mask, str) and mask == "causal":
+        return cache.offset - keys, None
+    if (
+        isinstance(cache, SlidingHistoryCache)
+        and isinstance(mask, mx.array)
+        and mask.shape == (queries, keys)
+    ):
+        return cache.offset - keys, cache.window
+    return None
+
+
+def _fast_sdpa(fallback):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        layout = None
+        if queries.shape[2] > 1 and sinks is None and not hasattr(cache, "bits"):
+            layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
+        if layout is None or not _blocks_pay_off(queries.shape[2], keys.shape[2], *layout):
+            return fallback(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return blocked_causal_attention(queries, keys, values, scale, *layout)
+
+    scaled_dot_product_attention.fallback = fallback
+    return scaled_dot_product_attention
+
+
+def _gated_mlp(gate_activation):
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gate_activation(self.gate_proj(x), self.up_proj(x)))
+
+    return __call__
+
+
+@functools.lru_cache(maxsize=16)
+def rope_table(dims: int, base: float, scale: float, offset: int, length: int) -> tuple[mx.array, mx.array]:
+    """cos and sin of positions [offset, offset + length) x RoPE frequencies, computed in float64.
+
+    One table serves every layer with the same base in a forward pass (MLX's rope recomputes
+    them per element with its slow sin/cos), and float64 angles are exact where float32 ones
+    drift by ~1e-3 rad at position 8k.
+    """
+    inv_freq = base ** (-np.arange(0, dims, 2, dtype=np.float64) / dims)
+    angles = (np.arange(offset, offset + length, dtype=np.float64) * scale)[:, None] * inv_freq[None]
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+
+
+@mx.compile
+def _rotate(x1: mx.array, x2: mx.array, cos: mx.array, sin: mx.array) -> tuple[mx.array, mx.array]:
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+def _table_rope(self, x: mx.array, offset=0) -> mx.array:
+    """`nn.RoPE` (non-traditional, all dims) from a cached table for prompt chunks."""
+    if self.traditional or self.dims != x.shape[-1] or not isinstance(offset, int) or x.shape[-2] == 1:
+        return nn.RoPE.__call__(self, x, offset)
+    cos, sin = rope_table(self.dims, float(self.base), float(self.scale), offset, x.shape[-2])
+    half = self.dims // 2
+    return mx.concatenate(_rotate(x[..., :half], x[..., half:], cos, sin), axis=-1)
+
+
+# mlx-lm model modules whose `MLP` is down(act(gate(x)) * up(x)), and that act as a fused function.
+GATED_MLP_ACTIVATIONS = {
+    "mlx_lm.models.gemma3_text": gelu_approx_gate,
+    "mlx_lm.models.llama": swiglu,
+}
+
+
+def _fast_call(m: nn.Module):
+    """The replacement `__call__` for one layer instance, or None to keep its own."""
+    if type(m) is nn.RoPE:
+        return _table_rope
+    activation = GATED_MLP_ACTIVATIONS.get(type(m).__module__)
+    if activation is not None and type(m).__name__ == "MLP":
+        return _gated_mlp(activation)
+    return None
+
+
+_fast_classes: dict[type, type] = {}  # original class -> subclass with the fast __call__
+
+
+def _is_fast(m: nn.Module) -> bool:
+    return type(m) in _fast_classes.values()
+
+
+def _model_modules(model: nn.Module) -> list:
+    names = {type(m).__module__ for _, m in model.named_modules()}
+    return [sys.modules[name] for name in sorted(names) if name in sys.modules]
+
+
+def install(model: nn.Module) -> list[str]:
+    """Use the fast kernels for `model` on the CPU backend; returns what was replaced.
+
+    Attention is replaced in the model's modules (so for every model of that architecture in
+    the process, which shares the backend); MLPs and RoPE per layer instance.
+    """
+    if mx.default_device() != mx.cpu:
+        return []
+    replaced: set[str] = set()
+    for module in _model_modules(model):
+        sdpa = getattr(module, "scaled_dot_product_attention", None)
+        if sdpa is not None:
+            if not hasattr(sdpa, "fallback"):
+                module.scaled_dot_product_attention = _fast_sdpa(sdpa)
+            replaced.add(f"{module.__name__}.scaled_dot_product_attention")
+    for _, m in model.named_modules():
+        call = None if _is_fast(m) else _fast_call(m)
+        if call is not None:
+            cls = type(m)
+            if cls not in _fast_classes:
+                _fast_classes[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": __name__})
+            m.__class__ = _fast_classes[cls]
+        if _is_fast(m):
+            original = type(m).__mro__[1]
+            replaced.add(f"{original.__module__}.{original.__name__}")
+    return sorted(replaced)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Back to MLX's own kernels (benchmarks compare both in one process)."""
+    for module in _model_modules(model):
+        sdpa = getattr(module, "scaled_dot_product_attention", None)
+        if hasattr(sdpa, "fallback"):
+            module.scaled_dot_product_attention = sdpa.fallback
+    for _, m in model.named_modules():
+        if _is_fast(m):
+            m.__class__ = type(m).__mro__[1]
+
+
+def installed(model: nn.Module) -> bool:
+    return any(_is_fast(m) for _, m in model.named_modules()) or any(
+        hasattr(getattr(module, "scaled_dot_product_attention", None), "fallback")
+        for module in _model_modules(model)
+    )
+
+
+@contextmanager
+def mlx_defaults(model: nn.Module) -> Iterator[bool]:
+    """Run `model` on MLX's own kernels and plain sgemm inside the block (side-by-side benchmarks).
+
+    Yields whether anything was switched off; only use it while the model is idle.
+    """
+    was_installed = installed(model)
+    if was_installed:
+        uninstall(model)
+    forwarding = blas.set_thin_sgemm(False)
+    try:
+        yield was_installed or forwarding
+    finally:
+        if forwarding:
+            blas.set_thin_sgemm(True)
+        if was_installed:
+            install(model)

@@ -1,0 +1,178 @@
+"""The loaded model: weights, tokenizer, chat template and a fingerprint of all three.
+
+On the CPU backend weights are kept in fp32 (only fp32 matmul goes through BLAS there; bf16 and
+quantized matmuls are 4-1000x slower) and the model runs through `node.model.cpu_kernels` (set
+NODE_CPU_KERNELS=0 to keep MLX's own); on Metal and CUDA the model keeps its own dtype and kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx import nn
+from mlx.utils import tree_map
+from mlx_lm.utils import dequantize_model, load_model
+
+from node.errors import ModelSpecError
+from node.model import blas, cpu_kernels
+from node.model.spec import resolve_model_folder
+from node.model.tokenizer import TextTokenizer
+from node.runtime.kv_cache import make_caches
+
+logger = logging.getLogger(__name__)
+
+# Tokens that end an assistant turn in chat templates, beyond the tokenizer's own EOS.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    folder: str
+    fingerprint: str
+    backend: str
+    dtype: str
+    load_s: float
+    kernels: list[str] = dataclasses.field(default_factory=list)
+
+
+def _safetensors_header(path: Path) -> bytes:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return handle.read(length)
+
+
+def model_fingerprint(folder: Path) -> str:
+    """Digest of what defines the model's KV: config, weight layout and source, tokenizer."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(_safetensors_header(path))
+    for name in ("node_source.json", "tokenizer.json", "tokenizer.model"):
+        if (folder / name).exists():
+            digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def backend() -> str:
+    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+
+def _prepare_for_backend(model: nn.Module) -> str:
+    if backend() != "cpu":
+        return str(next(iter(dict(_float_leaves(model)).values())).dtype)
+    if any(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for _, m in model.named_modules()):
+        model = dequantize_model(model)
+    model.update(
+        tree_map(
+            lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()
+        )
+    )
+    return "float32"
+
+
+def _kernels(model: nn.Module) -> list[str]:
+    """What runs the model beyond MLX's defaults (CPU only: fast BLAS paths and cpu_kernels)."""
+    if backend() != "cpu":
+        return []
+    kernels = []
+    if blas.thin_calls() is not None:
+        kernels.append("cblas_sgemm: thin products (decode) as sgemv / few-row kernel")
+    if os.environ.get("NODE_CPU_KERNELS") != "0":
+        kernels += cpu_kernels.install(model)
+    return kernels
+
+
+def _float_leaves(model: nn.Module):
+    from mlx.utils import tree_flatten
+
+    return [(k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+
+
+class Engine:
+    """A model, its tokenizer and the helpers that turn text into token ids and back."""
+
+    def __init__(self, model: nn.Module, tokenizer, info: ModelInfo) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_ids = self._stop_token_ids(tokenizer)
+
+    @classmethod
+    def load(
+        cls,
+        spec: str = "default",
+        progress: Callable[[str], None] = logger.info,
+        cache_root: Path | None = None,
+    ) -> Engine:
+        started = time.perf_counter()
+        folder = resolve_model_folder(spec, progress, cache_root)
+        try:
+            with ThreadPoolExecutor(1) as pool:  # the vocabulary parses while the weights load
+                tokenizer = pool.submit(TextTokenizer, folder)
+                model, _ = load_model(folder, lazy=False)
+                tokenizer = tokenizer.result()
+        except ModelSpecError:
+            raise
+        except Exception as e:
+            raise ModelSpecError(f"cannot load the model in {folder}: {e}") from e
+        dtype = _prepare_for_backend(model)
+        mx.eval(model.parameters())
+        kernels = _kernels(model)
+        info = ModelInfo(
+            name=spec if spec != "default" else "gemma-3-270m (default, GGUF Q4_K_M)",
+            folder=str(folder),
+            fingerprint=model_fingerprint(folder),
+            backend=backend(),
+            dtype=dtype,
+            load_s=time.perf_counter() - started,
+            kernels=kernels,
+        )
+        return cls(model, tokenizer, info)
+
+    @staticmethod
+    def _stop_token_ids(tokenizer: TextTokenizer) -> frozenset[int]:
+        ids = {tokenizer.eos_token_id, *tokenizer.extra_eos_ids}
+        ids.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS)
+        return frozenset(i for i in ids if i is not None)
+
+    @property
+    def context_limit(self) -> int:
+        return int(getattr(self.model.args, "max_position_embeddings", 0) or 1 << 20)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.has_chat_template():
+            raise ModelSpecError(f"model {self.info.name} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes the BOS token itself.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+
+    def make_caches(self) -> list:
+        return make_caches(self.model)
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self.info)

@@ -1,0 +1,60 @@
+"""One decode step for several agents at once, each keeping its own cache.
+
+A decode step on this hardware is dominated by reading the weights, so B sequences in one forward
+pass cost little more than one. mlx-lm's batch caches would need every agent's cache merged into
+one padded buffer and split back out; instead `BatchedLayerCache` presents a layer's per-agent
+caches to the unchanged mlx-lm model as one batch: each agent's cache is updated in place, and only
+the keys/values attention needs this step are left-padded and stacked (a mask hides the padding).
+RoPE takes the per-sequence offsets as an array.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from node.runtime.generation import Sequence
+from node.runtime.kv_cache import SlidingHistoryCache
+
+
+def _visible_after_update(cache) -> int:
+    """How many keys attention sees once this step's token is added."""
+    if isinstance(cache, SlidingHistoryCache):
+        return min(cache.offset + 1, cache.window)
+    return cache.offset + 1
+
+
+class BatchedLayerCache:
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+        self.offset = mx.array([c.offset for c in caches])
+        self.lengths = [_visible_after_update(c) for c in caches]
+        self.width = max(self.lengths)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> mx.array:
+        columns = mx.arange(self.width)[None]
+        starts = mx.array([self.width - n for n in self.lengths])[:, None]
+        return (columns >= starts)[:, None, None, :]  # (B, 1, 1, width)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        padded_keys, padded_values = [], []
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+            pad = self.width - k.shape[2]
+            if pad:
+                k = mx.pad(k, [(0, 0), (0, 0), (pad, 0), (0, 0)])
+                v = mx.pad(v, [(0, 0), (0, 0), (pad, 0), (0, 0)])
+            padded_keys.append(k)
+            padded_values.append(v)
+        return mx.concatenate(padded_keys), mx.concatenate(padded_values)
+
+
+def batched_step(model, sequences: list[Sequence]) -> None:
+    """Feed every sequence its next input in one forward pass and accept the sampled tokens."""
+    layers = len(sequences[0].context.caches)
+    views = [BatchedLayerCache([s.context.caches[i] for s in sequences]) for i in range(layers)]
+    inputs = mx.array([[s.next_input] for s in sequences])
+    logits = model(inputs, cache=views)[:, -1, :]
+    tokens = [s.sample(logits[i : i + 1]) for i, s in enumerate(sequences)]
+    mx.eval(tokens)
+    for sequence, token in zip(sequences, tokens):
+        sequence.accept(token.item())

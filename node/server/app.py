@@ -1,0 +1,117 @@
+"""`create_app(config)`: the node's Starlette app (A2A agents, /health, /agents).
+
+With a `manager`, the caller owns it (and closes it); without one the app loads the model and
+starts its own manager at start-up and closes it at shutdown. Either way start-up prefills each
+hosted skill's system prompt once, so new conversations start from a cached prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from node.a2a.executor import SkillExecutor, SkillRuntime
+from node.a2a.server import build_agents
+from node.a2a.task_stores import TaskStores
+from node.anthropic.api import anthropic_routes
+from node.config import NodeConfig
+from node.network.node_network import Network
+from node.server.guards import ApiKeyMiddleware, BodyLimitMiddleware
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: NodeConfig, manager=None) -> Starlette:
+    runtime = SkillRuntime(config, manager)
+    stores = TaskStores(config.database_url)
+    agents = build_agents(config, runtime, stores)
+    network = Network(config)
+    for executor in agents.executors.values():
+        if hasattr(executor, "network"):  # the coordination skill delegates through it
+            executor.network = network
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        owned = runtime.manager is None
+        if owned:
+            runtime.manager = await start_manager(config)
+        try:
+            await stores.initialize()
+            await warm_up(agents.executors.values())
+            await network.start()
+            yield
+        finally:
+            runtime.stop_all()
+            await network.stop()
+            await agents.aclose()
+            await stores.close()
+            if owned:
+                await runtime.manager.close()
+
+    routes = [
+        Route("/health", _health(runtime), methods=["GET"]),
+        Route("/agents", _agents(runtime), methods=["GET"]),
+        *anthropic_routes(lambda: runtime.manager, config),
+        *network.routes(),
+        # Last: the node's HTTP+JSON routes end with a catch-all `/{tenant}/...` mount.
+        *agents.routes,
+    ]
+    app = Starlette(routes=routes, middleware=_middleware(config), lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.network = network
+    return app
+
+
+async def start_manager(config: NodeConfig, progress=logger.info):
+    from node.memory.agents import AgentManager
+    from node.model.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, config.model, progress)
+    return await AgentManager.start(
+        engine, config.cache_dir, max_agents=config.max_agents, memory_budget_bytes=config.memory_budget_bytes
+    )
+
+
+async def warm_up(executors) -> None:
+    for executor in executors:
+        executor: SkillExecutor
+        tokens = await executor.warm_up()
+        logger.info("skill %s: system prompt of %d tokens cached", executor.skill_id, tokens)
+
+
+def _middleware(config: NodeConfig) -> list[Middleware]:
+    # Listed outermost first: a request without the key is refused before its body is read.
+    middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.max_message_bytes)]
+    if config.api_key is not None:
+        middleware.insert(0, Middleware(ApiKeyMiddleware, api_key=config.api_key))
+    return middleware
+
+
+def _health(runtime: SkillRuntime):
+    async def health(request: Request) -> JSONResponse:
+        manager = runtime.manager
+        body = {
+            "status": "ok" if manager is not None else "starting",
+            "model": manager.engine.info.name if manager is not None else None,
+            "skills": list(runtime.config.skills),
+            "running_tasks": len(runtime.running),
+        }
+        return JSONResponse(body, status_code=200 if manager is not None else 503)
+
+    return health
+
+
+def _agents(runtime: SkillRuntime):
+    async def agents(request: Request) -> JSONResponse:
+        if runtime.manager is None:
+            return JSONResponse({"error": "the node is still starting"}, status_code=503)
+        return JSONResponse(runtime.manager.stats())
+
+    return agents

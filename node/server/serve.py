@@ -1,0 +1,90 @@
+"""`python -m node serve`: load the model, start the agent manager, serve the app on uvicorn.
+
+uvicorn handles SIGINT/SIGTERM: it stops accepting requests, lets running ones finish (up to the
+grace period), runs the app's shutdown; then every agent is checkpointed by `manager.close()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from node.config import NodeConfig, default_cache_dir
+
+logger = logging.getLogger(__name__)
+GRACEFUL_SHUTDOWN_S = 10
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    skills = tuple(s.strip() for s in args.skills.split(",") if s.strip())
+    return NodeConfig(
+        host=args.host,
+        port=args.port,
+        skills=skills,
+        model=args.model,
+        cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(),
+        api_key=args.api_key or None,
+        max_message_bytes=args.max_message_bytes,
+        max_tokens=args.max_tokens,
+        peers=tuple(url.rstrip("/") for url in args.peer),
+        join=args.join,
+        registry=args.registry,
+        database_url=args.database_url,
+        peer_timeout_s=args.peer_timeout,
+        heartbeat_s=args.heartbeat,
+        public_url=args.public_url,
+    )
+
+
+def run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        progress(f"invalid settings: {e}")
+        return 2
+    return asyncio.run(serve(config, progress))
+
+
+class _Server(uvicorn.Server):
+    """After a graceful shutdown uvicorn re-raises the signal that stopped it, and SIGTERM's
+    default action would end the process before the agents are checkpointed: record it instead."""
+
+    stop_signals: tuple[int, ...] = ()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.stop_signals = tuple(self._captured_signals)
+                self._captured_signals.clear()
+
+
+async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
+    from node.server.app import create_app, start_manager
+
+    manager = await start_manager(config, progress)
+    try:
+        app = create_app(config, manager)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="info",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        )
+        progress(f"serving {', '.join(config.skills)} at {config.base_url} (cache {config.cache_dir})")
+        await server.serve()
+        return 0 if server.started else 1
+    finally:
+        await manager.close()
+        progress("agents checkpointed; stopped")
