@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +21,7 @@ import numpy as np
 
 from node.errors import ModelImportError
 from node.model.chat_templates import fallback_chat_template
+from node.model.first_start import ensure_folder, file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +29,7 @@ Progress = Callable[[str], None]
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
 CONVERTER_VERSION = 1
 GGUF_MAGIC = b"GGUF"
+SOURCE_MARKER = "node_source.json"  # written last: a converted folder is complete iff it holds this
 
 
 @dataclass(frozen=True)
@@ -153,14 +152,6 @@ ARCHITECTURES = {
 }
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_gguf_header(path: Path) -> None:
     with path.open("rb") as handle:
         if handle.read(4) != GGUF_MAGIC:
@@ -271,27 +262,31 @@ def convert_gguf(path: Path, folder: Path, progress: Progress) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def converted_folder(path: Path, cache_root: Path, progress: Progress) -> Path:
-    """Return the cached conversion of `path`, converting it first when needed."""
+def conversion_folder(path: Path, cache_root: Path) -> Path:
+    """Where the conversion of `path` is cached: keyed by its path, size, mtime and the converter."""
     path = path.resolve()
     stat = path.stat()
     key = hashlib.sha256(
         f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERTER_VERSION}".encode()
     ).hexdigest()[:16]
-    folder = cache_root / f"{path.stem}-{key}"
-    if (folder / "node_source.json").exists():
-        return folder
-    cache_root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    progress(f"converting {path} (first start only; cached in {folder})")
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=cache_root))
-    try:
+    return cache_root / f"{path.stem}-{key}"
+
+
+def converted_folder(path: Path, cache_root: Path, progress: Progress) -> Path:
+    """Return the cached conversion of `path`, converting it first when needed.
+
+    One process converts (under the folder's lock, into a staging folder renamed into place);
+    others wait and say so. The folder is complete iff it holds `SOURCE_MARKER`, written last.
+    """
+    path = path.resolve()
+    folder = conversion_folder(path, cache_root)
+
+    def build(staging: Path) -> None:
+        started = time.perf_counter()
+        progress(f"converting {path} (first start only; cached in {folder})")
         convert_gguf(path, staging, progress)
         source = {"gguf": str(path), "sha256": file_digest(path), "converter": CONVERTER_VERSION}
-        (staging / "node_source.json").write_text(json.dumps(source, indent=1))
-        os.replace(staging, folder) if not folder.exists() else shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    progress(f"converted in {time.perf_counter() - started:.1f} s")
-    return folder
+        (staging / SOURCE_MARKER).write_text(json.dumps(source, indent=1))
+        progress(f"converted in {time.perf_counter() - started:.1f} s")
+
+    return ensure_folder(folder, build, SOURCE_MARKER, f"convert {path.name}", progress)

