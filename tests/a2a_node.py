@@ -119,3 +119,20 @@ def metadata_of(event) -> dict:
 
 def usage(task) -> dict:
     return metadata_of(task)["usage"]
+
+
+def members(registry: str, skill: str | None = None) -> list[str]:
+    params = {"skill": skill} if skill else {}
+    response = httpx.get(f"{registry}/registry/nodes", params=params, timeout=10)
+    response.raise_for_status()
+    return [m["url"] for m in response.json()["members"]]
+
+
+def wait_for_members(registry: str, expected: set[str], timeout_s: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = members(registry)
+        if set(found) == expected:
+            return found
+        time.sleep(0.3)
+    raise AssertionError(f"registry members {found}, expected {expected}")

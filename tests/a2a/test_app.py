@@ -1,7 +1,7 @@
 """The node app in-process (httpx ASGITransport, no model): cards, API key, conversations.
 
 Without a lifespan the app has no agent manager, which is all these checks need; the real server
-with the model is exercised in tests/test_a2a_server.py.
+with the model is exercised in tests/integration/test_a2a_server.py.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ async def test_node_card_at_both_paths_and_each_skill_has_its_own(node):
     async with http_client() as http:
         current = (await http.get(f"{node.url}/.well-known/agent-card.json")).json()
         legacy = (await http.get(f"{node.url}/.well-known/agent.json")).json()
-        # The legacy path adds the v0.3 interfaces and fields (see test_a2a_app.py).
+        # The legacy path adds the v0.3 interfaces and fields (see tests/a2a/test_app.py).
         assert legacy["url"] == node.url and legacy["skills"] == current["skills"]
         assert [s["id"] for s in current["skills"]] == list(SKILLS)
         assert current["capabilities"]["streaming"] is True

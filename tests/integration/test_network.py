@@ -21,7 +21,15 @@ from a2a.types import GetTaskRequest, TaskState
 from google.protobuf.json_format import MessageToDict
 
 from skills.coordination import subtask_context
-from tests.a2a_node import NodeProcess, a2a_client, http_client, metadata_of, send
+from tests.a2a_node import (
+    NodeProcess,
+    a2a_client,
+    http_client,
+    members,
+    metadata_of,
+    send,
+    wait_for_members,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -57,23 +65,6 @@ def network(tmp_path_factory):
     finally:
         for node in nodes.values():
             node.stop()
-
-
-def members(registry: str, skill: str | None = None) -> list[str]:
-    params = {"skill": skill} if skill else {}
-    response = httpx.get(f"{registry}/registry/nodes", params=params, timeout=10)
-    response.raise_for_status()
-    return [m["url"] for m in response.json()["members"]]
-
-
-def wait_for_members(registry: str, expected: set[str], timeout_s: float = 60) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = members(registry)
-        if set(found) == expected:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"registry members {found}, expected {expected}")
 
 
 def agent_id(skill: str, context_id: str) -> str:

@@ -14,10 +14,9 @@ import uuid
 import pytest
 from a2a.types import GetTaskRequest, SubscribeToTaskRequest, TaskState
 
-from tests.a2a_node import NodeProcess, a2a_client, http_client, user_message
+from tests.a2a_node import NodeProcess, a2a_client, http_client, user_message, wait_for_members
 from tests.conftest import free_port
 from tests.postgres_cluster import postgres_bin, postgres_cluster
-from tests.test_network import wait_for_members
 
 pytestmark = [
     pytest.mark.slow,
