@@ -2,106 +2,57 @@
 
     POST /v1/messages               (also ?beta=true, as Claude Code sends it)
     POST /v1/messages/count_tokens
-    GET  /v1/models, GET /v1/models/{id}
+    GET  /v1/models, GET /v1/models/{id}   (OpenAI's shape without an anthropic-version header)
 
 Any model name is accepted and served by the node's one model (responses echo the name asked for).
-With `config.api_key` set, a request must carry it as `x-api-key` or `Authorization: Bearer`.
-At most `max_pending` requests are held at once (running or queued for the model); beyond that the
-node answers 529 overloaded_error, which clients retry.
+The API key, the body limit and admission are the node's shared guards (`node.server.guards`):
+with `config.api_key` set a request must carry it as `x-api-key` or `Authorization: Bearer`; at
+most `max_pending` requests (of every API) are held at once, beyond that the node answers 529
+overloaded_error, which clients retry. Which agent serves a conversation, and why conversations
+never rewind each other, is `node.memory.sessions`'s; stop reasons are `node.anthropic.chat`'s.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import re
 import secrets
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from pathlib import Path
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from node.anthropic.errors import (
-    ApiError,
-    api_error_from,
-    authentication_failed,
-    error_response,
-    invalid_request,
-    not_found,
-    overloaded,
-    request_too_large,
-)
-from node.anthropic.prompt import Prompt, render_prompt
-from node.anthropic.request import MessagesRequest, parse_messages_request
+from node.anthropic.chat import ChatService, Reply
+from node.anthropic.errors import api_error_from, error_response, invalid_request, not_found
+from node.anthropic.models import model_id, model_list, model_object, wants_anthropic_shape
+from node.anthropic.prompt import render_prompt
+from node.anthropic.request import parse_messages_request
 from node.anthropic.responses import message_body, message_events, message_id, message_shell
+from node.server.guards import GatedStream, read_body, require_key
 
 logger = logging.getLogger(__name__)
 
-MAX_PENDING = 16
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def anthropic_routes(manager, config, *, max_pending: int = MAX_PENDING) -> list[Route]:
-    """The API's routes. `manager` is an `AgentManager`, or a callable that returns it (None while
-    the node is starting: requests then get 503) for apps that start their manager at start-up."""
-    return MessagesApi(manager, config, max_pending).routes()
+def anthropic_routes(chat: ChatService) -> list[Route]:
+    """The API's routes on `chat` (shared with the OpenAI API: one gate, one conversation index)."""
+    return MessagesApi(chat).routes()
 
 
-class RequestGate:
-    """Counts the requests the node holds; refuses new ones beyond `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def enter(self) -> None:
-        if self.active >= self.limit:
-            raise overloaded(f"the node already holds {self.active} requests; retry later")
-        self.active += 1
-
-    def leave(self) -> None:
-        self.active -= 1
-
-
-class _GatedStream(StreamingResponse):
-    """A streaming response that frees its gate slot however it ends (also on disconnect)."""
-
-    def __init__(self, content, gate: RequestGate, **kwargs) -> None:
-        super().__init__(content, **kwargs)
-        self._gate = gate
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._gate.leave()
+async def read_json(request: Request, limit: int, invalid: Callable[[str], Exception]) -> object:
+    body = await read_body(request, limit)
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}") from e
 
 
 class MessagesApi:
-    def __init__(self, manager, config, max_pending: int) -> None:
-        self._manager = manager
-        self.config = config
-        self.gate = RequestGate(max_pending)
-        self._model: dict | None = None
-
-    @property
-    def manager(self):
-        manager = self._manager() if callable(self._manager) else self._manager
-        if manager is None:
-            raise ApiError(503, "api_error", "the node is still starting; retry shortly")
-        return manager
-
-    @property
-    def model(self) -> dict:
-        if self._model is None:
-            self._model = model_object(self.manager.engine)
-        return self._model
+    def __init__(self, chat: ChatService) -> None:
+        self.chat = chat
 
     def routes(self) -> list[Route]:
         return [
@@ -115,7 +66,7 @@ class MessagesApi:
         async def endpoint(request: Request) -> Response:
             headers = {"request-id": "req_" + secrets.token_hex(12)}
             try:
-                self._authenticate(request)
+                require_key(request.headers, self.chat.config.api_key)
                 response = await handler(request)
             except Exception as e:  # noqa: BLE001 - the edge: every failure becomes an API error
                 return error_response(api_error_from(e), headers)
@@ -126,108 +77,33 @@ class MessagesApi:
 
     # ---- endpoints -----------------------------------------------------------------------
     async def create(self, request: Request) -> Response:
-        parsed = parse_messages_request(await self._json(request))
-        prompt = self._prompt(parsed)
-        params = self._sampling(parsed)
-        metadata = {"api": "anthropic", "model": parsed.model, "turns": len(parsed.turns)}
-        msg_id = message_id()
-        self.gate.enter()
+        body = await read_json(request, self.chat.config.max_message_bytes, invalid_request)
+        parsed = parse_messages_request(body, request.headers)
+        prompt = self.chat.prompt(parsed)
+        msg_id, gate = message_id(), self.chat.gate
+        gate.enter()
         if parsed.stream:
-            items = self.manager.stream(prompt.agent_id, prompt.tokens, params, metadata=metadata)
+            items = self.chat.turn(parsed, prompt, "anthropic")
             events = message_events(items, message_shell(msg_id, parsed.model, len(prompt.tokens)))
-            return _GatedStream(events, self.gate, media_type="text/event-stream", headers=SSE_HEADERS)
+            return GatedStream(events, gate, media_type="text/event-stream", headers=SSE_HEADERS)
         try:
-            completion = await self.manager.generate(
-                prompt.agent_id, prompt.tokens, params, metadata=metadata
-            )
+            reply: Reply = [item async for item in self.chat.turn(parsed, prompt, "anthropic")][-1]
         finally:
-            self.gate.leave()
-        return JSONResponse(message_body(msg_id, parsed.model, completion))
+            gate.leave()
+        return JSONResponse(message_body(msg_id, parsed.model, reply))
 
     async def count_tokens(self, request: Request) -> Response:
-        parsed = parse_messages_request(await self._json(request), require_max_tokens=False)
-        return JSONResponse({"input_tokens": len(render_prompt(self.manager.engine, parsed).tokens)})
+        body = await read_json(request, self.chat.config.max_message_bytes, invalid_request)
+        parsed = parse_messages_request(body, request.headers, require_max_tokens=False)
+        return JSONResponse({"input_tokens": len(render_prompt(self.chat.manager.engine, parsed).tokens)})
 
     async def list_models(self, request: Request) -> Response:
-        model_id = self.model["id"]
-        return JSONResponse(
-            {"data": [self.model], "has_more": False, "first_id": model_id, "last_id": model_id}
-        )
+        return JSONResponse(model_list(self.chat.manager.engine, wants_anthropic_shape(request.headers)))
 
     async def get_model(self, request: Request) -> Response:
-        if request.path_params["model_id"] != self.model["id"]:
-            raise not_found(f"model: {request.path_params['model_id']} (this node serves {self.model['id']})")
-        return JSONResponse(self.model)
-
-    # ---- helpers -------------------------------------------------------------------------
-    def _authenticate(self, request: Request) -> None:
-        expected = self.config.api_key
-        if not expected:
-            return
-        offered = [request.headers.get("x-api-key"), _bearer_token(request.headers.get("authorization"))]
-        if not any(key and hmac.compare_digest(key.encode(), expected.encode()) for key in offered):
-            raise authentication_failed()
-
-    async def _json(self, request: Request) -> object:
-        body = await read_body(request, self.config.max_message_bytes)
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise invalid_request(f"the request body is not valid JSON: {e}") from e
-
-    def _prompt(self, parsed: MessagesRequest) -> Prompt:
-        prompt = render_prompt(self.manager.engine, parsed)
-        limit = self.manager.engine.context_limit
-        max_tokens = self._max_tokens(parsed)
-        if len(prompt.tokens) + max_tokens > limit:
-            raise invalid_request(
-                f"prompt is too long: {len(prompt.tokens)} tokens + max_tokens {max_tokens} > {limit} maximum"
-            )
-        return prompt
-
-    def _max_tokens(self, parsed: MessagesRequest) -> int:
-        return min(parsed.max_tokens, self.config.max_tokens)
-
-    def _sampling(self, parsed: MessagesRequest):
-        from node.runtime.generation import SamplingParams  # model-side module: imports mlx
-
-        return SamplingParams(
-            max_tokens=self._max_tokens(parsed),
-            temperature=parsed.temperature,
-            top_p=parsed.top_p,
-            stop=parsed.stop_sequences,
-        )
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise request_too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise request_too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _bearer_token(header: str | None) -> str | None:
-    if header and header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return None
-
-
-def model_object(engine) -> dict:
-    """The node's model as the Models API lists it."""
-    name = engine.info.name
-    model_id = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.split(" (")[0]).name.removesuffix(".gguf"))
-    folder = Path(engine.info.folder)
-    created = folder.stat().st_mtime if folder.exists() else 0.0
-    return {
-        "type": "model",
-        "id": model_id,
-        "display_name": name,
-        "created_at": datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z"),
-    }
+        engine, wanted = self.chat.manager.engine, request.path_params["model_id"]
+        if wanted != model_id(engine):
+            raise not_found(f"model: {wanted} (this node serves {model_id(engine)})")
+        if wants_anthropic_shape(request.headers):
+            return JSONResponse(model_object(engine))
+        return JSONResponse(model_list(engine, False)["data"][0])

@@ -1,7 +1,7 @@
 """Anthropic-shaped API errors: `{"type": "error", "error": {"type", "message"}}` with its HTTP status.
 
-`ApiError` is a protocol type and lives at the edge: the node's own errors (`node.errors`) are
-mapped onto it here, once, by `api_error_from`.
+`ApiError` is a protocol type and lives at the edge: the node's own errors (`node.errors`) and the
+shared guards' refusals (`node.server.guards`) are mapped onto it here, once, by `api_error_from`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 from starlette.responses import JSONResponse
 
 from node.errors import NodeError, PromptTooLong, WorkerDead
+from node.server.guards import BodyTooLarge, Overloaded, Refused, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -30,26 +31,24 @@ def invalid_request(message: str) -> ApiError:
     return ApiError(400, "invalid_request_error", message)
 
 
-def authentication_failed(message: str = "invalid x-api-key") -> ApiError:
-    return ApiError(401, "authentication_error", message)
-
-
 def not_found(message: str) -> ApiError:
     return ApiError(404, "not_found_error", message)
 
 
-def request_too_large(limit: int) -> ApiError:
-    return ApiError(413, "request_too_large", f"request body exceeds the node's limit of {limit} bytes")
-
-
-def overloaded(message: str = "the node is overloaded; retry later") -> ApiError:
-    return ApiError(529, "overloaded_error", message)
+_REFUSALS = {
+    Unauthorized: (401, "authentication_error"),
+    BodyTooLarge: (413, "request_too_large"),
+    Overloaded: (529, "overloaded_error"),
+}
 
 
 def api_error_from(error: BaseException) -> ApiError:
     """The Anthropic error a failure is reported as; unexpected ones are logged with their trace."""
     if isinstance(error, ApiError):
         return error
+    if isinstance(error, Refused):
+        status, error_type = _REFUSALS.get(type(error), (error.status, "invalid_request_error"))
+        return ApiError(status, error_type, error.message)
     if isinstance(error, PromptTooLong):
         return invalid_request(f"prompt is too long: {error}")
     if isinstance(error, WorkerDead):

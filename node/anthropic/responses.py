@@ -1,16 +1,18 @@
 """Anthropic Messages responses: the message object, its usage, and the SSE event stream.
 
 Streams follow the API's exact event order: message_start, content_block_start, ping,
-content_block_delta*, content_block_stop, message_delta (stop reason, cumulative usage),
-message_stop. Pings also go out while the model prefills a long prompt (the manager reports
-`PrefillProgress`) and whenever nothing else was sent for `ping_interval_s`, so clients and proxies
-with idle timeouts keep the connection. A failure after the stream has started is sent as
-`event: error`.
+content_block_delta*, content_block_stop, then one start/delta/stop group per tool call
+(`input_json_delta`), message_delta (stop reason, cumulative usage), message_stop. Pings also go out
+while the model prefills a long prompt (the manager reports `PrefillProgress`) and whenever nothing
+else was sent for `ping_interval_s`, so clients and proxies with idle timeouts keep the connection.
+A failure after the stream has started is sent as `event: error`.
 
 Usage: `input_tokens` counts the prompt tokens that were prefilled for this request,
 `cache_read_input_tokens` those served from the agent's persistent cache; their sum is the prompt
 length. The node writes every prefilled token to its cache, but reports
 `cache_creation_input_tokens` as 0 so that the three input counts never add up to more than the prompt.
+When the node's own output cap (`--max-tokens`) ended the turn, usage also carries
+`server_output_cap` (see `node.anthropic.chat`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 
+from node.anthropic.chat import Reply
 from node.anthropic.errors import api_error_from
 
-STOP_REASONS = {"eos": "end_turn", "length": "max_tokens", "stop": "stop_sequence", "cancelled": "end_turn"}
 PING_INTERVAL_S = 5.0
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 _TIMER = object()
@@ -33,14 +35,14 @@ def message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-def usage(completion) -> dict:
-    u = completion.usage
-    return {
-        "input_tokens": u.prompt_tokens - u.cached_tokens,
+def usage(reply: Reply) -> dict:
+    counts = {
+        "input_tokens": reply.prompt_tokens - reply.cached_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": u.cached_tokens,
-        "output_tokens": u.generated_tokens,
+        "cache_read_input_tokens": reply.cached_tokens,
+        "output_tokens": reply.output_tokens,
     }
+    return counts if reply.output_cap is None else {**counts, "server_output_cap": reply.output_cap}
 
 
 def message_shell(msg_id: str, model: str, input_tokens: int) -> dict:
@@ -62,14 +64,19 @@ def message_shell(msg_id: str, model: str, input_tokens: int) -> dict:
     }
 
 
-def message_body(msg_id: str, model: str, completion) -> dict:
-    content = [{"type": "text", "text": completion.text}] if completion.text else []
+def tool_use_block(call) -> dict:
+    return {"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}
+
+
+def message_body(msg_id: str, model: str, reply: Reply) -> dict:
+    content = [{"type": "text", "text": reply.text}] if reply.text else []
+    content += [tool_use_block(call) for call in reply.calls]
     return {
         **message_shell(msg_id, model, 0),
         "content": content,
-        "stop_reason": STOP_REASONS[completion.finish_reason],
-        "stop_sequence": completion.stop_sequence,
-        "usage": usage(completion),
+        "stop_reason": reply.stop_reason,
+        "stop_sequence": reply.stop_sequence,
+        "usage": usage(reply),
     }
 
 
@@ -80,39 +87,55 @@ def sse(event: str, data: dict) -> bytes:
 async def message_events(
     items: AsyncIterator, shell: dict, ping_interval_s: float = PING_INTERVAL_S
 ) -> AsyncIterator[bytes]:
-    """SSE bytes for one streamed message, from the manager's text deltas, progress and Completion."""
+    """SSE bytes for one streamed message, from the chat turn's text deltas, progress and Reply."""
     yield sse("message_start", {"type": "message_start", "message": shell})
     yield sse(
         "content_block_start",
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     )
     yield _PING
-    completion = None
+    reply, sent = None, 0
     try:
         async for item in with_timer(items, ping_interval_s):
             if isinstance(item, str):
+                sent += len(item)
                 yield sse("content_block_delta", _text_delta(item))
-            elif hasattr(item, "finish_reason"):
-                completion = item
+            elif isinstance(item, Reply):
+                reply = item
             else:  # PrefillProgress or the idle timer
                 yield _PING
-        if completion is None:
-            raise RuntimeError("the generation ended without a completion")
+        if reply is None:
+            raise RuntimeError("the generation ended without a reply")
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
         yield sse("error", api_error_from(e).body())
         return
+    if len(reply.text) > sent:  # text held back while it might have opened a tool call
+        yield sse("content_block_delta", _text_delta(reply.text[sent:]))
     yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
-    yield sse("message_delta", _message_delta(completion))
+    for index, call in enumerate(reply.calls, start=1):
+        for event, data in tool_use_events(index, call):
+            yield sse(event, data)
+    yield sse("message_delta", _message_delta(reply))
     yield sse("message_stop", {"type": "message_stop"})
+
+
+def tool_use_events(index: int, call) -> list[tuple[str, dict]]:
+    start = {**tool_use_block(call), "input": {}}
+    delta = {"type": "input_json_delta", "partial_json": json.dumps(call.input)}
+    return [
+        ("content_block_start", {"type": "content_block_start", "index": index, "content_block": start}),
+        ("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}),
+        ("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
 
 
 def _text_delta(text: str) -> dict:
     return {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
 
 
-def _message_delta(completion) -> dict:
-    delta = {"stop_reason": STOP_REASONS[completion.finish_reason], "stop_sequence": completion.stop_sequence}
-    return {"type": "message_delta", "delta": delta, "usage": usage(completion)}
+def _message_delta(reply: Reply) -> dict:
+    delta = {"stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence}
+    return {"type": "message_delta", "delta": delta, "usage": usage(reply)}
 
 
 async def with_timer(items: AsyncIterator, interval_s: float) -> AsyncIterator:

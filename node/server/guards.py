@@ -1,5 +1,15 @@
-"""ASGI middleware in front of the A2A routes: the API key and the request-size limit; and
-`json_only`, the content-type check in front of the endpoints that take a body.
+"""The node's guards, written once for every protocol: the API key, the request-size limit and the
+admission gate; the ASGI middleware that applies the first two in front of the A2A routes; and
+`json_only`, the content-type check in front of the A2A endpoints that take a body.
+
+The HTTP APIs (`node.anthropic`, `node.openai`) call `require_key`, `read_body` and
+`RequestGate` themselves so that a refusal reaches their clients in the shape those clients parse;
+each maps the refusals below onto its own errors:
+
+    Refused                 (status: the HTTP status both APIs answer with)
+    ├── Unauthorized        401: no key, or a wrong one
+    ├── BodyTooLarge        413: the body exceeds `max_message_bytes`
+    └── Overloaded          the node already holds `RequestGate.limit` requests
 
 The middleware is plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
 """
@@ -8,13 +18,14 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.utils.error_handlers import build_rest_error_payload
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
+from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from node.a2a.cards import API_KEY_HEADER
@@ -22,10 +33,112 @@ from node.a2a.cards import API_KEY_HEADER
 logger = logging.getLogger(__name__)
 CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 PUBLIC_PATHS = ("/health",)
-# The Anthropic Messages API (node.anthropic.api) checks the key and the body size itself and
-# answers in Anthropic's error shape, which its clients (the SDK, Claude Code) parse.
-SELF_CHECKING_PREFIXES = ("/v1/messages", "/v1/models")
+# The Anthropic and OpenAI APIs call the same checks themselves, to answer in their own error shapes.
+SELF_CHECKING_PREFIXES = ("/v1/messages", "/v1/models", "/v1/chat/completions")
 UNSUPPORTED_MEDIA_TYPE = 415
+
+
+class Refused(Exception):
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Unauthorized(Refused):
+    status = 401
+
+
+class BodyTooLarge(Refused):
+    status = 413
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"request body of {size} bytes exceeds the node's limit of {limit} bytes")
+        self.size, self.limit = size, limit
+
+
+class Overloaded(Refused):
+    status = 529
+
+
+# ---- the API key ---------------------------------------------------------------------------
+def offered_keys(headers: Mapping[str, str]) -> list[str]:
+    """The keys a request offers: `X-API-Key` and an `Authorization: Bearer` token."""
+    keys = [headers.get(API_KEY_HEADER.lower(), "")]
+    authorization = headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        keys.append(authorization[7:].strip())
+    return [key for key in keys if key]
+
+
+def has_key(headers: Mapping[str, str], expected: str | None) -> bool:
+    """True when no key is configured or one of the offered keys is it (compared in constant time)."""
+    if not expected:
+        return True
+    return any(hmac.compare_digest(key.encode(), expected.encode()) for key in offered_keys(headers))
+
+
+def require_key(headers: Mapping[str, str], expected: str | None) -> None:
+    if not has_key(headers, expected):
+        raise Unauthorized("missing or invalid API key (send it as x-api-key or Authorization: Bearer)")
+
+
+# ---- the body limit ------------------------------------------------------------------------
+class BodyCounter:
+    """Counts a body's bytes as they arrive; refuses it as soon as it is known to exceed `limit`."""
+
+    def __init__(self, headers: Mapping[str, str], limit: int) -> None:
+        self.limit, self.received = limit, 0
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(int(declared), limit)
+
+    def add(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            raise BodyTooLarge(self.received, self.limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with `BodyTooLarge` past `limit` bytes."""
+    counter, chunks = BodyCounter(request.headers, limit), []
+    async for chunk in request.stream():
+        counter.add(len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ---- admission -----------------------------------------------------------------------------
+class RequestGate:
+    """Counts the API requests the node holds (running or queued for the model); refuses new ones
+    beyond `limit`. One gate serves every API, so the limit is the node's."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def enter(self) -> None:
+        if self.active >= self.limit:
+            raise Overloaded(f"the node already holds {self.active} requests; retry later")
+        self.active += 1
+
+    def leave(self) -> None:
+        self.active -= 1
+
+
+class GatedStream(StreamingResponse):
+    """A streaming response that frees its gate slot however it ends (also on disconnect)."""
+
+    def __init__(self, content, gate: RequestGate, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gate.leave()
 
 
 def is_public(scope: Scope) -> bool:
@@ -84,10 +197,15 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._key = api_key.encode("utf-8")
+        self._key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_public(scope) or checks_itself(scope) or self._authorized(scope):
+        if (
+            scope["type"] != "http"
+            or is_public(scope)
+            or checks_itself(scope)
+            or has_key(Headers(scope=scope), self._key)
+        ):
             await self.app(scope, receive, send)
             return
         logger.info("refused %s %s: missing or wrong API key", scope.get("method"), scope.get("path"))
@@ -97,14 +215,6 @@ class ApiKeyMiddleware:
             headers={"WWW-Authenticate": 'Bearer realm="a2a-node"'},
         )
         await response(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        headers = dict(scope.get("headers") or [])
-        offered = headers.get(API_KEY_HEADER.lower().encode("latin-1"), b"")
-        authorization = headers.get(b"authorization", b"")
-        if authorization[:7].lower() == b"bearer ":
-            offered = authorization[7:].strip()
-        return bool(offered) and hmac.compare_digest(offered, self._key)
 
 
 class BodyLimitMiddleware:
@@ -125,30 +235,19 @@ class BodyLimitMiddleware:
         await self.app(scope, self._limited(scope, receive), send)
 
     def _limited(self, scope: Scope, receive: Receive) -> Receive:
-        declared = _content_length(scope)
-        received = 0
+        headers = Headers(scope=scope)
+        counter: BodyCounter | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            if declared is not None and declared > self.max_bytes:
-                raise self._too_large(declared)
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise self._too_large(received)
+            nonlocal counter
+            try:
+                counter = counter or BodyCounter(headers, self.max_bytes)
+                message = await receive()
+                counter.add(len(message.get("body", b"")))
+            except BodyTooLarge as e:
+                raise InvalidRequestError(
+                    message=f"Payload too large: {e.size} bytes, the limit is {e.limit}"
+                ) from e
             return message
 
         return limited_receive
-
-    def _too_large(self, size: int) -> InvalidRequestError:
-        return InvalidRequestError(message=f"Payload too large: {size} bytes, the limit is {self.max_bytes}")
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers") or []:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

@@ -1,14 +1,13 @@
 """The Anthropic API layer against a scripted fake manager: parsing, rendering, SSE, errors, gating.
 
 Requests go through the official SDK over httpx's ASGITransport (in-process, no model).
-The real server and model are exercised in tests/test_anthropic_api.py.
+The real server and model are exercised in tests/anthropic/test_api.py and test_server.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import anthropic
 import httpx2 as httpx  # the anthropic SDK 2.x is built on httpx2
@@ -16,72 +15,20 @@ import pytest
 from starlette.applications import Starlette
 
 from node.anthropic.api import anthropic_routes
+from node.anthropic.chat import ChatService
 from node.anthropic.prompt import agent_id_for
 from node.anthropic.responses import with_timer
 from node.config import NodeConfig
-from node.errors import WorkerDead
+from tests.anthropic.fakes import FakeManager
 
 
-class FakeEngine:
-    """Characters as tokens; the 'template' tags each turn, so prefixes behave like the real one."""
-
-    info = SimpleNamespace(name="fake-model (scripted)", folder="/nonexistent")
-    context_limit = 4000
-
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return ([1] if add_bos else []) + [ord(c) for c in text]
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        roles = {"assistant": "model"}
-        text = "".join(f"<{roles.get(m['role'], m['role'])}>{m['content'].strip()}</>" for m in messages)
-        return self.encode(text + ("<model>" if add_generation_prompt else ""))
+def make_app(manager, *, max_tokens=64, max_pending=16, **settings) -> Starlette:
+    config = NodeConfig(max_tokens=max_tokens, **settings)
+    return Starlette(routes=anthropic_routes(ChatService(manager, config, max_pending)))
 
 
-class FakeManager:
-    """Replies with a fixed script, word by word; reuses the longest common prefix per agent."""
-
-    def __init__(self, script: str = "Hello there, friend. Bye", fail_after: int | None = None) -> None:
-        self.engine = FakeEngine()
-        self.script = script.split(" ")
-        self.fail_after = fail_after
-        self.calls: list[dict] = []
-        self.contexts: dict[str, list[int]] = {}
-        self.release = asyncio.Event()
-        self.release.set()
-
-    async def stream(self, agent_id, prompt, params, *, base_agent=None, metadata=None, cancel=None):
-        self.calls.append({"agent_id": agent_id, "prompt": prompt, "params": params, "metadata": metadata})
-        await self.release.wait()
-        old = self.contexts.get(agent_id, [])
-        cached = next((i for i, (a, b) in enumerate(zip(old, prompt)) if a != b), min(len(old), len(prompt)))
-        cached = min(cached, len(prompt) - 1)
-        yield SimpleNamespace(done=1, total=2)  # like PrefillProgress
-        text, finish, stop_sequence = "", "length", None
-        for i, word in enumerate(self.script[: params.max_tokens]):
-            if self.fail_after is not None and i == self.fail_after:
-                raise WorkerDead("the worker died")
-            piece = word if i == 0 else " " + word
-            if any(s in text + piece for s in params.stop):
-                finish, stop_sequence = "stop", next(s for s in params.stop if s in text + piece)
-                break
-            text += piece
-            yield piece
-        else:
-            finish = "eos" if params.max_tokens > len(self.script) else "length"
-        self.contexts[agent_id] = list(prompt) + [0] * len(text)
-        generated = min(params.max_tokens, len(self.script))
-        usage = SimpleNamespace(prompt_tokens=len(prompt), cached_tokens=cached, generated_tokens=generated)
-        yield SimpleNamespace(text=text, finish_reason=finish, stop_sequence=stop_sequence, usage=usage)
-
-    async def generate(self, agent_id, prompt, params, **kwargs):
-        async for item in self.stream(agent_id, prompt, params, **kwargs):
-            result = item
-        return result
-
-
-def make_client(manager, *, api_key=None, max_message_bytes=256_000, max_pending=16, key="k"):
-    config = NodeConfig(api_key=api_key, max_message_bytes=max_message_bytes, max_tokens=64)
-    app = Starlette(routes=anthropic_routes(manager, config, max_pending=max_pending))
+def make_client(manager, *, key="k", **settings):
+    app = make_app(manager, **settings)
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node")
     return anthropic.AsyncAnthropic(api_key=key, base_url="http://node", http_client=http, max_retries=0)
 
@@ -148,11 +95,12 @@ async def test_blocks_tools_and_prefill_are_rendered(manager):
         ],
     )
     rendered = "".join(chr(t) for t in manager.calls[0]["prompt"][1:])
-    assert rendered == (
-        '<system># Tools\n\n## read\nRead a file\nInput schema: {"type": "object"}</>'
+    assert rendered.startswith("<system># Tools\n\nTo call a tool, reply with one block\n```tool_code\n")
+    assert rendered.endswith(
+        '## read\nRead a file\nInput schema: {"type": "object"}</>'
         "<user>Read a</>"
-        '<model>[tool_use read id=t1] {"p": "a"}</>'
-        "<user>[tool_result id=t1]\nAAA\n\nSummarise</>"
+        '<model>```tool_code\n{"name": "read", "input": {"p": "a"}}\n```</>'
+        "<user>```tool_output\nAAA\n```\n\nSummarise</>"
         "<model>Summary:"
     )
 
@@ -170,7 +118,7 @@ async def test_stream_helper_assembles_text_and_usage(manager):
 
 
 async def test_sse_event_order_and_pings(manager):
-    app = Starlette(routes=anthropic_routes(manager, NodeConfig()))
+    app = make_app(manager)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as http:
         body = {
             "model": "m",
