@@ -21,8 +21,10 @@ from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.a2a.server import build_agents
 from node.a2a.task_stores import TaskStores
 from node.anthropic.api import anthropic_routes
+from node.anthropic.chat import ChatService
 from node.config import NodeConfig
 from node.network.node_network import Network
+from node.openai.api import openai_routes
 from node.server.guards import ApiKeyMiddleware, BodyLimitMiddleware
 
 logger = logging.getLogger(__name__)
@@ -55,10 +57,12 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
             if owned:
                 await runtime.manager.close()
 
+    chat = ChatService(lambda: runtime.manager, config)  # the HTTP APIs' one gate and agent index
     routes = [
         Route("/health", _health(runtime), methods=["GET"]),
         Route("/agents", _agents(runtime), methods=["GET"]),
-        *anthropic_routes(lambda: runtime.manager, config),
+        *anthropic_routes(chat),
+        *openai_routes(chat),
         *network.routes(),
         # Last: the node's HTTP+JSON routes end with a catch-all `/{tenant}/...` mount.
         *agents.routes,
