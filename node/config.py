@@ -1,57 +1,115 @@
-"""Node settings, validated once; the CLI maps its flags one-to-one onto `NodeConfig`."""
+"""Node settings, validated once, and the one place the node reads its environment.
+
+Every field of `NodeConfig` is a user setting with a CLI flag (`--max-agents`) and an environment
+variable (`NODE_MAX_AGENTS`); a flag given on the command line wins over the variable, which wins
+over the default. `NodeConfig.from_settings` applies that rule; the CLI builds its `serve` flags
+from `SETTINGS`, so flags and fields map one-to-one. Process-wide switches that must be known
+before a config exists (the BLAS binding happens on import) are read here too.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from node.errors import ConfigError
 
 ALL_SKILLS = ("technical_analysis", "business_analysis", "coordination")
 DATABASE_SCHEMES = ("postgresql+asyncpg://", "sqlite+aiosqlite://")
+ENV_PREFIX = "NODE_"
 
 
 def user_cache_dir() -> Path:
     """Where the node keeps derived files it can rebuild (converted models, compiled helpers)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "persistent-agent-node"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "persistent-agent-node"
+
+
+def model_cache_root() -> Path:
+    """Converted models: `$NODE_MODEL_CACHE`, else under the user cache folder."""
+    override = os.environ.get("NODE_MODEL_CACHE")
+    return Path(override).expanduser() if override else user_cache_dir() / "models"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("NODE_CACHE_DIR") or Path.home() / ".agent_caches").expanduser()
 
 
+def switch_on(name: str) -> bool:
+    """A process-wide switch (`NODE_CPU_KERNELS`, `NODE_THIN_SGEMM`): on unless set to 0."""
+    return os.environ.get(ENV_PREFIX + name) != "0"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _setting(default, help: str, flag: str | None = None, default_factory=None):
+    metadata = {"help": help, "flag": flag}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    skills: tuple[str, ...] = ALL_SKILLS
-    model: str = "default"
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    api_key: str | None = None
-    max_message_bytes: int = 256_000
-    max_tokens: int = 256
-    max_agents: int = 64
-    memory_budget_bytes: int = 4 << 30
-    peers: tuple[str, ...] = ()
-    join: str | None = None
-    registry: bool = False
-    database_url: str | None = None
-    peer_timeout_s: float = 120.0
-    heartbeat_s: float = 10.0
-    public_url: str | None = None
+    host: str = _setting("127.0.0.1", "interface to bind")
+    port: int = _setting(8000, "port to bind")
+    skills: tuple[str, ...] = _setting(ALL_SKILLS, "comma-separated skill ids to host")
+    model: str = _setting("default", "'default', an mlx-lm folder or a .gguf file")
+    cache_dir: Path = _setting(  # noqa: RUF009 (a field() with help)
+        None, "agent checkpoints (default ~/.agent_caches)", default_factory=default_cache_dir
+    )
+    api_key: str | None = _setting(None, "require this key (Bearer or X-API-Key) on every call but the cards")
+    max_message_bytes: int = _setting(256_000, "largest request body")
+    max_tokens: int = _setting(256, "most tokens generated per task")
+    max_agents: int = _setting(64, "agents kept in memory before the least recently used is evicted")
+    memory_budget_bytes: int = _setting(4 << 30, "bytes of KV cache kept in memory before eviction")
+    threads: int = _setting(
+        None, "compute threads (default: the cores this process may use)", default_factory=available_cores
+    )
+    peers: tuple[str, ...] = _setting((), "a peer node's URL (repeatable)", flag="--peer")
+    join: str | None = _setting(None, "register with the registry at this node URL")
+    registry: bool = _setting(False, "act as the network's registry (members in SQLite)")
+    database_url: str | None = _setting(
+        None, "postgresql+asyncpg://... : registry and A2A task store in PostgreSQL, shared by the nodes"
+    )
+    peer_timeout_s: float = _setting(120.0, "seconds per delegated sub-task", flag="--peer-timeout")
+    heartbeat_s: float = _setting(10.0, "seconds between registry heartbeats", flag="--heartbeat")
+    public_url: str | None = _setting(None, "the URL others reach this node at (default: host and port)")
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in ALL_SKILLS]
         if unknown:
-            raise ValueError(f"unknown skills {unknown}; known: {', '.join(ALL_SKILLS)}")
+            raise ConfigError(f"unknown skills {unknown}; known: {', '.join(ALL_SKILLS)}")
         if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} is out of range")
-        for name in ("max_message_bytes", "max_tokens", "max_agents", "memory_budget_bytes"):
+            raise ConfigError(f"port {self.port} is out of range")
+        for name in ("max_message_bytes", "max_tokens", "max_agents", "memory_budget_bytes", "threads"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive")
         if self.peer_timeout_s <= 0 or self.heartbeat_s <= 0:
-            raise ValueError("peer_timeout_s and heartbeat_s must be positive")
+            raise ConfigError("peer_timeout_s and heartbeat_s must be positive")
         if self.database_url is not None and not self.database_url.startswith(DATABASE_SCHEMES):
-            raise ValueError(f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}")
+            raise ConfigError(f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}")
+
+    @classmethod
+    def from_settings(
+        cls, given: Mapping[str, object], environ: Mapping[str, str] = os.environ
+    ) -> NodeConfig:
+        """Flags given (None = not given) over `NODE_*` variables over the defaults."""
+        values = {}
+        for setting in SETTINGS:
+            value = given.get(setting.name)
+            if value is None and setting.env in environ:
+                value = environ[setting.env]
+            if value is not None:
+                values[setting.name] = setting.parse(value)
+        return cls(**values)
 
     @property
     def base_url(self) -> str:
@@ -65,3 +123,64 @@ class NodeConfig:
         if self.join:
             return self.join.rstrip("/")
         return self.base_url if self.registry else None
+
+
+def _words(value) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip().rstrip("/") for item in items if item.strip())
+
+
+def _flag_on(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"expected a yes/no value, got {value!r}")
+
+
+def _number(kind: type) -> Callable[[object], object]:
+    def parse(value):
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"expected a number, got {value!r}") from e
+
+    return parse
+
+
+_PARSERS: dict[str, Callable[[object], object]] = {
+    "int": _number(int),
+    "float": _number(float),
+    "bool": _flag_on,
+    "Path": lambda v: Path(v).expanduser(),
+    "tuple[str, ...]": _words,
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user setting: its field, flag, environment variable and parser."""
+
+    name: str
+    flag: str
+    env: str
+    help: str
+    kind: str
+
+    @property
+    def parse(self) -> Callable[[object], object]:
+        return _PARSERS.get(self.kind, lambda v: v or None)
+
+
+SETTINGS = tuple(
+    Setting(
+        name=f.name,
+        flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
+        env=ENV_PREFIX + f.name.upper(),
+        help=f.metadata["help"],
+        kind=str(f.type).replace(" | None", ""),
+    )
+    for f in fields(NodeConfig)
+)

@@ -1,6 +1,7 @@
-"""Errors raised by the node.
+"""Errors raised by the node; protocol adapters map them to their own error shapes at the edge.
 
 NodeError
+├── ConfigError           a setting out of range or unknown (also a ValueError)
 ├── ModelSpecError        a model spec that names nothing loadable
 ├── ModelImportError      a GGUF file that cannot be converted
 ├── CheckpointError       a checkpoint that cannot be trusted
@@ -9,7 +10,10 @@ NodeError
 │   └── CheckpointVersionError   an unknown format version
 ├── InvalidAgentId        an agent id that is not safe to use
 ├── PromptTooLong         a prompt beyond the model's or the node's limit
-└── WorkerDead            the thread that owns the model has died
+├── WorkerDead            the thread that owns the model has died
+├── InvalidRegistration   a registry request with a bad body (also a ValueError)
+├── PeerFailure           one attempt at a peer produced no answer; `outcome` says how
+└── BenchError            a bench measurement could not be taken
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ from __future__ import annotations
 
 class NodeError(Exception):
     """Base class of every error the node raises on purpose."""
+
+
+class ConfigError(NodeError, ValueError):
+    pass
 
 
 class ModelSpecError(NodeError):
@@ -53,3 +61,19 @@ class PromptTooLong(NodeError):
 
 class WorkerDead(NodeError):
     pass
+
+
+class InvalidRegistration(NodeError, ValueError):
+    pass
+
+
+class PeerFailure(NodeError):
+    """One attempt at a peer did not produce an answer; `outcome` says how."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(f"{outcome}: {detail}")
+        self.outcome, self.detail = outcome, detail
+
+
+class BenchError(NodeError):
+    """A bench measurement could not be taken (a subprocess failed, a figure is missing)."""

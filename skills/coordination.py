@@ -17,9 +17,6 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
-from a2a.server.agent_execution import RequestContext
-from a2a.server.events import EventQueue
-from a2a.server.tasks import TaskUpdater
 from a2a.types import Part
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import ParseDict
@@ -106,29 +103,20 @@ class CoordinationExecutor(SkillExecutor):
         "analysis). Break the request into steps, use the experts' findings when they are given, "
         "and answer with a short, well-structured summary and next steps."
     )
-    network = None  # node.network.node_network.Network, set by create_app
-
-    def __init__(self, runtime) -> None:
-        super().__init__(runtime)
-        self._queues: dict[str, EventQueue] = {}
-
-    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
-        self._queues[context.task_id] = event_queue  # for the delegation report artifact
-        try:
-            await super().execute(context, event_queue)
-        finally:
-            self._queues.pop(context.task_id, None)
 
     async def answer(self, request: TurnRequest, out, stop: threading.Event):
         report = await self.delegate(request, stop)
         completion = await super().answer(self.with_findings(request, report), out, stop)
         if report is not None and completion.finish_reason != "cancelled" and not stop.is_set():
-            await self._publish(request, report)
+            await out.add_artifact(
+                [Part(text=report.render()), Part(data=_as_value(report))], REPORT_ARTIFACT
+            )
         return completion
 
     async def delegate(self, request: TurnRequest, stop: threading.Event) -> DelegationReport | None:
         """Run the plan's sub-tasks concurrently at peers; None when delegation is off."""
-        delegator = self.network.delegator if self.network is not None else None
+        network = self.runtime.network
+        delegator = network.delegator if network is not None else None
         if delegator is None or request.metadata.get(DELEGATE_KEY) is False:
             return None
         limits = {k: request.metadata[k] for k in ("max_tokens",) if k in request.metadata}
@@ -157,15 +145,9 @@ class CoordinationExecutor(SkillExecutor):
         ]
         return replace(request, text="\n\n".join([*notes, f"Request:\n{request.text}"]))
 
-    async def _publish(self, request: TurnRequest, report: DelegationReport) -> None:
-        queue = self._queues.get(request.task_id)
-        if queue is None:
-            return
-        data = ParseDict(report.as_dict(), struct_pb2.Value())
-        updater = TaskUpdater(queue, request.task_id, request.context_id)
-        await updater.add_artifact(
-            [Part(text=report.render()), Part(data=data)], name=REPORT_ARTIFACT, last_chunk=True
-        )
+
+def _as_value(report: DelegationReport) -> struct_pb2.Value:
+    return ParseDict(report.as_dict(), struct_pb2.Value())
 
 
 async def _until_done_or_stopped(jobs: list[asyncio.Task], stop: threading.Event) -> None:

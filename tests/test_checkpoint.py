@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from node.errors import InvalidAgentId
+from node.memory.agent_ids import agent_dirname, validate_agent_id
 from node.memory.agents import AgentManager, AgentRequest
 from node.memory.checkpoint import CheckpointStore
-from node.memory.checkpoint_format import agent_dirname, validate_agent_id
 from node.runtime.generation import CachedContext, SamplingParams, generate
 
 GREEDY = SamplingParams(max_tokens=6)

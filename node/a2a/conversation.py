@@ -10,15 +10,15 @@ rendered system prompt.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+
+from node.memory.agent_ids import derived_agent_id
 
 PROBES = ("A", "B")
 
 
 def conversation_agent_id(skill_id: str, context_id: str) -> str:
-    digest = hashlib.sha256(context_id.encode("utf-8")).hexdigest()[:24]
-    return f"{skill_id}.ctx-{digest}"
+    return derived_agent_id(f"{skill_id}.ctx", context_id)
 
 
 def system_prefix_tokens(engine, system_prompt: str) -> list[int]:

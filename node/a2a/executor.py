@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from a2a.helpers import new_task
 from a2a.server.agent_execution import AgentExecutor, RequestContext
@@ -25,16 +25,22 @@ from node.a2a.conversation import Conversation, conversation_agent_id, system_pr
 from node.config import NodeConfig
 from node.errors import NodeError
 
+if TYPE_CHECKING:
+    from node.memory.agents import AgentManager
+    from node.network.node_network import Network
+
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
 
 
 @dataclass
 class SkillRuntime:
-    """What executors share: settings, the agent manager (set at start-up) and running tasks."""
+    """What executors share: settings, the agent manager (set at start-up), the node's network
+    (the coordinator delegates through it) and the running tasks' stop events."""
 
     config: NodeConfig
-    manager: object | None = None
+    manager: AgentManager | None = None
+    network: Network | None = None
     running: dict[str, threading.Event] = field(default_factory=dict)
 
     def stop_all(self) -> None:
@@ -42,7 +48,7 @@ class SkillRuntime:
         for stop in list(self.running.values()):
             stop.set()
 
-    def require_manager(self):
+    def require_manager(self) -> AgentManager:
         if self.manager is None:
             raise NodeError("the node is still starting: no agent manager yet")
         return self.manager
@@ -108,14 +114,14 @@ class SkillExecutor(AgentExecutor):
 
     # ---- one turn ------------------------------------------------------------------------
     async def _run_turn(self, request: TurnRequest, updater: TaskUpdater, stop: threading.Event) -> None:
-        completion = await self.answer(request, _ArtifactStream(updater), stop)
+        completion = await self.answer(request, TaskOutput(updater), stop)
         if completion.finish_reason == "cancelled" or stop.is_set():
             return  # cancel() has written CANCELED
         usage = completion.usage.as_dict()
         metadata = {"skill": self.skill_id, "finish_reason": completion.finish_reason, "usage": usage}
         await updater.update_status(TaskState.TASK_STATE_COMPLETED, metadata=metadata)
 
-    async def answer(self, request: TurnRequest, out: _ArtifactStream, stop: threading.Event):
+    async def answer(self, request: TurnRequest, out: TaskOutput, stop: threading.Event):
         """Generate the reply to `request` with this skill's agent for its context -> Completion.
 
         Subclasses may add context to `request.text` first (the coordinator's delegation seam)."""
@@ -168,8 +174,9 @@ def task_context_id(context: RequestContext) -> str:
     return task.context_id if task is not None and task.context_id else context.context_id
 
 
-class _ArtifactStream:
-    """Text deltas -> chunks of one artifact; holds one delta back so the last chunk is marked."""
+class TaskOutput:
+    """What a turn publishes: its answer's text deltas as chunks of one artifact (one delta held
+    back so the last chunk is marked), and any further artifacts (the coordinator's report)."""
 
     def __init__(self, updater: TaskUpdater) -> None:
         self._updater = updater
@@ -196,3 +203,6 @@ class _ArtifactStream:
             last_chunk=last,
         )
         self._sent += 1
+
+    async def add_artifact(self, parts: list[Part], name: str) -> None:
+        await self._updater.add_artifact(parts, name=name, last_chunk=True)

@@ -2,7 +2,7 @@
 
 Each scenario is a module registered in `node.bench.registry.SCENARIOS`; the runner loads the model
 once, runs the selected scenarios in order, prints a table per scenario, and writes one JSON
-document (`node.bench.report`) and a plot (`node.bench.plot`). Subprocess measurements (a restore in
+document (`node.bench.results`) and a plot (`node.bench.plot`). Subprocess measurements (a restore in
 a fresh process, cold model conversion, the llama.cpp peer) go through `node.bench.worker` and
 `node.bench.llama_worker`. Nothing here imports MLX at import time: the CLI binds the fast BLAS first.
 """
@@ -15,10 +15,9 @@ DEFAULT_JSON = "bench_results/bench.json"
 DEFAULT_PLOT = "bench_results/context_scaling.png"
 
 
-def add_parser(commands, add_model, add_cache_dir) -> None:
+def add_parser(commands, add_model_flags) -> None:
     """The `bench` sub-parser. The bench never touches the user's checkpoints: it writes its own
-    into a throwaway --work-dir, so `add_cache_dir` is not used."""
-    del add_cache_dir
+    into a throwaway --work-dir (its --cache-dir is not used)."""
     p = commands.add_parser(
         "bench", help="benchmark load, prefill, decode, restore vs re-prefill, and a llama.cpp peer"
     )
@@ -42,10 +41,10 @@ def add_parser(commands, add_model, add_cache_dir) -> None:
         default=None,
         help="where checkpoints are written (default: a temporary folder, removed)",
     )
-    add_model(p)
+    add_model_flags(p)
 
 
-def run(args: argparse.Namespace, progress) -> int:
+def run(args: argparse.Namespace, config, progress) -> int:
     from node.bench.runner import run_from_args
 
-    return run_from_args(args, progress)
+    return run_from_args(args, config, progress)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -33,15 +33,13 @@ QUICK = Profile(
     cold_conversion=False,
 )
 
-FULL = Profile(
+FULL = replace(
+    QUICK,
     name="full",
     context_sizes=(70, 2048, 8192, 20480),
-    prefill_sizes=(512, 2048),
     decode_tokens=48,
     task_tokens=24,
-    append_tokens=100,
     resume_context=2048,
-    resume_sessions=5,
     system_tokens=512,
     cold_conversion=True,
 )

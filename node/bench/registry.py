@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from node.bench import batched, context, multi_agent, peer, runtime, sessions
 from node.bench.results import Outcome
-from node.bench.workbench import Bench, BenchError
+from node.bench.workbench import Bench
+from node.errors import BenchError
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from node.bench import results as res
 from node.bench.profile import FULL, QUICK, BenchOptions
 from node.bench.workbench import Bench
+from node.config import NodeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,11 @@ def say(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
+def options_from_args(args: argparse.Namespace, config: NodeConfig) -> BenchOptions:
     scenarios = tuple(s for s in (args.scenarios or "").split(",") if s.strip())
     return BenchOptions(
         profile=QUICK if args.quick else FULL,
-        model=args.model,
+        model=config.model,
         scenarios=scenarios,
         json_path=Path(args.json) if args.json else None,
         plot_path=Path(args.plot) if args.plot else None,
@@ -34,14 +35,14 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
-def run_from_args(args: argparse.Namespace, progress) -> int:
+def run_from_args(args: argparse.Namespace, config: NodeConfig, progress) -> int:
     from node.bench.registry import SCENARIOS
 
     if args.list:
         for s in SCENARIOS:
             print(f"{s.number}  {s.name:12} {s.title}")
         return 0
-    document = run_bench(options_from_args(args))
+    document = run_bench(options_from_args(args, config))
     return 0 if all(r["status"] != "failed" for r in document["scenarios"]) else 1
 
 

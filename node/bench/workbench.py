@@ -8,7 +8,6 @@ its time budget on a 2-core CPU.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -18,14 +17,9 @@ from pathlib import Path
 
 from node.bench import corpus
 from node.bench.profile import BenchOptions, Profile
-from node.errors import NodeError
+from node.errors import BenchError
 
-logger = logging.getLogger(__name__)
 Say = Callable[[str], None]
-
-
-class BenchError(NodeError):
-    """A bench measurement could not be taken (a subprocess failed, a figure is missing)."""
 
 
 class Bench:

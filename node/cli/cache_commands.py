@@ -6,15 +6,15 @@ import argparse
 import json
 import time
 
+from node.config import NodeConfig
 from node.errors import CheckpointError
-from node.memory.checkpoint_format import validate_agent_id
+from node.memory.agent_ids import validate_agent_id
 
 
-def _store(args: argparse.Namespace, fingerprint: str | None = None):
-    from node.cli.commands import _cache_dir
+def _store(config: NodeConfig, fingerprint: str | None = None):
     from node.memory.checkpoint import CheckpointStore
 
-    return CheckpointStore(_cache_dir(args), fingerprint)
+    return CheckpointStore(config.cache_dir, fingerprint)
 
 
 def _summary(manifest: dict) -> dict:
@@ -29,8 +29,8 @@ def _summary(manifest: dict) -> dict:
     }
 
 
-def cache_ls(args: argparse.Namespace) -> int:
-    rows = [_summary(m) for m in _store(args).list_agents()]
+def cache_ls(args: argparse.Namespace, config: NodeConfig) -> int:
+    rows = [_summary(m) for m in _store(config).list_agents()]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -42,8 +42,8 @@ def cache_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_show(args: argparse.Namespace) -> int:
-    store = _store(args)
+def cache_show(args: argparse.Namespace, config: NodeConfig) -> int:
+    store = _store(config)
     manifest = store.manifest(validate_agent_id(args.agent_id))
     if manifest is None:
         print(f"no checkpoint for agent {args.agent_id!r}")
@@ -56,11 +56,11 @@ def cache_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cache_verify(args: argparse.Namespace, progress) -> int:
+def cache_verify(args: argparse.Namespace, config: NodeConfig, progress) -> int:
     from node.model.engine import model_fingerprint
     from node.model.spec import resolve_model_folder
 
-    store = _store(args, model_fingerprint(resolve_model_folder(args.model, progress)))
+    store = _store(config, model_fingerprint(resolve_model_folder(config.model, progress)))
     failures = 0
     for manifest in store.list_agents():
         agent_id = manifest.get("agent_id")
@@ -73,22 +73,22 @@ def cache_verify(args: argparse.Namespace, progress) -> int:
     return 1 if failures else 0
 
 
-def cache_rm(args: argparse.Namespace) -> int:
-    if not _store(args).delete(validate_agent_id(args.agent_id)):
+def cache_rm(args: argparse.Namespace, config: NodeConfig) -> int:
+    if not _store(config).delete(validate_agent_id(args.agent_id)):
         print(f"no checkpoint for agent {args.agent_id!r}")
         return 1
     print(f"removed {args.agent_id}")
     return 0
 
 
-def run_cache(args: argparse.Namespace, progress) -> int:
+def run_cache(args: argparse.Namespace, config: NodeConfig, progress) -> int:
     if args.cache_command == "verify":
-        return cache_verify(args, progress)
+        return cache_verify(args, config, progress)
     handlers = {"ls": cache_ls, "show": cache_show, "rm": cache_rm}
-    return handlers[args.cache_command](args)
+    return handlers[args.cache_command](args, config)
 
 
-def add_parser(commands, add_model, add_cache_dir) -> None:
+def add_parser(commands, add_model_flags) -> None:
     parser = commands.add_parser("cache", help="list, show, verify or remove agent checkpoints")
     sub = parser.add_subparsers(dest="cache_command", required=True)
     ls = sub.add_parser("ls", help="list checkpoints")
@@ -96,8 +96,7 @@ def add_parser(commands, add_model, add_cache_dir) -> None:
     show = sub.add_parser("show", help="show one agent's manifest")
     show.add_argument("agent_id")
     verify = sub.add_parser("verify", help="check every checkpoint's digests and model fingerprint")
-    add_model(verify)
     rm = sub.add_parser("rm", help="delete one agent's checkpoint")
     rm.add_argument("agent_id")
     for p in (ls, show, verify, rm):
-        add_cache_dir(p)
+        add_model_flags(p)

@@ -1,6 +1,7 @@
 """What each CLI command does, kept apart from argument parsing.
 
-Nothing here imports MLX at module level: the CLI binds the fast BLAS first.
+Nothing here imports MLX at module level: `python -m node --help` and `serve`'s argument errors
+answer without loading it (node.model binds the fast BLAS when a command first needs it).
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import argparse
 import asyncio
 import json
 from collections.abc import Callable
-from pathlib import Path
 
-from node.config import default_cache_dir
+from node.config import NodeConfig
 
 Progress = Callable[[str], None]
 
@@ -20,10 +20,6 @@ def _sampling(args: argparse.Namespace):
     from node.runtime.generation import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-
-
-def _cache_dir(args: argparse.Namespace) -> Path:
-    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
 
 
 def _print_result(args: argparse.Namespace, completion) -> None:
@@ -40,13 +36,15 @@ def _print_result(args: argparse.Namespace, completion) -> None:
         print()
 
 
-def run_generate(args: argparse.Namespace, progress: Progress) -> int:
+def run_generate(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
+    from node.model.blas import set_blas_threads
     from node.model.engine import Engine
     from node.runtime.generation import CachedContext, generate
 
-    engine = Engine.load(args.model, progress)
+    set_blas_threads(config.threads)
+    engine = Engine.load(config.model, progress)
     if args.agent:
-        return asyncio.run(_generate_as_agent(engine, args))
+        return asyncio.run(_generate_as_agent(engine, args, config))
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     if args.chat:
         prompt = engine.encode_chat([{"role": "user", "content": args.prompt}])
@@ -59,11 +57,11 @@ def run_generate(args: argparse.Namespace, progress: Progress) -> int:
     return 0
 
 
-async def _generate_as_agent(engine, args: argparse.Namespace) -> int:
+async def _generate_as_agent(engine, args: argparse.Namespace, config: NodeConfig) -> int:
     """Append the prompt to the agent's context (a chat turn with --chat), then checkpoint it."""
     from node.memory.agents import AgentManager
 
-    manager = await AgentManager.start(engine, _cache_dir(args))
+    manager = await AgentManager.start(engine, config.cache_dir)
     try:
         metadata = await manager.metadata(args.agent) or {}
         if args.chat:
@@ -86,26 +84,26 @@ async def _generate_as_agent(engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace, progress: Progress) -> int:
-    from node.server.serve import run_serve as serve
+def run_serve(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
+    from node.server.serve import serve
 
-    return serve(args, progress)
+    return asyncio.run(serve(config, progress))
 
 
-def dispatch(args: argparse.Namespace, progress: Progress) -> int:
+def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
     from node import bench
     from node.cli import cache_commands
 
     handlers = {
         "generate": run_generate,
         "cache": cache_commands.run_cache,
-        "serve": lambda args, p: run_serve(args, p),
+        "serve": run_serve,
         "bench": bench.run,
     }
-    return handlers[args.command](args, progress)
+    return handlers[args.command](args, config, progress)
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from node.demo.run import run
 
-    return run(args.demo_cache_dir)
+    return run(args.demo_dir)

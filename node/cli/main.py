@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
 from node import bench
 from node.cli import cache_commands
+from node.cli.flags import add_model_flags, add_setting_flags, config_from_args
 from node.errors import NodeError
-
-logger = logging.getLogger("node")
 
 
 def _progress(message: str) -> None:
     print(f"[node] {message}", file=sys.stderr, flush=True)
-
-
-def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default', an mlx-lm folder or a .gguf file")
-
-
-def _add_cache_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--cache-dir", default=None, help="agent checkpoints (default ~/.agent_caches or $NODE_CACHE_DIR)"
-    )
 
 
 def _generate_parser(commands) -> None:
@@ -38,71 +26,29 @@ def _generate_parser(commands) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--agent", default=None, help="use and checkpoint this persistent agent's cache")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and usage")
-    _add_model(p)
-    _add_cache_dir(p)
+    add_model_flags(p)
 
 
 def _serve_parser(commands) -> None:
-    from node.config import ALL_SKILLS, NodeConfig
-
-    defaults = NodeConfig()
     p = commands.add_parser("serve", help="serve the skills as A2A agents (JSON-RPC, HTTP+JSON, SSE)")
-    p.add_argument("--host", default=defaults.host)
-    p.add_argument("--port", type=int, default=defaults.port)
-    p.add_argument("--skills", default=",".join(ALL_SKILLS), help="comma-separated skill ids to host")
-    _add_model(p)
-    _add_cache_dir(p)
-    p.add_argument(
-        "--api-key", default=None, help="require this key (Bearer or X-API-Key) on every call but the cards"
-    )
-    p.add_argument(
-        "--max-message-bytes", type=int, default=defaults.max_message_bytes, help="largest request body"
-    )
-    p.add_argument(
-        "--max-tokens", type=int, default=defaults.max_tokens, help="most tokens generated per task"
-    )
-    _network_flags(p, defaults)
-
-
-def _network_flags(p: argparse.ArgumentParser, defaults) -> None:
-    p.add_argument(
-        "--peer", action="append", default=[], metavar="URL", help="a peer node's URL (repeatable)"
-    )
-    p.add_argument("--join", default=None, metavar="URL", help="register with the registry at this node URL")
-    p.add_argument(
-        "--registry", action="store_true", help="act as the network's registry (members in SQLite)"
-    )
-    p.add_argument(
-        "--database-url",
-        default=None,
-        help="postgresql+asyncpg://... : registry and A2A task store in PostgreSQL, shared by the nodes",
-    )
-    p.add_argument(
-        "--peer-timeout", type=float, default=defaults.peer_timeout_s, help="seconds per delegated sub-task"
-    )
-    p.add_argument(
-        "--heartbeat", type=float, default=defaults.heartbeat_s, help="seconds between registry heartbeats"
-    )
-    p.add_argument(
-        "--public-url", default=None, help="the URL others reach this node at (default: host and port)"
-    )
+    add_setting_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m node", description=__doc__)
     parser.add_argument("--demo", action="store_true", help="run the multi-node demo on the default model")
     parser.add_argument(
-        "--cache-dir",
-        dest="demo_cache_dir",
+        "--demo-dir",
+        dest="demo_dir",
         default=None,
-        help="with --demo: keep the nodes' caches in this folder (default: a new temporary folder)",
+        help="with --demo: keep the nodes' caches and logs in this folder (default: a new temporary folder)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command")
     _generate_parser(commands)
-    cache_commands.add_parser(commands, _add_model, _add_cache_dir)
+    cache_commands.add_parser(commands, add_model_flags)
     _serve_parser(commands)
-    bench.add_parser(commands, _add_model, _add_cache_dir)
+    bench.add_parser(commands, add_model_flags)
     return parser
 
 
@@ -139,13 +85,9 @@ def _run(argv: list[str] | None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 0
-        return commands.dispatch(args, _progress)
+        return commands.dispatch(args, config_from_args(args), _progress)
     except NodeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-def print_json(obj: dict) -> None:
-    print(json.dumps(obj, indent=None))

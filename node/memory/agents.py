@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.errors import CheckpointError
+from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore
-from node.memory.checkpoint_format import validate_agent_id
-from node.runtime import kv_cache
+from node.model import kv_cache
 from node.runtime.generation import (
     CachedContext,
     Completion,

@@ -25,15 +25,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from node.errors import CheckpointCorrupt, CheckpointError, CheckpointModelMismatch, CheckpointVersionError
-from node.memory.checkpoint_format import (
-    BLOCK,
-    FORMAT_VERSION,
-    MANIFEST,
-    agent_dirname,
-    block_digests,
-    validate_agent_id,
-)
-from node.runtime import kv_cache
+from node.memory.agent_ids import agent_dirname, validate_agent_id
+from node.memory.checkpoint_format import BLOCK, FORMAT_VERSION, MANIFEST, block_digests
+from node.model import kv_cache
 
 logger = logging.getLogger(__name__)
 MAX_SEGMENTS = 24

@@ -28,6 +28,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import mlx.core as mx
 import numpy as np
@@ -35,7 +36,7 @@ from mlx import nn
 from mlx_lm.models.cache import KVCache
 
 from node.model import blas
-from node.runtime.kv_cache import SlidingHistoryCache
+from node.model.kv_cache import SlidingHistoryCache
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
 _TANH_CLAMP = 7.90531110763549805
@@ -195,8 +196,16 @@ def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | Non
     return None
 
 
+# True while a model that `install` was called on builds its graph: the attention replacement
+# lives in the architecture's module (shared by every model of that architecture in the process),
+# so it falls back to MLX's kernels for models the fast paths were not installed on.
+_installed_model_running: ContextVar[bool] = ContextVar("installed_model_running", default=False)
+
+
 def _fast_sdpa(fallback):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if not _installed_model_running.get():
+            return fallback(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
         layout = None
         if queries.shape[2] > 1 and sinks is None and not hasattr(cache, "bits"):
             layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
@@ -249,8 +258,23 @@ GATED_MLP_ACTIVATIONS = {
 }
 
 
-def _fast_call(m: nn.Module):
-    """The replacement `__call__` for one layer instance, or None to keep its own."""
+def _scoped_call(cls: type):
+    """The top-level model's `__call__`, marking its forward passes for the fast attention."""
+
+    def __call__(self, *args, **kwargs):
+        token = _installed_model_running.set(True)
+        try:
+            return cls.__call__(self, *args, **kwargs)
+        finally:
+            _installed_model_running.reset(token)
+
+    return __call__
+
+
+def _fast_call(m: nn.Module, top: bool = False):
+    """The replacement `__call__` for one module instance, or None to keep its own."""
+    if top:
+        return _scoped_call(type(m))
     if type(m) is nn.RoPE:
         return _table_rope
     activation = GATED_MLP_ACTIVATIONS.get(type(m).__module__)
@@ -274,8 +298,9 @@ def _model_modules(model: nn.Module) -> list:
 def install(model: nn.Module) -> list[str]:
     """Use the fast kernels for `model` on the CPU backend; returns what was replaced.
 
-    Attention is replaced in the model's modules (so for every model of that architecture in
-    the process, which shares the backend); MLPs and RoPE per layer instance.
+    MLPs and RoPE are replaced per layer instance. Attention is replaced in the architecture's
+    module, but only takes the fast path inside this model's forward passes (`_scoped_call`):
+    other models in the process keep MLX's kernels.
     """
     if mx.default_device() != mx.cpu:
         return []
@@ -286,14 +311,14 @@ def install(model: nn.Module) -> list[str]:
             if not hasattr(sdpa, "fallback"):
                 module.scaled_dot_product_attention = _fast_sdpa(sdpa)
             replaced.add(f"{module.__name__}.scaled_dot_product_attention")
-    for _, m in model.named_modules():
-        call = None if _is_fast(m) else _fast_call(m)
+    for name, m in model.named_modules():
+        call = None if _is_fast(m) else _fast_call(m, top=m is model)
         if call is not None:
             cls = type(m)
             if cls not in _fast_classes:
                 _fast_classes[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": __name__})
             m.__class__ = _fast_classes[cls]
-        if _is_fast(m):
+        if _is_fast(m) and m is not model:
             original = type(m).__mro__[1]
             replaced.add(f"{original.__module__}.{original.__name__}")
     return sorted(replaced)

@@ -25,9 +25,9 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from node.errors import ModelSpecError
 from node.model import blas, cpu_kernels
+from node.model.kv_cache import make_caches
 from node.model.spec import resolve_model_folder
 from node.model.tokenizer import TextTokenizer
-from node.runtime.kv_cache import make_caches
 
 logger = logging.getLogger(__name__)
 

@@ -54,10 +54,6 @@ class SlidingHistoryCache(KVCache):
         mask = create_causal_mask(N, self.offset, window_size=self.window)
         return mask[:, self._visible_start(self.offset) :]
 
-    def keys_and_values(self) -> tuple[mx.array, mx.array]:
-        used = self.offset - self.base
-        return self.keys[..., :used, :], self.values[..., :used, :]
-
     def can_trim_to(self, position: int) -> bool:
         return self.base == 0 or self._visible_start(position) >= self.base
 

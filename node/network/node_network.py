@@ -6,8 +6,6 @@ and stopped by the app's lifespan. The coordination skill delegates through `net
 
 from __future__ import annotations
 
-import logging
-
 import httpx
 from starlette.routing import BaseRoute
 
@@ -16,8 +14,6 @@ from node.network.membership import Membership
 from node.network.peers import Delegator, PeerClient, PeerDirectory
 from node.network.registry import Registry
 from node.network.registry_store import RegistryStore
-
-logger = logging.getLogger(__name__)
 
 
 class Network:

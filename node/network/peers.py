@@ -23,7 +23,7 @@ from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from google.protobuf.json_format import MessageToDict
 
 from node.config import NodeConfig
-from node.errors import NodeError
+from node.errors import PeerFailure
 from node.network.registry import REGISTRY_PATH
 
 logger = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ FAILED_STATES = {
     TaskState.TASK_STATE_REJECTED: "rejected",
     TaskState.TASK_STATE_CANCELED: "canceled",
 }
-
-
-class PeerFailure(NodeError):
-    """One attempt at a peer did not produce an answer; `outcome` says how."""
-
-    def __init__(self, outcome: str, detail: str) -> None:
-        super().__init__(f"{outcome}: {detail}")
-        self.outcome, self.detail = outcome, detail
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from node.errors import InvalidRegistration
 from node.network.registry_store import RegistryStore
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Registry:
         try:
             body = await request.json()
             url, card_url, skills, ttl_s = _registration(body)
-        except (ValueError, TypeError) as e:
+        except (InvalidRegistration, ValueError) as e:
             return JSONResponse({"error": f"bad registration: {e}"}, status_code=400)
         member = await self.store.register(url, card_url, skills, ttl_s)
         if member.registered_at == member.last_seen:
@@ -85,19 +86,19 @@ class Registry:
 
 def _registration(body) -> tuple[str, str, tuple[str, ...], float]:
     if not isinstance(body, dict):
-        raise TypeError("expected a JSON object")
+        raise InvalidRegistration("expected a JSON object")
     url = _http_url(body.get("url"), "url").rstrip("/")
     card_url = _http_url(body.get("card_url") or f"{url}/.well-known/agent-card.json", "card_url")
     skills = body.get("skills")
     if not isinstance(skills, list) or not all(isinstance(s, str) and s and "," not in s for s in skills):
-        raise ValueError("skills must be a list of skill ids")
+        raise InvalidRegistration("skills must be a list of skill ids")
     ttl_s = float(body.get("ttl_s", 30.0))
     if not 0 < ttl_s <= MAX_TTL_S:
-        raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S:g}]")
+        raise InvalidRegistration(f"ttl_s must be in (0, {MAX_TTL_S:g}]")
     return url, card_url, tuple(skills), ttl_s
 
 
 def _http_url(value, name: str) -> str:
     if not isinstance(value, str) or urlparse(value).scheme not in ("http", "https") or len(value) > 500:
-        raise ValueError(f"{name} must be an http(s) URL")
+        raise InvalidRegistration(f"{name} must be an http(s) URL")
     return value

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from node.model.kv_cache import SlidingHistoryCache
 from node.runtime.generation import Sequence
-from node.runtime.kv_cache import SlidingHistoryCache
 
 
 def _visible_after_update(cache) -> int:

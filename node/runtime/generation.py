@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from node.errors import PromptTooLong
-from node.runtime import kv_cache
+from node.model import kv_cache
 
 PREFILL_CHUNK = 512
 TextCallback = Callable[[str], None]

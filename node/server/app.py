@@ -34,10 +34,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
     runtime = SkillRuntime(config, manager)
     stores = TaskStores(config.database_url)
     agents = build_agents(config, runtime, stores)
-    network = Network(config)
-    for executor in agents.executors.values():
-        if hasattr(executor, "network"):  # the coordination skill delegates through it
-            executor.network = network
+    network = runtime.network = Network(config)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -75,8 +72,10 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
 
 async def start_manager(config: NodeConfig, progress=logger.info):
     from node.memory.agents import AgentManager
+    from node.model.blas import set_blas_threads
     from node.model.engine import Engine
 
+    set_blas_threads(config.threads)
     engine = await asyncio.to_thread(Engine.load, config.model, progress)
     return await AgentManager.start(
         engine, config.cache_dir, max_agents=config.max_agents, memory_budget_bytes=config.memory_budget_bytes

@@ -6,49 +6,14 @@ grace period), runs the app's shutdown; then every agent is checkpointed by `man
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import uvicorn
 
-from node.config import NodeConfig, default_cache_dir
+from node.config import NodeConfig
 
-logger = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 10
-
-
-def config_from_args(args: argparse.Namespace) -> NodeConfig:
-    skills = tuple(s.strip() for s in args.skills.split(",") if s.strip())
-    return NodeConfig(
-        host=args.host,
-        port=args.port,
-        skills=skills,
-        model=args.model,
-        cache_dir=Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(),
-        api_key=args.api_key or None,
-        max_message_bytes=args.max_message_bytes,
-        max_tokens=args.max_tokens,
-        peers=tuple(url.rstrip("/") for url in args.peer),
-        join=args.join,
-        registry=args.registry,
-        database_url=args.database_url,
-        peer_timeout_s=args.peer_timeout,
-        heartbeat_s=args.heartbeat,
-        public_url=args.public_url,
-    )
-
-
-def run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
-    try:
-        config = config_from_args(args)
-    except ValueError as e:
-        progress(f"invalid settings: {e}")
-        return 2
-    return asyncio.run(serve(config, progress))
 
 
 class _Server(uvicorn.Server):
