@@ -83,5 +83,3 @@ class FakeManager:
         async for item in self.stream(agent_id, prompt, params, **kwargs):
             result = item
         return result
-
-
