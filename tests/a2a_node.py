@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -80,6 +81,16 @@ class NodeProcess:
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"node did not become healthy in {START_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+
+
+async def poll_until(probe, timeout_s: float = 120, interval_s: float = 0.1):
+    """Await `probe()` until it returns something truthy, and return that; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := await probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s; last probe gave {value!r}")
+        await asyncio.sleep(interval_s)
+    return value
 
 
 def http_client(**headers: str) -> httpx.AsyncClient:

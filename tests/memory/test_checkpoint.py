@@ -1,4 +1,4 @@
-"""Checkpoint store and agent manager on the tiny model: faults, hostile ids, eviction, isolation."""
+"""Checkpoint store and agent manager on the tiny model: restores, faults, eviction, isolation."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import InvalidAgentId
-from node.memory.agent_ids import agent_dirname, validate_agent_id
+from node.memory.agent_ids import agent_dirname
 from node.memory.agents import AgentManager, AgentRequest
 from node.memory.checkpoint import CheckpointStore
 from node.runtime.generation import CachedContext, SamplingParams, generate
@@ -42,9 +41,9 @@ async def test_restore_matches_cold_run_and_saves_only_new_tokens(tiny_engine, t
     history = await resumed.tokens("alpha")
     follow_up = history + tiny_engine.encode(" a dog", add_bos=False)
     result = await resumed.generate("alpha", follow_up, GREEDY)
+    restores = resumed.stats()["agents"]["alpha"]["restores"]
     await resumed.close()
-    assert result.usage.cached_tokens == len(history)
-    assert result.usage.restore_s > 0
+    assert result.usage.cached_tokens == len(history) and restores == 1
     cold = generate(tiny_engine, CachedContext(tiny_engine.make_caches()), follow_up, GREEDY)
     assert result.token_ids == cold.token_ids
     segments = _segments(tmp_path, "alpha")
@@ -57,8 +56,9 @@ async def test_diverging_history_is_restored_from_disk(tiny_engine, tmp_path):
     await manager.generate("alpha", prompt, GREEDY)
     edited = prompt[:20] + tiny_engine.encode(" dog dog", add_bos=False)  # far behind the window
     result = await manager.generate("alpha", edited, GREEDY)
+    restores = manager.stats()["agents"]["alpha"]["restores"]
     await manager.close()
-    assert result.usage.cached_tokens == 20 and result.usage.restore_s > 0
+    assert result.usage.cached_tokens == 20 and restores == 1  # the agent in memory could not rewind
     cold = generate(tiny_engine, CachedContext(tiny_engine.make_caches()), edited, GREEDY)
     assert result.token_ids == cold.token_ids
     store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
@@ -115,21 +115,8 @@ async def test_checkpoint_of_another_model_is_refused(tiny_engine, tmp_path):
     other = CheckpointStore(tmp_path, "another-model-fingerprint")
     with pytest.raises(Exception, match="not by the loaded model"):
         other.restore("alpha", tiny_engine.make_caches)
-    assert other.quarantine("alpha", "test") is not None
-    assert not other.exists("alpha")
-
-
-@pytest.mark.parametrize(
-    "agent_id", ["../etc", "a/b", "..", "", "x" * 129, "a\x00b", "/abs", "a b", "ünï", "a..b", ".hidden"]
-)
-def test_hostile_agent_ids_are_rejected(agent_id):
-    with pytest.raises(InvalidAgentId):
-        validate_agent_id(agent_id)
-
-
-def test_ids_differing_in_case_get_distinct_folders():
-    assert agent_dirname("Agent") != agent_dirname("agent")
-    assert agent_dirname("Agent").lower() != agent_dirname("agent").lower()
+    kept = other.quarantine("alpha", "test")
+    assert not other.exists("alpha") and (kept / "REASON.txt").read_text() == "test\n"
 
 
 async def test_lru_eviction_checkpoints_and_restores(tiny_engine, tmp_path):
@@ -141,7 +128,8 @@ async def test_lru_eviction_checkpoints_and_restores(tiny_engine, tmp_path):
     assert stats["agents_in_memory"] == 2 and set(stats["agents"]) == {"agent-2", "agent-3"}
     assert stats["on_disk"]["agents"] == 4
     again = await manager.generate("agent-0", prompts["agent-0"], GREEDY)
-    assert again.usage.cached_tokens == len(prompts["agent-0"]) - 1 and again.usage.restore_s > 0
+    assert again.usage.cached_tokens == len(prompts["agent-0"]) - 1
+    assert manager.stats()["agents"]["agent-0"]["restores"] == 1
     await manager.close()
 
 

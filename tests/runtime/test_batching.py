@@ -32,17 +32,26 @@ async def test_concurrent_requests_are_batched_and_match_solo_runs(tiny_engine, 
 
 async def test_request_joins_a_running_batch_and_finished_ones_leave(tiny_engine, tmp_path):
     manager = await AgentManager.start(tiny_engine, tmp_path)
-    long = asyncio.create_task(
-        manager.generate("long", tiny_engine.encode(TEXTS[0]), SamplingParams(max_tokens=60))
-    )
-    await asyncio.sleep(0.05)
+    decoding = asyncio.Event()
+
+    async def long_request():
+        result = None
+        async for item in manager.stream("long", tiny_engine.encode(TEXTS[0]), SamplingParams(max_tokens=60)):
+            if isinstance(item, str):
+                decoding.set()  # the long sequence has a generated token: it is in the batch
+            result = item
+        return result
+
+    long = asyncio.create_task(long_request())
+    await asyncio.wait({long, asyncio.create_task(decoding.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    assert decoding.is_set() and not long.done()
     short = await manager.generate("short", tiny_engine.encode(TEXTS[1]), SamplingParams(max_tokens=4))
     assert not long.done()  # the short request finished while the long one kept going
     result = await long
     stats = manager.stats()["batching"]
     await manager.close()
     assert short.usage.generated_tokens == 4 and result.usage.generated_tokens == 60
-    assert stats["batched_steps"] > 0
+    assert stats["batched_steps"] > 0 and stats["largest_batch"] == 2
 
 
 async def test_cancel_during_prefill_stops_the_sequence(tiny_engine, tmp_path):
