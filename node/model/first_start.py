@@ -23,8 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,8 +124,18 @@ def _sibling(target: Path, suffix: str) -> Path:
     return target.with_name(target.name + suffix)
 
 
-def _partial_name(target: Path) -> dict[str, str]:
-    return {"dir": str(target.parent), "prefix": f".{target.name}.", "suffix": PARTIAL_SUFFIX}
+def _new_partial(target: Path, folder: bool = False) -> Path:
+    """A new, empty partial file (or folder) for `target`, beside it; modes follow the umask."""
+    while True:
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}")
+        try:
+            if folder:
+                partial.mkdir()
+            else:
+                os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return partial
+        except FileExistsError:
+            continue
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -175,16 +185,13 @@ def _verified(target: Path, expected: Expected, progress: Progress) -> bool:
 
 def _write_stamp(target: Path, expected: Expected) -> None:
     stamp = _sibling(target, ".verified")
-    fd, name = tempfile.mkstemp(**_partial_name(stamp))
-    with os.fdopen(fd, "w") as handle:
-        json.dump(_stamp_key(target, expected), handle)
-    os.replace(name, stamp)
+    partial = _new_partial(stamp)
+    partial.write_text(json.dumps(_stamp_key(target, expected)))
+    os.replace(partial, stamp)
 
 
 def _build_file(target: Path, write: Callable[[Path], None], expected: Expected) -> None:
-    fd, name = tempfile.mkstemp(**_partial_name(target))
-    os.close(fd)
-    partial = Path(name)
+    partial = _new_partial(target)
     try:
         write(partial)
         _check_built(partial, target, expected)
@@ -207,7 +214,7 @@ def _check_built(partial: Path, target: Path, expected: Expected) -> None:
 
 
 def _build_folder(target: Path, build: Callable[[Path], None], marker: str) -> None:
-    staging = Path(tempfile.mkdtemp(**_partial_name(target)))
+    staging = _new_partial(target, folder=True)
     try:
         build(staging)
         if not (staging / marker).exists():
