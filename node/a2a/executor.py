@@ -22,11 +22,13 @@ from a2a.types import Part, TaskState
 from google.protobuf.json_format import MessageToDict
 
 from node.a2a.conversation import Conversation, conversation_agent_id, system_prefix_tokens
+from node.a2a.playbooks import playbook
 from node.config import NodeConfig
 from node.errors import NodeError
 
 if TYPE_CHECKING:
     from node.memory.agents import AgentManager
+    from node.model.engine import Engine
     from node.network.node_network import Network
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,12 @@ class TurnRequest:
 
 
 class SkillExecutor(AgentExecutor):
-    """Answers with the skill's own persistent agent; subclasses set the id and system prompt."""
+    """Answers with the skill's own persistent agent; subclasses set the id and system prompt.
+
+    An instruction-tuned model reads the skill's `system_prompt`; a base model reads its playbook
+    (`skills/playbooks/<skill_id>.txt`: worked examples it continues), which is prefilled once
+    into the skill's base agent and restored from there for every conversation.
+    """
 
     skill_id: ClassVar[str]
     system_prompt: ClassVar[str]
@@ -73,11 +80,14 @@ class SkillExecutor(AgentExecutor):
     def __init__(self, runtime: SkillRuntime) -> None:
         self.runtime = runtime
 
+    def instructions(self, engine: Engine) -> str:
+        return self.system_prompt if engine.info.instruction_tuned else playbook(self.skill_id)
+
     # ---- start-up ------------------------------------------------------------------------
     async def warm_up(self) -> int:
         """Prefill the skill's base agent with its system prompt once (kept on disk)."""
         manager = self.runtime.require_manager()
-        prefix = system_prefix_tokens(manager.engine, self.system_prompt)
+        prefix = system_prefix_tokens(manager.engine, self.instructions(manager.engine))
         await manager.ensure_prefix(self.skill_id, prefix)
         return len(prefix)
 
@@ -130,7 +140,8 @@ class SkillExecutor(AgentExecutor):
         manager = self.runtime.require_manager()
         agent_id = conversation_agent_id(self.skill_id, request.context_id)
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))
-        prompt = manager.engine.encode_chat(conversation.prompt(self.system_prompt, request.text))
+        instructions = self.instructions(manager.engine)
+        prompt = manager.engine.encode_chat(conversation.prompt(instructions, request.text))
         extra = {"skill": self.skill_id, "context_id": request.context_id}
 
         def record(completion: Completion) -> dict:
@@ -141,7 +152,12 @@ class SkillExecutor(AgentExecutor):
 
         completion = None
         stream = manager.stream(
-            agent_id, prompt, self.sampling(request), base_agent=self.skill_id, metadata=record, cancel=stop
+            agent_id,
+            prompt,
+            self.sampling(request, manager.engine.chat_stop),
+            base_agent=self.skill_id,
+            metadata=record,
+            cancel=stop,
         )
         async for item in stream:
             if isinstance(item, str):
@@ -151,13 +167,13 @@ class SkillExecutor(AgentExecutor):
         await out.close()
         return completion
 
-    def sampling(self, request: TurnRequest):
+    def sampling(self, request: TurnRequest, stop: tuple[str, ...] = ()):
         from node.runtime.generation import SamplingParams
 
         cap = self.runtime.config.max_tokens
         asked = request.metadata.get("max_tokens")
         max_tokens = min(int(asked), cap) if isinstance(asked, (int, float)) and asked > 0 else cap
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
 
 
 def _turn_request(context: RequestContext) -> TurnRequest:

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 from node.config import NodeConfig
 
@@ -90,6 +91,18 @@ def run_serve(args: argparse.Namespace, config: NodeConfig, progress: Progress) 
     return asyncio.run(serve(config, progress))
 
 
+def run_eval(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
+    from node.eval.run import run_eval as evaluate
+
+    skills = tuple(s.strip() for s in args.skills.split(",") if s.strip())
+    json_path = Path(args.json) if args.json else None
+    document = evaluate(config.model, skills, args.per_skill, args.max_tokens, json_path, print)
+    print(f"passed: {document['passed_share']:.0%} of {document['questions']} answers {document['by_skill']}")
+    if json_path is not None:
+        print(f"results: {json_path}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
     from node import bench
     from node.cli import cache_commands
@@ -99,6 +112,7 @@ def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
         "cache": cache_commands.run_cache,
         "serve": run_serve,
         "bench": bench.run,
+        "eval": run_eval,
     }
     return handlers[args.command](args, config, progress)
 

@@ -10,6 +10,7 @@ import sys
 from node import bench
 from node.cli import cache_commands
 from node.cli.flags import add_model_flags, add_setting_flags, config_from_args
+from node.config import ALL_SKILLS
 from node.errors import NodeError
 
 
@@ -27,6 +28,15 @@ def _generate_parser(commands) -> None:
     p.add_argument("--agent", default=None, help="use and checkpoint this persistent agent's cache")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and usage")
     add_model_flags(p)
+
+
+def _eval_parser(commands) -> None:
+    p = commands.add_parser("eval", help="ask each skill its question set over A2A and score the answers")
+    p.add_argument("--skills", default=",".join(ALL_SKILLS), help="comma-separated skill ids")
+    p.add_argument("--per-skill", type=int, default=None, help="first N questions per skill (default: all)")
+    p.add_argument("--max-tokens", type=int, default=80)
+    p.add_argument("--json", default="eval_results/eval.json", metavar="PATH", help="results file")
+    add_setting_flags(p, ("model",))
 
 
 def _serve_parser(commands) -> None:
@@ -48,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(commands)
     cache_commands.add_parser(commands, add_model_flags)
     _serve_parser(commands)
+    _eval_parser(commands)
     bench.add_parser(commands, add_model_flags)
     return parser
 

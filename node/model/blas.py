@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from node.config import user_cache_dir
+from node.config import switch_on, user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def bind_fast_blas() -> str | None:
         ctypes.cast(openblas.scipy_cblas_sgemv, ctypes.c_void_p),
     )
     thin.node_blas_thin_calls.restype = ctypes.c_long
-    thin.node_blas_set_thin(int(os.environ.get("NODE_THIN_SGEMM") != "0"))
+    thin.node_blas_set_thin(int(switch_on("THIN_SGEMM")))
     _thin, _openblas = thin, openblas
     _bound = str(library)
     logger.debug("bound OpenBLAS from %s through %s", library, shim_path)

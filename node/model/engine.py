@@ -1,4 +1,8 @@
-"""The loaded model: weights, tokenizer, chat template and a fingerprint of all three.
+"""The loaded model: weights, tokenizer, prompt format and a fingerprint of what defines its KV.
+
+A model with a chat template (in its GGUF or tokenizer config) is instruction-tuned and renders
+conversations with it; one without is a base model and renders them as a plain document
+(`node.model.prompt_format`).
 
 On the CPU backend weights are kept in fp32 (only fp32 matmul goes through BLAS there; bf16 and
 quantized matmuls are 4-1000x slower) and the model runs through `node.model.cpu_kernels` (set
@@ -10,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -23,9 +26,11 @@ from mlx import nn
 from mlx.utils import tree_map
 from mlx_lm.utils import dequantize_model, load_model
 
+from node.config import switch_on
 from node.errors import ModelSpecError
 from node.model import blas, cpu_kernels
 from node.model.kv_cache import make_caches
+from node.model.prompt_format import prompt_format
 from node.model.spec import resolve_model_folder
 from node.model.tokenizer import TextTokenizer
 
@@ -43,6 +48,7 @@ class ModelInfo:
     backend: str
     dtype: str
     load_s: float
+    instruction_tuned: bool = False
     kernels: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -87,7 +93,7 @@ def _kernels(model: nn.Module) -> list[str]:
     kernels = []
     if blas.thin_calls() is not None:
         kernels.append("cblas_sgemm: thin products (decode) as sgemv / few-row kernel")
-    if os.environ.get("NODE_CPU_KERNELS") != "0":
+    if switch_on("CPU_KERNELS"):
         kernels += cpu_kernels.install(model)
     return kernels
 
@@ -107,6 +113,7 @@ class Engine:
         self.info = info
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_ids = self._stop_token_ids(tokenizer)
+        self.prompt_format = prompt_format(tokenizer, instruction_tuned=bool(tokenizer.chat_template))
 
     @classmethod
     def load(
@@ -136,6 +143,7 @@ class Engine:
             backend=backend(),
             dtype=dtype,
             load_s=time.perf_counter() - started,
+            instruction_tuned=bool(tokenizer.chat_template),
             kernels=kernels,
         )
         return cls(model, tokenizer, info)
@@ -159,17 +167,18 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        if not self.has_chat_template():
-            raise ModelSpecError(f"model {self.info.name} has no chat template")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        """The conversation as the model was trained to read it (template or document)."""
+        return self.prompt_format.render(messages, add_generation_prompt)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The template writes the BOS token itself.
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
+        text = self.render_chat(messages, add_generation_prompt)
+        return self.encode(text, add_bos=self.prompt_format.add_bos)
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings that end a reply in this model's prompt format (beyond its stop tokens)."""
+        return self.prompt_format.stop
 
     def make_caches(self) -> list:
         return make_caches(self.model)

@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from node.errors import ModelImportError
-from node.model.chat_templates import fallback_chat_template
 from node.model.first_start import ensure_folder, file_digest
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 SUPPORTED_ARCHITECTURES = ("gemma3", "llama")
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: no borrowed chat template for base models
 GGUF_MAGIC = b"GGUF"
 SOURCE_MARKER = "node_source.json"  # written last: a converted folder is complete iff it holds this
 
@@ -196,7 +195,8 @@ def _write_tokenizer(fields: dict, arch: str, folder: Path) -> None:
         index = info.get(f"{key}_token_id")
         return tokens[index] if index is not None and index < len(tokens) else None
 
-    template = _field(fields, "tokenizer.chat_template") or fallback_chat_template(arch)
+    # A GGUF without a chat template is a base model: it gets none (node.model.prompt_format).
+    template = _field(fields, "tokenizer.chat_template")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token("bos"),
