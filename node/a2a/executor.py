@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -44,6 +45,7 @@ class SkillRuntime:
     manager: AgentManager | None = None
     network: Network | None = None
     running: dict[str, threading.Event] = field(default_factory=dict)
+    base_contexts: dict[str, BaseContext] = field(default_factory=dict)
 
     def stop_all(self) -> None:
         """Stop every running generation (at shutdown: their agents are checkpointed as they stop)."""
@@ -54,6 +56,15 @@ class SkillRuntime:
         if self.manager is None:
             raise NodeError("the node is still starting: no agent manager yet")
         return self.manager
+
+
+@dataclass(frozen=True)
+class BaseContext:
+    """A skill's base agent at start-up: its tokens, how many came from the checkpoint, the time."""
+
+    tokens: int
+    restored_tokens: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -84,12 +95,13 @@ class SkillExecutor(AgentExecutor):
         return self.system_prompt if engine.info.instruction_tuned else playbook(self.skill_id)
 
     # ---- start-up ------------------------------------------------------------------------
-    async def warm_up(self) -> int:
-        """Prefill the skill's base agent with its system prompt once (kept on disk)."""
+    async def warm_up(self) -> BaseContext:
+        """Prefill the skill's base agent with its instructions once (kept on disk, restored after)."""
         manager = self.runtime.require_manager()
         prefix = system_prefix_tokens(manager.engine, self.instructions(manager.engine))
-        await manager.ensure_prefix(self.skill_id, prefix)
-        return len(prefix)
+        started = time.perf_counter()
+        restored = await manager.ensure_prefix(self.skill_id, prefix)
+        return BaseContext(len(prefix), restored, round(time.perf_counter() - started, 3))
 
     # ---- AgentExecutor -------------------------------------------------------------------
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import httpx
@@ -35,7 +36,17 @@ def section(name: str) -> None:
 
 def startup(seconds: dict[str, float]) -> None:
     ready = ", ".join(f"node {name} ready in {s:.1f} s" for name, s in seconds.items())
-    out(f"  {ready} (model load + system prompts prefilled or restored)")
+    out(f"  {ready} (model load + each skill's playbook prefilled or restored)")
+
+
+def base_contexts(health: dict[str, dict]) -> None:
+    """Each skill's playbook (its base context): prefilled on a first start, restored after."""
+    for name, body in health.items():
+        for skill, base in body.get("base_contexts", {}).items():
+            how = "restored from disk" if base["restored_tokens"] >= base["tokens"] else "prefilled"
+            out(
+                f"  node {name} {skill}: playbook of {base['tokens']} tokens {how} in {base['seconds']:.2f} s"
+            )
 
 
 def members(found: list[dict], names: dict[str, str]) -> None:
@@ -50,17 +61,27 @@ def _tokens(usage: dict, key: str) -> int:
 def turns(turns) -> None:
     out(
         f"  {'agent':<20}{'node':<6}{'prompt':>7}{'cached':>8}{'prefill':>9}{'prefill s':>11}"
-        f"{'restore s':>11}{'gen':>5}{'gen s':>7}{'wall s':>8}"
+        f"{'restore s':>11}{'gen':>5}{'gen s':>7}{'tok/s':>7}{'wall s':>8}"
     )
     for t in turns:
         u = t.usage
+        generated, generate_s = _tokens(u, "generated_tokens"), u.get("generate_s", 0)
+        rate = generated / generate_s if generate_s else 0.0
         out(
             f"  {t.agent:<20}{t.node:<6}{_tokens(u, 'prompt_tokens'):>7}{_tokens(u, 'cached_tokens'):>8}"
             f"{_tokens(u, 'prefilled_tokens'):>9}{u.get('prefill_s', 0):>11.2f}{u.get('restore_s', 0):>11.3f}"
-            f"{_tokens(u, 'generated_tokens'):>5}{u.get('generate_s', 0):>7.1f}{t.wall_s:>8.1f}"
+            f"{generated:>5}{generate_s:>7.1f}{rate:>7.1f}{t.wall_s:>8.1f}"
         )
     for t in turns:
-        out(f"    {t.agent} said: {_excerpt(t.text)}")
+        answer(t.agent, t.text)
+
+
+def answer(agent: str, text: str) -> None:
+    """The agent's whole answer, wrapped."""
+    out(f"    {agent}:")
+    flat = " ".join(text.split()) or "(no answer)"
+    for line in textwrap.wrap(flat, WIDTH - 6):
+        out(f"      {line}")
 
 
 def resume_table(first: dict, resumed: dict, cold: dict) -> None:
@@ -106,7 +127,8 @@ def delegation(turn, names: dict[str, str]) -> None:
     )
     if report.get("missing"):
         out(f"  missing: {', '.join(report['missing'])}")
-    out(f"  delegation total {report.get('elapsed_s', 0):.1f} s; answer: {_excerpt(turn.text)}")
+    out(f"  delegation total {report.get('elapsed_s', 0):.1f} s")
+    answer("coordination", turn.text)
 
 
 async def caches(nodes, labels: dict[str, str]) -> None:
@@ -145,8 +167,3 @@ def footer(wall_s: float, root: Path) -> None:
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
-
-
-def _excerpt(text: str, limit: int = 90) -> str:
-    flat = " ".join(text.split())
-    return repr(flat if len(flat) <= limit else flat[: limit - 3] + "...")

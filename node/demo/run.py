@@ -32,8 +32,8 @@ from node.demo.nodes import DemoNode, free_port, start_all, stop_all
 from node.network.peers import text_request
 from skills.coordination import subtask_context
 
-MAX_TOKENS = 24
-DELEGATED_MAX_TOKENS = 16
+MAX_TOKENS = 80
+DELEGATED_MAX_TOKENS = 80
 HEARTBEAT_S = 2.0
 CLIENT_TIMEOUT_S = 600
 BRIEF = (
@@ -120,6 +120,7 @@ class Demo:
     async def session_one(self) -> dict[str, Turn]:
         report.section("Session 1: start the network, create three agents")
         report.startup(await asyncio.to_thread(start_all, self.nodes))
+        report.base_contexts(await self.health())
         await self.wait_registered()
         turns = await asyncio.gather(*(self.first_turn(skill) for skill in QUESTIONS))
         report.turns(turns)
@@ -129,6 +130,7 @@ class Demo:
         report.section("Restart: stop both nodes (agents checkpointed), start them again")
         await asyncio.to_thread(stop_all, self.nodes)
         report.startup(await asyncio.to_thread(start_all, self.nodes))
+        report.base_contexts(await self.health())
         await self.wait_registered()
 
     async def session_two(self) -> tuple[dict[str, Turn], dict[str, Turn]]:
@@ -165,6 +167,10 @@ class Demo:
             request = text_request(text, context_id, {"skill": skill, **metadata})
             events = [event async for event in client.send_message(request)]
         return _turn(skill, node.name, events, time.monotonic() - started)
+
+    async def health(self) -> dict[str, dict]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            return {node.name: (await http.get(f"{node.url}/health")).json() for node in self.nodes}
 
     async def wait_registered(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s

@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from node.durable import fsync_path
 from node.errors import CheckpointCorrupt, CheckpointError, CheckpointModelMismatch, CheckpointVersionError
 from node.memory.agent_ids import agent_dirname, validate_agent_id
 from node.memory.checkpoint_format import BLOCK, FORMAT_VERSION, MANIFEST, block_digests
@@ -46,14 +47,6 @@ def _fsync_write(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _to_numpy(array: mx.array) -> np.ndarray:
@@ -223,7 +216,7 @@ class CheckpointStore:
         temporary = folder / f".{MANIFEST}.tmp"
         _fsync_write(temporary, json.dumps(manifest).encode())
         os.replace(temporary, folder / MANIFEST)
-        _fsync_dir(folder)
+        fsync_path(folder)
 
     @staticmethod
     def _collect_garbage(folder: Path, manifest: dict) -> None:

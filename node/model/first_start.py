@@ -32,6 +32,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from node.durable import fsync_path
 from node.errors import ModelImportError
 
 Progress = Callable[[str], None]
@@ -195,12 +196,12 @@ def _build_file(target: Path, write: Callable[[Path], None], expected: Expected)
     try:
         write(partial)
         _check_built(partial, target, expected)
-        _fsync(partial)
+        fsync_path(partial)
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    _fsync(target.parent)
+    fsync_path(target.parent)
     _write_stamp(target, expected)
 
 
@@ -220,20 +221,11 @@ def _build_folder(target: Path, build: Callable[[Path], None], marker: str) -> N
         if not (staging / marker).exists():
             raise ModelImportError(f"building {target} did not write its marker {marker}")
         for path in staging.rglob("*"):
-            _fsync(path)
+            fsync_path(path)
         if target.exists():
             shutil.rmtree(target)  # a partial folder from an older build: it has no marker
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync(target.parent)
-
-
-def _fsync(path: Path) -> None:
-    """Flush `path` (a file or a folder's entries) to disk, so a rename never outlives its data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(target.parent)

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from node.config import user_cache_dir
+from node.config import model_cache_root
 from node.errors import ModelSpecError
 from node.model.first_start import Expected, ensure_file
 from node.model.gguf_import import check_gguf_header, converted_folder
 
 DEFAULT_SPEC = "default"
-
-
-def model_cache_root() -> Path:
-    override = os.environ.get("NODE_MODEL_CACHE")
-    if override:
-        return Path(override).expanduser()
-    return user_cache_dir() / "models"
 
 
 def default_gguf(progress: Callable[[str], None], package: ModuleType | None = None) -> Path:

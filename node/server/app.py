@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -43,7 +44,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
             runtime.manager = await start_manager(config)
         try:
             await stores.initialize()
-            await warm_up(agents.executors.values())
+            await warm_up(runtime, agents.executors.values())
             await network.start()
             yield
         finally:
@@ -82,11 +83,14 @@ async def start_manager(config: NodeConfig, progress=logger.info):
     )
 
 
-async def warm_up(executors) -> None:
+async def warm_up(runtime: SkillRuntime, executors) -> None:
     for executor in executors:
         executor: SkillExecutor
-        tokens = await executor.warm_up()
-        logger.info("skill %s: system prompt of %d tokens cached", executor.skill_id, tokens)
+        base = runtime.base_contexts[executor.skill_id] = await executor.warm_up()
+        logger.info(
+            "skill %s: base context of %d tokens ready in %.2f s (%d restored from disk)",
+            executor.skill_id, base.tokens, base.seconds, base.restored_tokens,
+        )  # fmt: skip
 
 
 def _middleware(config: NodeConfig) -> list[Middleware]:
@@ -105,6 +109,7 @@ def _health(runtime: SkillRuntime):
             "model": manager.engine.info.name if manager is not None else None,
             "skills": list(runtime.config.skills),
             "running_tasks": len(runtime.running),
+            "base_contexts": {skill: asdict(base) for skill, base in runtime.base_contexts.items()},
         }
         return JSONResponse(body, status_code=200 if manager is not None else 503)
 
