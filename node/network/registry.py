@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from urllib.parse import urlparse
 
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from node.errors import InvalidRegistration
 from node.network.registry_store import RegistryStore
+from node.server.guards import BodyTooLarge, read_body
 
 logger = logging.getLogger(__name__)
 REGISTRY_PATH = "/registry/nodes"
@@ -28,9 +30,10 @@ MAX_TTL_S = 3600.0
 
 
 class Registry:
-    def __init__(self, store: RegistryStore, sweep_s: float) -> None:
+    def __init__(self, store: RegistryStore, sweep_s: float, max_body_bytes: int) -> None:
         self.store = store
         self.sweep_s = sweep_s
+        self.max_body_bytes = max_body_bytes
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -67,8 +70,10 @@ class Registry:
 
     async def _register(self, request: Request) -> JSONResponse:
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request, self.max_body_bytes))
             url, card_url, skills, ttl_s = _registration(body)
+        except BodyTooLarge as e:
+            return JSONResponse({"error": f"bad registration: {e}"}, status_code=413)
         except (InvalidRegistration, ValueError) as e:
             return JSONResponse({"error": f"bad registration: {e}"}, status_code=400)
         member = await self.store.register(url, card_url, skills, ttl_s)
@@ -92,10 +97,10 @@ def _registration(body) -> tuple[str, str, tuple[str, ...], float]:
     skills = body.get("skills")
     if not isinstance(skills, list) or not all(isinstance(s, str) and s and "," not in s for s in skills):
         raise InvalidRegistration("skills must be a list of skill ids")
-    ttl_s = float(body.get("ttl_s", 30.0))
-    if not 0 < ttl_s <= MAX_TTL_S:
+    ttl_s = body.get("ttl_s", 30.0)
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 0 < ttl_s <= MAX_TTL_S:
         raise InvalidRegistration(f"ttl_s must be in (0, {MAX_TTL_S:g}]")
-    return url, card_url, tuple(skills), ttl_s
+    return url, card_url, tuple(skills), float(ttl_s)
 
 
 def _http_url(value, name: str) -> str:
