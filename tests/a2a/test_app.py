@@ -1,4 +1,4 @@
-"""The node app in-process (httpx ASGITransport, no model): cards, API key, conversations.
+"""The node app in-process (httpx ASGITransport, no model): cards, API key, body checks.
 
 Without a lifespan the app has no agent manager, which is all these checks need; the real server
 with the model is exercised in tests/integration/test_a2a_server.py.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from node.a2a.conversation import Conversation, conversation_agent_id
 from node.config import NodeConfig
 from node.server.app import create_app
 
@@ -126,21 +125,3 @@ async def test_http_json_refuses_a_body_that_is_not_json(plain, path):
         served = await http.post(path, json=body)
     assert refused.status_code == 415, refused.text
     assert served.status_code == 400, served.text  # reached the handler: no parts
-
-
-def test_conversation_drops_an_unanswered_question_and_renders_turns():
-    stored = {
-        "messages": [
-            {"role": "user", "content": "a"},
-            {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"},
-        ]
-    }
-    conversation = Conversation.from_metadata(stored)
-    assert conversation.turns == 1
-    assert [m["content"] for m in conversation.prompt("sys", "d")] == ["sys", "a", "b", "d"]
-    assert conversation.metadata("d", "e", skill="x")["messages"][-2:] == [
-        {"role": "user", "content": "d"},
-        {"role": "assistant", "content": "e"},
-    ]
-    assert conversation_agent_id("coordination", "any / context id ü").startswith("coordination.ctx-")
