@@ -4,7 +4,7 @@ The plan is deterministic (the small base model plans poorly): one sub-task per 
 phrased from the request. The sub-tasks run concurrently over A2A at peers that host those skills,
 other nodes or this one through the same HTTP path (`node.network.peers`), each in a context derived from
 the coordinator's contextId, so the experts' conversations persist too. The coordinator then
-answers with its own persistent agent, the findings put in front of the request. The task's last
+answers with its own persistent agent, the experts' views written after the request. The task's last
 artifact, `delegation`, says which peer answered which sub-task with timings and usage, and what
 is missing. Message metadata `"delegate": false` makes the coordinator answer alone.
 """
@@ -24,16 +24,9 @@ from google.protobuf.json_format import ParseDict
 from node.a2a.executor import SkillExecutor, TurnRequest
 from node.network.peers import REPORT_ARTIFACT, SubtaskResult
 
-EXPERT_QUESTIONS = {
-    "technical_analysis": (
-        "Give a short technical analysis of this request: the components involved, the trade-offs "
-        "and the main technical risk.\n\nRequest: {request}"
-    ),
-    "business_analysis": (
-        "Give a short business analysis of this request: the costs, the benefits and the main "
-        "business risk.\n\nRequest: {request}"
-    ),
-}
+# Each expert gets the request as it is: its own instructions (a system prompt, or for a base
+# model its playbook) say how to answer it.
+EXPERT_SKILLS = ("technical_analysis", "business_analysis")
 DELEGATE_KEY = "delegate"
 STOP_POLL_S = 0.2
 SUBTASK_NAMESPACE = uuid.UUID("5b0f4a52-6a43-4c1e-9a7e-2d6f1c0b8e11")
@@ -45,8 +38,17 @@ class Subtask:
     question: str
 
 
+VIEW_LABELS = dict(zip(EXPERT_SKILLS, ("Technical view", "Business view"), strict=True))
+
+
+def _one_line(result: SubtaskResult) -> str:
+    if result.answer is None or not result.answer.text.strip():
+        return "(no answer: the expert was unavailable)"
+    return " ".join(result.answer.text.split())
+
+
 def plan(request_text: str) -> list[Subtask]:
-    return [Subtask(skill, q.format(request=request_text)) for skill, q in EXPERT_QUESTIONS.items()]
+    return [Subtask(skill, request_text) for skill in EXPERT_SKILLS]
 
 
 def subtask_context(context_id: str, skill: str) -> str:
@@ -135,15 +137,12 @@ class CoordinationExecutor(SkillExecutor):
 
     @staticmethod
     def with_findings(request: TurnRequest, report: DelegationReport | None) -> TurnRequest:
+        """The request followed by one line per expert's view, as the coordination playbook
+        shows them (`Technical view: ...`); a view that did not arrive says so."""
         if report is None:
             return request
-        notes = [
-            f"Findings from {r.skill.replace('_', ' ')}:\n{r.answer.text.strip()}"
-            if r.answer is not None
-            else f"No findings from {r.skill.replace('_', ' ')} (unavailable)."
-            for r in report.results
-        ]
-        return replace(request, text="\n\n".join([*notes, f"Request:\n{request.text}"]))
+        views = [f"{VIEW_LABELS.get(r.skill, r.skill)}: {_one_line(r)}" for r in report.results]
+        return replace(request, text="\n".join([request.text.strip(), *views]))
 
 
 def _as_value(report: DelegationReport) -> struct_pb2.Value:
