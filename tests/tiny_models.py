@@ -111,10 +111,15 @@ def _finish(writer: gguf.GGUFWriter) -> None:
 
 
 def write_tiny_gguf(
-    path: Path, seed: int = 0, quantize: tuple[str, ...] = ("mlp.up_proj",)
+    path: Path, seed: int = 0, quantize: tuple[str, ...] = ("mlp.up_proj",), chat_template: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Write the Gemma GGUF; return the weights the import must reproduce (Q8_0 within tolerance)."""
+    """Write the Gemma GGUF; return the weights the import must reproduce (Q8_0 within tolerance).
+
+    Without `chat_template` it is a base model, like the embedded default; with one, an
+    instruction-tuned model."""
     writer = _start(path, "gemma3", HEADS, KV_HEADS)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_key_length(HEAD_DIM)
     writer.add_value_length(HEAD_DIM)
     writer.add_rope_freq_base(1_000_000.0)

@@ -21,7 +21,7 @@ from typing import Protocol
 QUESTION = "Question:"
 ANSWER = "Answer:"
 # The base model ends its answer by starting the next question (or a new document section).
-DOCUMENT_STOPS = (f"\n{QUESTION}", f"\n\n{ANSWER}", "\n\n\n")
+DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---")
 
 
 class TextTokenizer(Protocol):
