@@ -109,7 +109,9 @@ class ChatService:
                     yield item
             if completion is None:
                 raise RuntimeError("the generation ended without a completion")
-            held = list(prompt.tokens) + list(getattr(completion, "token_ids", ()))
+            if completion.finish_reason != "cancelled" or watcher.complete():
+                # (a client that went away mid-prefill leaves a shorter cache: unknown here)
+                held = list(prompt.tokens) + list(getattr(completion, "token_ids", ()))
         finally:
             index.release(prompt.family_id, agent_id, held, len(prompt.tokens))
         yield self._reply(request, params.max_tokens, watcher, completion)
