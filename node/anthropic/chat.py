@@ -119,13 +119,16 @@ class ChatService:
     def _reply(self, request: ChatRequest, budget: int, watcher: CallWatcher, completion) -> Reply:
         parsed = watcher.tools.parse(completion.text) if watcher.enabled else None
         calls = parsed.calls if parsed is not None else ()
-        reason, cap = _stop_reason(completion.finish_reason, budget, request.max_tokens)
+        finish = completion.finish_reason
+        if finish == "stop" and completion.stop_sequence not in request.stop_sequences:
+            finish = "eos"  # the prompt format's own end of turn (a base model's next question)
+        reason, cap = _stop_reason(finish, budget, request.max_tokens)
         usage = completion.usage
         return Reply(
             text=parsed.text if calls else completion.text,
             calls=calls,
             stop_reason="tool_use" if calls else reason,
-            stop_sequence=None if calls else completion.stop_sequence,
+            stop_sequence=completion.stop_sequence if reason == "stop_sequence" and not calls else None,
             prompt_tokens=usage.prompt_tokens,
             cached_tokens=usage.cached_tokens,
             output_tokens=usage.generated_tokens,
@@ -139,7 +142,7 @@ class ChatService:
             max_tokens=self.max_tokens(request),
             temperature=request.temperature,
             top_p=request.top_p,
-            stop=request.stop_sequences,
+            stop=request.stop_sequences + tuple(getattr(self.manager.engine, "chat_stop", ())),
         )
 
 
