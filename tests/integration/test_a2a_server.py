@@ -99,10 +99,33 @@ async def test_each_skill_answers_on_the_main_endpoint(node):
             assert metadata_of(task)["skill"] == (skill or "coordination")
             assert "".join(p.text for a in task.artifacts for p in a.parts).strip()
             numbers = usage(task)
-            assert numbers["generated_tokens"] == 3
-            assert numbers["prompt_tokens"] == numbers["cached_tokens"] + numbers["prefilled_tokens"]
+            assert numbers["generatedTokens"] == 3
+            assert numbers["promptTokens"] == numbers["cachedTokens"] + numbers["prefilledTokens"]
             # A new context starts from the skill's prefilled system prompt.
-            assert numbers["cached_tokens"] >= 30
+            assert numbers["cachedTokens"] >= 30
+
+
+NEW_QUESTIONS = {  # in neither the playbooks nor the eval set
+    "technical_analysis": "Our nightly report job takes six hours on one server. How can we make it faster?",
+    "business_analysis": "Should a five-person startup hire a full-time designer or use freelancers?",
+}
+
+
+@pytest.mark.parametrize("skill", NEW_QUESTIONS)
+async def test_answers_do_not_echo_the_instructions(node, skill):
+    """The base model reads the skill's playbook as a document: it answers, it does not repeat it."""
+    from node.a2a.playbooks import playbook
+    from node.eval.scoring import echoed_run
+    from skills import SKILLS as EXECUTORS
+
+    async with http_client() as http:
+        client = await a2a_client(http, node.url)
+        task = final_task(await send(client, NEW_QUESTIONS[skill], skill=skill, max_tokens=MAX_TOKENS))
+    answer = "".join(p.text for a in task.artifacts for p in a.parts)
+    instructions = [EXECUTORS[skill].system_prompt, playbook(skill), NEW_QUESTIONS[skill]]
+    assert len(answer.split()) >= 3, answer
+    assert echoed_run(answer, instructions) is None, answer
+    assert not answer.strip().startswith(EXECUTORS[skill].system_prompt[:30]), answer
 
 
 async def test_skill_agents_answer_concurrently_on_their_own_endpoints(node):
@@ -127,7 +150,7 @@ async def test_streaming_yields_incremental_artifact_chunks(node):
     assert chunks[-1].last_chunk and not any(c.last_chunk for c in chunks[:-1])
     assert len({c.artifact.artifact_id for c in chunks}) == 1
     final = [e.status_update for e in events if e.HasField("status_update")][-1]
-    assert metadata_of(final)["usage"]["generated_tokens"] == 6
+    assert metadata_of(final)["usage"]["generatedTokens"] == 6
 
 
 async def test_rest_transport_send_get_and_list(node):
@@ -181,8 +204,8 @@ async def test_same_context_reuses_the_cache_also_after_a_restart(node):
             )
         )
     # Turn two's cached prefix covers turn one's whole prompt and (all but the last token of) its answer.
-    assert second["cached_tokens"] >= first["prompt_tokens"] + first["generated_tokens"] - 1
-    assert second["prefilled_tokens"] < second["prompt_tokens"] - first["prompt_tokens"]
+    assert second["cachedTokens"] >= first["promptTokens"] + first["generatedTokens"] - 1
+    assert second["prefilledTokens"] < second["promptTokens"] - first["promptTokens"]
 
     node.restart()
     async with http_client() as http:
@@ -193,7 +216,7 @@ async def test_same_context_reuses_the_cache_also_after_a_restart(node):
             )
         )
         stats = (await http.get(f"{node.url}/agents")).json()
-    assert third["cached_tokens"] >= second["prompt_tokens"] + second["generated_tokens"] - 1
+    assert third["cachedTokens"] >= second["promptTokens"] + second["generatedTokens"] - 1
     assert stats["agents"][agent_id("technical_analysis", context_id)]["restores"] == 1
 
 
@@ -227,7 +250,7 @@ async def test_cancel_stops_generation_mid_stream(node):
         after = await client.get_task(GetTaskRequest(id=task_id))
     assert after.status.state == TaskState.TASK_STATE_CANCELED
     kept = agent["tokens"]
-    assert reference["prompt_tokens"] < kept < reference["prompt_tokens"] + MAX_TOKENS // 2
+    assert reference["promptTokens"] < kept < reference["promptTokens"] + MAX_TOKENS // 2
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -260,7 +283,7 @@ async def test_non_text_part_is_refused(node):
         response = await http.post(f"{node.url}/skills/coordination/", json=rpc("SendMessage", params))
         rest = await http.post(f"{node.url}/message:send", json=params)
     assert response.json()["error"]["code"] == -32005, response.text
-    assert rest.status_code == 400 and "CONTENT_TYPE_NOT_SUPPORTED" in rest.text, rest.text
+    assert rest.status_code == 415 and "CONTENT_TYPE_NOT_SUPPORTED" in rest.text, rest.text
 
 
 async def test_rest_errors_are_4xx(node):
