@@ -65,8 +65,6 @@ async def test_ttl_defaults_and_edges(registry):
     assert edge.status_code == 200 and edge.json()["member"]["ttl_s"] == MAX_TTL_S
 
 
-# Since 5425a02 the endpoint catches (InvalidRegistration, ValueError) where it caught
-# (ValueError, TypeError): float(None) and float([30]) raise TypeError, which escapes as a 500.
 BAD_BODIES = {
     "not json": b'{"url": "http://10.0.0.7:8000", ',
     "empty body": b"",
