@@ -29,11 +29,11 @@ from node.runtime.generation import (
     Completion,
     SamplingParams,
     Sequence,
-    common_prefix_length,
     prefill,
     reusable_prefix,
     rewind,
 )
+from node.runtime.prefix import common_prefix_length
 from node.runtime.worker import ModelWorker
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from node.errors import CheckpointError
 from node.memory.agent_ids import derived_agent_id
-from node.runtime.generation import common_prefix_length
+from node.runtime.prefix import common_prefix_length
 
 logger = logging.getLogger(__name__)
 MAX_CONVERSATIONS = 32

@@ -17,6 +17,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from node.errors import PromptTooLong
 from node.model import kv_cache
+from node.runtime.prefix import common_prefix_length
 
 PREFILL_CHUNK = 512
 TextCallback = Callable[[str], None]
@@ -63,14 +64,6 @@ class CachedContext:
     @property
     def nbytes(self) -> int:
         return kv_cache.nbytes(self.caches)
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def reusable_prefix(context: CachedContext, prompt: list[int]) -> int:
