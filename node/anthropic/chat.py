@@ -29,6 +29,8 @@ MAX_PENDING = 16
 
 @dataclass(frozen=True)
 class Reply:
+    """One finished assistant turn, in the terms both chat APIs answer with."""
+
     text: str
     calls: tuple[ToolCall, ...]
     stop_reason: str  # "end_turn" | "max_tokens" | "stop_sequence" | "tool_use"

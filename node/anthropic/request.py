@@ -40,6 +40,8 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class ToolCall:
+    """A tool call the model made (or the client replays): its id, the tool and the arguments."""
+
     id: str
     name: str
     input: dict

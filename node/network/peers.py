@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 from a2a.client import Client, ClientConfig, create_client
@@ -46,9 +46,20 @@ class Attempt:
     elapsed_s: float
     detail: str = ""
 
+    def as_dict(self) -> dict:
+        """As the delegation artifact carries it (camelCase, like all A2A JSON)."""
+        return {
+            "peer": self.peer,
+            "outcome": self.outcome,
+            "elapsedSeconds": round(self.elapsed_s, 3),
+            "detail": self.detail,
+        }
+
 
 @dataclass(frozen=True)
 class Answer:
+    """A peer's finished sub-task: the answer text, its task id and the usage it reported."""
+
     text: str
     task_id: str
     usage: dict
@@ -77,10 +88,10 @@ class SubtaskResult:
             "question": self.question,
             "answered": self.answer is not None,
             "peer": self.peer,
-            "task_id": self.answer.task_id if self.answer else None,
-            "elapsed_s": round(self.elapsed_s, 3),
+            "taskId": self.answer.task_id if self.answer else None,
+            "elapsedSeconds": round(self.elapsed_s, 3),
             "usage": self.answer.usage if self.answer else None,
-            "attempts": [asdict(a) | {"elapsed_s": round(a.elapsed_s, 3)} for a in self.attempts],
+            "attempts": [a.as_dict() for a in self.attempts],
         }
 
 
