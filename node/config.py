@@ -82,6 +82,9 @@ class NodeConfig:
     peer_timeout_s: float = _setting(120.0, "seconds per delegated sub-task", flag="--peer-timeout")
     heartbeat_s: float = _setting(10.0, "seconds between registry heartbeats", flag="--heartbeat")
     public_url: str | None = _setting(None, "the URL others reach this node at (default: host and port)")
+    conformance: bool = _setting(
+        False, "also serve the A2A conformance agent (the kit's scenarios) at /conformance"
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in ALL_SKILLS]

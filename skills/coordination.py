@@ -69,7 +69,7 @@ class DelegationReport:
 
     def as_dict(self) -> dict:
         return {
-            "elapsed_s": round(self.elapsed_s, 3),
+            "elapsedSeconds": round(self.elapsed_s, 3),
             "missing": self.missing,
             "subtasks": [r.as_dict() for r in self.results],
         }
@@ -89,10 +89,10 @@ def _render_result(result: SubtaskResult) -> list[str]:
     if result.answer is None:
         why = "no peer answered" if result.attempts else "no peer hosts this skill"
         return [f"- {result.skill}: MISSING, {why}", *earlier]
-    u = {k: int(v) for k, v in result.answer.usage.items() if k.endswith("_tokens")}
+    u = {k: int(v) for k, v in result.answer.usage.items() if k.endswith("Tokens")}
     numbers = (
-        f"prompt {u.get('prompt_tokens', '?')} tokens, {u.get('cached_tokens', '?')} cached, "
-        f"{u.get('generated_tokens', '?')} generated"
+        f"prompt {u.get('promptTokens', '?')} tokens, {u.get('cachedTokens', '?')} cached, "
+        f"{u.get('generatedTokens', '?')} generated"
     )
     head = f"- {result.skill}: answered by {result.peer} in {result.attempts[-1].elapsed_s:.1f} s ({numbers})"
     return [head, *earlier]

@@ -24,6 +24,8 @@ from a2a.types import AgentCard
 from google.protobuf.json_format import ParseDict
 
 NODE_CARD = "node"
+CONFORMANCE_CARD = "conformance"
+CONFORMANCE_PATH = "/conformance"
 URL_PLACEHOLDER = "{url}"
 API_KEY_HEADER = "X-API-Key"
 
@@ -55,6 +57,11 @@ def node_card(base_url: str, skills: tuple[str, ...], api_key: bool) -> AgentCar
 def skill_card(base_url: str, skill_id: str, api_key: bool) -> AgentCard:
     data = json.loads(json.dumps(load_card_data(skill_id)))
     return _build(data, base_url.rstrip("/") + skill_path(skill_id), api_key)
+
+
+def conformance_card(base_url: str, api_key: bool) -> AgentCard:
+    data = json.loads(json.dumps(load_card_data(CONFORMANCE_CARD)))
+    return _build(data, base_url.rstrip("/") + CONFORMANCE_PATH, api_key)
 
 
 def current_card(card: AgentCard) -> AgentCard:

@@ -1,7 +1,8 @@
 """The A2A executor every skill shares: a task is one turn of a persistent conversation.
 
 Contract (a2a-sdk): enqueue the Task, WORKING, the answer as chunks of one artifact (append), then
-COMPLETED with the usage in the task's metadata, or FAILED with the reason. `cancel` sets the
+COMPLETED with `skill`, `finishReason` and `usage` (`a2a_usage`) in the task's metadata, or FAILED
+with the reason. `cancel` sets the
 task's stop event, which the agent manager checks before every token; the manager checkpoints the
 agent either way, so its cache stays consistent with what it has seen.
 """
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from node.memory.agents import AgentManager
     from node.model.engine import Engine
     from node.network.node_network import Network
+    from node.runtime.generation import Usage
 
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
@@ -139,8 +141,8 @@ class SkillExecutor(AgentExecutor):
         completion = await self.answer(request, TaskOutput(updater), stop)
         if completion.finish_reason == "cancelled" or stop.is_set():
             return  # cancel() has written CANCELED
-        usage = completion.usage.as_dict()
-        metadata = {"skill": self.skill_id, "finish_reason": completion.finish_reason, "usage": usage}
+        usage = a2a_usage(completion.usage)
+        metadata = {"skill": self.skill_id, "finishReason": completion.finish_reason, "usage": usage}
         await updater.update_status(TaskState.TASK_STATE_COMPLETED, metadata=metadata)
 
     async def answer(self, request: TurnRequest, out: TaskOutput, stop: threading.Event):
@@ -186,6 +188,24 @@ class SkillExecutor(AgentExecutor):
         asked = request.metadata.get("max_tokens")
         max_tokens = min(int(asked), cap) if isinstance(asked, (int, float)) and asked > 0 else cap
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+
+
+# A turn's usage in A2A metadata: camelCase keys like the rest of A2A's JSON (DM-SERIAL-001),
+# seconds spelled out. The Anthropic and OpenAI APIs keep their own snake_case usage.
+A2A_USAGE_KEYS = {
+    "prompt_tokens": "promptTokens",
+    "cached_tokens": "cachedTokens",
+    "prefilled_tokens": "prefilledTokens",
+    "generated_tokens": "generatedTokens",
+    "prefill_s": "prefillSeconds",
+    "generate_s": "generateSeconds",
+    "restore_s": "restoreSeconds",
+}
+
+
+def a2a_usage(usage: Usage) -> dict:
+    """`usage` as the task metadata carries it: {"promptTokens": ..., "prefillSeconds": ...}."""
+    return {A2A_USAGE_KEYS[key]: value for key, value in usage.as_dict().items()}
 
 
 def _turn_request(context: RequestContext) -> TurnRequest:

@@ -1,20 +1,22 @@
 """Request handling on top of the SDK's `DefaultRequestHandler`.
 
 `NodeRequestHandler` checks a message before any task exists for it, so bad input gets the
-protocol's errors (JSON-RPC -32602/-32005, HTTP 400/415) instead of a failed task or a 500.
+protocol's errors (JSON-RPC -32602/-32005, HTTP 400/415) instead of a failed task or a 500: a part
+whose media type the agent's card does not list in `defaultInputModes` is the specification's
+`ContentTypeNotSupportedError`.
 `SkillRouter` is the executor of the node's main endpoint: message metadata `skill` picks the
 skill, the default skill takes the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.types import Message, SendMessageRequest, Task
+from a2a.types import AgentCard, Message, Part, SendMessageRequest, Task
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
 from google.protobuf.json_format import MessageToDict
 
@@ -30,27 +32,55 @@ def requested_skill(message: Message, request_metadata: Mapping | None = None) -
     return None
 
 
-def check_parts(message: Message) -> None:
+# The media type of a part that does not name one, by the kind of its content.
+IMPLIED_MEDIA_TYPES = {"text": "text/plain", "data": "application/json"}
+UNNAMED_MEDIA_TYPE = "application/octet-stream"
+
+
+def part_media_type(part: Part) -> str:
+    declared = part.media_type.split(";", 1)[0].strip().lower()
+    return declared or IMPLIED_MEDIA_TYPES.get(part.WhichOneof("content") or "", UNNAMED_MEDIA_TYPE)
+
+
+def accepts(input_modes: Sequence[str], media_type: str) -> bool:
+    """`media_type` is one of `input_modes` (which may hold `type/*` and `*/*`)."""
+    kind = media_type.split("/", 1)[0]
+    return any(mode in (media_type, f"{kind}/*", "*/*") for mode in input_modes)
+
+
+def check_parts(message: Message, input_modes: Sequence[str], needs_text: bool = True) -> None:
+    """Raise the protocol's error for a message the agent cannot take.
+
+    `input_modes` are the media types the agent accepts (its card's `defaultInputModes`); with
+    `needs_text` (the skills answer text) at least one part must be non-empty text."""
     if not message.parts:
         raise InvalidParamsError(message="message has no parts: send at least one text part")
     for index, part in enumerate(message.parts):
-        if part.WhichOneof("content") != "text":
+        media_type = part_media_type(part)
+        if not accepts(input_modes, media_type):
             raise ContentTypeNotSupportedError(
-                message=f"part {index} is not text: this node's skills accept text parts only"
+                message=f"part {index} is {media_type}: this agent accepts {', '.join(input_modes)}"
             )
-        if not part.text.strip():
+        if part.WhichOneof("content") == "text" and not part.text.strip():
             raise InvalidParamsError(message=f"part {index} has no text")
+    if needs_text and not any(part.WhichOneof("content") == "text" for part in message.parts):
+        raise ContentTypeNotSupportedError(message="no text part: this agent answers text parts only")
 
 
 class NodeRequestHandler(DefaultRequestHandler):
     """`DefaultRequestHandler` that validates messages for one A2A agent of the node.
 
     `skills` are the skill ids a message may ask for at this endpoint (one for a skill's own
-    endpoint, all hosted skills for the node's main endpoint)."""
+    endpoint, all hosted skills for the node's main endpoint, none for the conformance agent);
+    the card's `defaultInputModes` are the media types its messages may carry."""
 
-    def __init__(self, *args, skills: tuple[str, ...], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *, agent_card: AgentCard, skills: tuple[str, ...], needs_text: bool = True, **kwargs
+    ) -> None:
+        super().__init__(agent_card=agent_card, **kwargs)
         self.skills = skills
+        self.needs_text = needs_text
+        self.input_modes = tuple(agent_card.default_input_modes)
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext) -> Message | Task:
         self.check(params)
@@ -66,7 +96,7 @@ class NodeRequestHandler(DefaultRequestHandler):
     def check(self, params: SendMessageRequest) -> None:
         if not params.HasField("message"):
             raise InvalidParamsError(message="params.message is required")
-        check_parts(params.message)
+        check_parts(params.message, self.input_modes, self.needs_text)
         skill = requested_skill(params.message, MessageToDict(params.metadata))
         if skill is not None and skill not in self.skills:
             raise InvalidParamsError(

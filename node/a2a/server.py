@@ -1,12 +1,15 @@
-"""The node's A2A agents: one per hosted skill under /skills/<id>/, plus the node itself at /.
+"""The node's A2A agents: one per hosted skill under /skills/<id>/, plus the node itself at /,
+and with `conformance` on, the conformance agent at /conformance (`node.a2a.conformance`).
 
 Each agent is the SDK's stack: a card, a `NodeRequestHandler` with its own task store and push
 configuration store, and the JSON-RPC and HTTP+JSON routes (v1.0 and v0.3) at the agent's path.
+HTTP+JSON responses pass through `node.a2a.http_json` (the binding's media type and statuses).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from email.utils import formatdate
 
 import httpx
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
@@ -18,9 +21,11 @@ from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from starlette.routing import BaseRoute, Mount, Route
 
-from node.a2a.cards import current_card, node_card, skill_card, skill_path
+from node.a2a.cards import CONFORMANCE_PATH, conformance_card, current_card, node_card, skill_card, skill_path
+from node.a2a.conformance import ConformanceExecutor
 from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.a2a.handler import NodeRequestHandler, SkillRouter
+from node.a2a.http_json import as_specified
 from node.a2a.task_stores import TaskStores
 from node.config import NodeConfig
 from node.server.guards import json_only, jsonrpc_error, rest_error
@@ -64,6 +69,11 @@ def build_agents(config: NodeConfig, runtime: SkillRuntime, stores: TaskStores |
         handler = _handler(executor, card, (skill_id,), push_client, stores)
         handlers.append(handler)
         skill_routes += _skill_agent_routes(handler, card, skill_path(skill_id))
+    if config.conformance:
+        card = conformance_card(config.base_url, secured)
+        handler = _handler(ConformanceExecutor(), card, (), push_client, stores, needs_text=False)
+        handlers.append(handler)
+        skill_routes += _skill_agent_routes(handler, card, CONFORMANCE_PATH)
     router = SkillRouter(executors, default_skill(config.skills))
     card = node_card(config.base_url, config.skills, secured)
     node = _handler(router, card, config.skills, push_client, stores)
@@ -73,7 +83,12 @@ def build_agents(config: NodeConfig, runtime: SkillRuntime, stores: TaskStores |
 
 
 def _handler(
-    executor, card: AgentCard, skills: tuple[str, ...], push_client: httpx.AsyncClient, stores: TaskStores
+    executor,
+    card: AgentCard,
+    skills: tuple[str, ...],
+    push_client: httpx.AsyncClient,
+    stores: TaskStores,
+    needs_text: bool = True,
 ) -> NodeRequestHandler:
     push_configs = InMemoryPushNotificationConfigStore()
     return NodeRequestHandler(
@@ -83,17 +98,31 @@ def _handler(
         push_config_store=push_configs,
         push_sender=BasePushNotificationSender(push_client, push_configs),
         skills=skills,
+        needs_text=needs_text,
     )
 
 
 def _card_routes(card: AgentCard) -> list[BaseRoute]:
-    """The v1.0 card at the well-known path; the card with the v0.3 fields at the legacy one."""
-    return [
+    """The v1.0 card at the well-known path; the card with the v0.3 fields at the legacy one.
+
+    Both say when the card was built (`Last-Modified`): it changes only when the node restarts."""
+    built = formatdate(usegmt=True)
+    routes = [
         *create_agent_card_routes(
             current_card(card), card_url=AGENT_CARD_WELL_KNOWN_PATH, cache_control=CARD_CACHE_CONTROL
         ),
         *create_agent_card_routes(card, card_url=LEGACY_CARD_PATH, cache_control=CARD_CACHE_CONTROL),
     ]
+    return [_wrapped(route, lambda endpoint: _last_modified(endpoint, built)) for route in routes]
+
+
+def _last_modified(endpoint, built: str):
+    async def card(request):
+        response = await endpoint(request)
+        response.headers["last-modified"] = built
+        return response
+
+    return card
 
 
 def _jsonrpc_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
@@ -102,15 +131,21 @@ def _jsonrpc_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
 
 
 def _rest_routes(handler: NodeRequestHandler) -> list[BaseRoute]:
-    return [_json_only(route, rest_error) for route in create_rest_routes(handler, enable_v0_3_compat=True)]
+    routes = create_rest_routes(handler, enable_v0_3_compat=True)
+    return [_wrapped(_json_only(route, rest_error), as_specified) for route in routes]
 
 
 def _json_only(route: BaseRoute, refuse) -> BaseRoute:
     """`route` (or the routes of a mount) with the content-type check on POST."""
+    return _wrapped(route, lambda endpoint: json_only(endpoint, refuse), post_only=True)
+
+
+def _wrapped(route: BaseRoute, wrap, post_only: bool = False) -> BaseRoute:
+    """`route` (or the routes of a mount) with `wrap` applied to its endpoint (POST ones only)."""
     if isinstance(route, Mount):
-        return Mount(route.path, routes=[_json_only(r, refuse) for r in route.routes])
-    if isinstance(route, Route) and "POST" in (route.methods or ()):
-        return Route(route.path, endpoint=json_only(route.endpoint, refuse), methods=list(route.methods))
+        return Mount(route.path, routes=[_wrapped(r, wrap, post_only) for r in route.routes])
+    if isinstance(route, Route) and (not post_only or "POST" in (route.methods or ())):
+        return Route(route.path, endpoint=wrap(route.endpoint), methods=list(route.methods or ()))
     return route
 
 

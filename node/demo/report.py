@@ -65,11 +65,11 @@ def turns(turns) -> None:
     )
     for t in turns:
         u = t.usage
-        generated, generate_s = _tokens(u, "generated_tokens"), u.get("generate_s", 0)
+        generated, generate_s = _tokens(u, "generatedTokens"), u.get("generateSeconds", 0)
         rate = generated / generate_s if generate_s else 0.0
         out(
-            f"  {t.agent:<20}{t.node:<6}{_tokens(u, 'prompt_tokens'):>7}{_tokens(u, 'cached_tokens'):>8}"
-            f"{_tokens(u, 'prefilled_tokens'):>9}{u.get('prefill_s', 0):>11.2f}{u.get('restore_s', 0):>11.3f}"
+            f"  {t.agent:<20}{t.node:<6}{_tokens(u, 'promptTokens'):>7}{_tokens(u, 'cachedTokens'):>8}"
+            f"{_tokens(u, 'prefilledTokens'):>9}{u.get('prefillSeconds', 0):>11.2f}{u.get('restoreSeconds', 0):>11.3f}"
             f"{generated:>5}{generate_s:>7.1f}{rate:>7.1f}{t.wall_s:>8.1f}"
         )
     for t in turns:
@@ -92,15 +92,15 @@ def resume_table(first: dict, resumed: dict, cold: dict) -> None:
     )
     for agent, turn in resumed.items():
         u, c = turn.usage, cold[agent].usage
-        restore_s, prefill_s = u.get("restore_s", 0.0), c.get("prefill_s", 0.0)
+        restore_s, prefill_s = u.get("restoreSeconds", 0.0), c.get("prefillSeconds", 0.0)
         speedup = f"{prefill_s / restore_s:.0f}x" if restore_s > 0 else "n/a"
         out(
-            f"  {agent:<20}{_tokens(u, 'cached_tokens'):>16}{restore_s:>11.3f}"
-            f"{_tokens(c, 'prefilled_tokens'):>22}{prefill_s:>11.2f}{speedup:>11}"
+            f"  {agent:<20}{_tokens(u, 'cachedTokens'):>16}{restore_s:>11.3f}"
+            f"{_tokens(c, 'prefilledTokens'):>22}{prefill_s:>11.2f}{speedup:>11}"
         )
     out("  restored = the whole conversation so far (brief, question, answer) read from the checkpoint;")
     out("  cold = the same brief prefilled from scratch after the skill's cached system prompt.")
-    first_prefill = ", ".join(f"{a} {t.usage.get('prefill_s', 0):.2f} s" for a, t in first.items())
+    first_prefill = ", ".join(f"{a} {t.usage.get('prefillSeconds', 0):.2f} s" for a, t in first.items())
     out(f"  (session 1 cold prefills of the first turn: {first_prefill})")
 
 
@@ -116,18 +116,18 @@ def delegation(turn, names: dict[str, str]) -> None:
             ", ".join(f"{names.get(a['peer'], a['peer'])}: {a['outcome']}" for a in sub["attempts"]) or "none"
         )
         out(
-            f"  {sub['skill']:<20}{who:<34}{sub['elapsed_s']:>6.1f}{_tokens(u, 'prompt_tokens'):>8}"
-            f"{_tokens(u, 'cached_tokens'):>8}{_tokens(u, 'generated_tokens'):>5}  {tries}"
+            f"  {sub['skill']:<20}{who:<34}{sub['elapsedSeconds']:>6.1f}{_tokens(u, 'promptTokens'):>8}"
+            f"{_tokens(u, 'cachedTokens'):>8}{_tokens(u, 'generatedTokens'):>5}  {tries}"
         )
     u = turn.usage
     out(
-        f"  synthesis on node {turn.node} (its own persistent context): prompt {_tokens(u, 'prompt_tokens')}, "
-        f"cached {_tokens(u, 'cached_tokens')}, generated {_tokens(u, 'generated_tokens')}, "
-        f"{u.get('prefill_s', 0) + u.get('generate_s', 0):.1f} s"
+        f"  synthesis on node {turn.node} (its own persistent context): prompt {_tokens(u, 'promptTokens')}, "
+        f"cached {_tokens(u, 'cachedTokens')}, generated {_tokens(u, 'generatedTokens')}, "
+        f"{u.get('prefillSeconds', 0) + u.get('generateSeconds', 0):.1f} s"
     )
     if report.get("missing"):
         out(f"  missing: {', '.join(report['missing'])}")
-    out(f"  delegation total {report.get('elapsed_s', 0):.1f} s")
+    out(f"  delegation total {report.get('elapsedSeconds', 0):.1f} s")
     answer("coordination", turn.text)
 
 

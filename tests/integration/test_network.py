@@ -117,7 +117,7 @@ async def test_coordinator_delegates_across_nodes(network):
     assert set(by_skill) == {"technical_analysis", "business_analysis"}
     for skill, subtask in by_skill.items():
         assert subtask["peer"] == a.url and subtask["answered"]
-        assert subtask["usage"]["generated_tokens"] == 4
+        assert subtask["usage"]["generatedTokens"] == 4
         assert f"answered by {a.url}" in report["text"]
         # The expert's conversation is a persistent agent on A, checkpointed like any other.
         assert agent_id(skill, subtask_context(context_id, skill)) in a_agents
@@ -127,7 +127,7 @@ async def test_coordinator_delegates_across_nodes(network):
     ]
     assert answer
     final = [e.status_update for e in events if e.HasField("status_update")][-1]
-    assert metadata_of(final)["usage"]["generated_tokens"] == 4
+    assert metadata_of(final)["usage"]["generatedTokens"] == 4
 
 
 async def test_a_peer_killed_mid_task_is_retried_elsewhere_and_the_gap_reported(network):

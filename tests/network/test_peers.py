@@ -48,7 +48,7 @@ class ScriptedPeer(AgentExecutor):
         else:
             await updater.add_artifact([Part(text="use a cache")], name="answer", last_chunk=True)
             await updater.update_status(
-                TaskState.TASK_STATE_COMPLETED, metadata={"usage": {"generated_tokens": 3}}
+                TaskState.TASK_STATE_COMPLETED, metadata={"usage": {"generatedTokens": 3}}
             )
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
@@ -105,7 +105,7 @@ async def test_slow_and_failed_peers_are_skipped_for_the_next_one():
         delegator = Delegator(PeerDirectory(config, http), PeerClient(http, timeout_s=PEER_TIMEOUT_S))
         result = await delegator.run(SKILL, "Cache or not?", "ctx-1", {"max_tokens": 3})
     assert result.answer is not None and result.answer.text == "use a cache"
-    assert result.answer.usage == {"generated_tokens": 3}
+    assert result.answer.usage == {"generatedTokens": 3}
     assert result.peer == good
     outcomes = [(a.peer, a.outcome) for a in result.attempts]
     assert outcomes == [(slow, "timeout"), (failing, "failed"), (good, "completed")]
