@@ -102,12 +102,15 @@ async def test_input_required_then_completed_then_history(node, binding):
         client = await conformance_client(http, node, binding)
         waiting = final_task(await send(client, tck_message("tck-input-required")))
         assert waiting.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+        again = final_task(await send(client, tck_message("tck-input-required", waiting.id)))
+        assert again.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
         done = final_task(await send(client, tck_message("tck-complete-task", waiting.id)))
         fetched = await client.get_task(GetTaskRequest(id=waiting.id))
     assert done.id == waiting.id and done.status.state == TaskState.TASK_STATE_COMPLETED
     assert done.status.message.parts[0].text == "Hello from TCK"
     user_turns = [m for m in fetched.history if m.role == Role.ROLE_USER]
-    assert [m.message_id.split("-")[1] for m in user_turns] == ["input", "complete"]
+    # Every message has its own messageId (tck_message), so each is kept, in order.
+    assert [m.message_id.split("-")[1] for m in user_turns] == ["input", "input", "complete"]
 
 
 @pytest.mark.parametrize("binding", BINDINGS)
