@@ -168,7 +168,7 @@ class SkillExecutor(AgentExecutor):
         stream = manager.stream(
             agent_id,
             prompt,
-            self.sampling(request, manager.engine.chat_stop),
+            self.sampling(request, manager.engine.prompt_format),
             base_agent=self.skill_id,
             metadata=record,
             cancel=stop,
@@ -181,13 +181,19 @@ class SkillExecutor(AgentExecutor):
         await out.close()
         return completion
 
-    def sampling(self, request: TurnRequest, stop: tuple[str, ...] = ()):
+    def sampling(self, request: TurnRequest, prompt_format):
+        """Greedy, within the node's cap, ending where the prompt format ends a reply."""
         from node.runtime.generation import SamplingParams
 
         cap = self.runtime.config.max_tokens
         asked = request.metadata.get("max_tokens")
         max_tokens = min(int(asked), cap) if isinstance(asked, (int, float)) and asked > 0 else cap
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            stop=prompt_format.stop,
+            repetition_penalty=prompt_format.repetition_penalty,
+        )
 
 
 # A turn's usage in A2A metadata: camelCase keys like the rest of A2A's JSON (DM-SERIAL-001),

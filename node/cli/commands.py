@@ -97,7 +97,11 @@ def run_eval(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
     skills = tuple(s.strip() for s in args.skills.split(",") if s.strip())
     json_path = Path(args.json) if args.json else None
     document = evaluate(config.model, skills, args.per_skill, args.max_tokens, json_path, print)
-    print(f"passed: {document['passed_share']:.0%} of {document['questions']} answers {document['by_skill']}")
+    print(
+        f"passed: {document['passed_share']:.0%} of {document['questions']} answers {document['by_skill']}; "
+        f"non-empty {document['non_empty_share']:.0%}, no echo {document['no_echo_share']:.0%}, "
+        f"passed naming a domain term (not only the subject) {document['passed_on_terms_share']:.0%}"
+    )
     if json_path is not None:
         print(f"results: {json_path}")
     return 0

@@ -30,13 +30,14 @@ TIMEOUT_S = 900
 class Question:
     skill: str
     text: str
+    subject: list[str]
     terms: list[str]
 
 
 def load_questions(path: Path, skills: tuple[str, ...], per_skill: int | None) -> list[Question]:
     data = json.loads(path.read_text(encoding="utf-8"))
     return [
-        Question(skill, item["question"], list(item["terms"]))
+        Question(skill, item["question"], list(item["subject"]), list(item["terms"]))
         for skill in skills
         for item in data[skill][:per_skill]
     ]
@@ -64,7 +65,7 @@ async def ask_all(url: str, questions: list[Question], max_tokens: int, say) -> 
                     text, usage = answer.text, answer.usage
                 except PeerFailure as e:
                     text, usage = "", {"error": str(e)}
-                verdict = judge(text, [*instruction_texts(q.skill), q.text], q.terms)
+                verdict = judge(text, [*instruction_texts(q.skill), q.text], q.subject, q.terms)
                 say(_line(q, text, verdict))
                 return {
                     "skill": q.skill,
@@ -90,16 +91,23 @@ def _why(verdict: Verdict) -> str:
         return "empty"
     if verdict.echo:
         return f"repeats its prompt: '{verdict.echo}'"
-    return "names no key term"
+    return "names neither its subject nor a key term"
+
+
+def _share(rows: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in rows) / max(len(rows), 1), 3)
 
 
 def summary(results: list[dict]) -> dict:
-    by_skill = {}
-    for skill in dict.fromkeys(r["skill"] for r in results):
-        rows = [r for r in results if r["skill"] == skill]
-        by_skill[skill] = round(sum(r["passed"] for r in rows) / len(rows), 3)
-    total = sum(r["passed"] for r in results) / max(len(results), 1)
-    return {"passed_share": round(total, 3), "by_skill": by_skill, "questions": len(results)}
+    skills = dict.fromkeys(r["skill"] for r in results)
+    return {
+        "passed_share": _share(results, "passed"),
+        "passed_on_terms_share": _share(results, "passed_on_terms"),
+        "non_empty_share": _share(results, "non_empty"),
+        "no_echo_share": _share([r | {"ok": r["echo"] is None} for r in results], "ok"),
+        "by_skill": {s: _share([r for r in results if r["skill"] == s], "passed") for s in skills},
+        "questions": len(results),
+    }
 
 
 def run_eval(model: str, skills: tuple[str, ...], per_skill: int | None, max_tokens: int,

@@ -36,19 +36,26 @@ def named_terms(answer: str, terms: list[str]) -> list[str]:
 class Verdict:
     non_empty: bool
     echo: str | None  # the repeated run, if any
-    terms: list[str]  # the key terms the answer names
+    subject: list[str]  # the question's own subject words the answer names (on topic)
+    terms: list[str]  # the domain terms the answer names
 
     @property
     def passed(self) -> bool:
+        return self.non_empty and self.echo is None and bool(self.subject or self.terms)
+
+    @property
+    def passed_on_terms(self) -> bool:
+        """The stricter reading: a domain term, not only the question's subject, is named."""
         return self.non_empty and self.echo is None and bool(self.terms)
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"passed": self.passed}
+        return asdict(self) | {"passed": self.passed, "passed_on_terms": self.passed_on_terms}
 
 
-def judge(answer: str, prompt_texts: list[str], terms: list[str]) -> Verdict:
+def judge(answer: str, prompt_texts: list[str], subject: list[str], terms: list[str]) -> Verdict:
     return Verdict(
         non_empty=bool(answer.strip()),
         echo=echoed_run(answer, prompt_texts),
+        subject=named_terms(answer, subject),
         terms=named_terms(answer, terms),
     )

@@ -38,6 +38,7 @@ class ChatTemplateFormat:
     kind: str = "chat-template"
     stop: tuple[str, ...] = ()  # the template's end-of-turn tokens are stop tokens already
     add_bos: bool = False
+    repetition_penalty: float | None = None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
@@ -50,6 +51,9 @@ class DocumentFormat:
     kind: str = "document"
     stop: tuple[str, ...] = DOCUMENT_STOPS
     add_bos: bool = True
+    # A base model continuing a document falls into loops ("a cache, and a cache, ..."); a mild
+    # penalty on the tokens of its own reply keeps it moving (llama.cpp's classic default is 1.1).
+    repetition_penalty: float | None = 1.15
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         parts = [_document_part(m["role"], str(m["content"]).strip()) for m in messages]

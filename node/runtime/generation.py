@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from node.errors import PromptTooLong
 from node.model import kv_cache
 from node.runtime.prefix import common_prefix_length
 
 PREFILL_CHUNK = 512
+REPETITION_WINDOW = 64
 TextCallback = Callable[[str], None]
 ProgressCallback = Callable[[int, int], None]
 
@@ -31,6 +32,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Penalty on tokens the reply itself already used (its last REPETITION_WINDOW tokens, never the
+    # prompt's): base models loop without one. None: no penalty.
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,9 @@ class Sequence:
         if params.seed is not None:
             mx.random.seed(params.seed)
         self.sampler = make_sampler(params.temperature, params.top_p)
+        self.processors = make_logits_processors(
+            repetition_penalty=params.repetition_penalty, repetition_context_size=REPETITION_WINDOW
+        )
         self.stream = _TextStream(engine.decode, params.stop)
         self.generated: list[int] = []
         self.next_input = prompt[-1]
@@ -190,6 +197,10 @@ class Sequence:
         return self.finish_reason is None
 
     def sample(self, logits: mx.array) -> mx.array:
+        if self.processors and self.generated:
+            recent = mx.array(self.generated[-REPETITION_WINDOW:])
+            for process in self.processors:
+                logits = process(recent, logits)
         return self.sampler(logits)
 
     def accept(self, token: int) -> None:
