@@ -8,6 +8,7 @@ HTTP+JSON responses pass through `node.a2a.http_json` (the binding's media type 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 
@@ -19,13 +20,15 @@ from a2a.server.tasks import (
 )
 from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from node.a2a.cards import CONFORMANCE_PATH, conformance_card, current_card, node_card, skill_card, skill_path
 from node.a2a.conformance import ConformanceExecutor
 from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.a2a.handler import NodeRequestHandler, SkillRouter
-from node.a2a.http_json import as_specified
+from node.a2a.http_json import Endpoint, as_specified
 from node.a2a.task_stores import TaskStores
 from node.config import NodeConfig
 from node.server.guards import json_only, jsonrpc_error, rest_error
@@ -116,8 +119,8 @@ def _card_routes(card: AgentCard) -> list[BaseRoute]:
     return [_wrapped(route, lambda endpoint: _last_modified(endpoint, built)) for route in routes]
 
 
-def _last_modified(endpoint, built: str):
-    async def card(request):
+def _last_modified(endpoint: Endpoint, built: str) -> Endpoint:
+    async def card(request: Request) -> Response:
         response = await endpoint(request)
         response.headers["last-modified"] = built
         return response
@@ -140,12 +143,13 @@ def _json_only(route: BaseRoute, refuse) -> BaseRoute:
     return _wrapped(route, lambda endpoint: json_only(endpoint, refuse), post_only=True)
 
 
-def _wrapped(route: BaseRoute, wrap, post_only: bool = False) -> BaseRoute:
+def _wrapped(route: BaseRoute, wrap: Callable[[Endpoint], Endpoint], post_only: bool = False) -> BaseRoute:
     """`route` (or the routes of a mount) with `wrap` applied to its endpoint (POST ones only)."""
     if isinstance(route, Mount):
         return Mount(route.path, routes=[_wrapped(r, wrap, post_only) for r in route.routes])
     if isinstance(route, Route) and (not post_only or "POST" in (route.methods or ())):
-        return Route(route.path, endpoint=wrap(route.endpoint), methods=list(route.methods or ()))
+        methods = list(route.methods) if route.methods else None
+        return Route(route.path, endpoint=wrap(route.endpoint), methods=methods)
     return route
 
 
