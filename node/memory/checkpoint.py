@@ -285,10 +285,10 @@ class CheckpointStore:
                 tokens = tokens[: min(position(tokens), len(tokens))]
             position = len(tokens)
             for i, cache in enumerate(caches):
-                first = kv_cache.history_start(cache, position)
+                first = cache.history_start(position)
                 keys = self._gather(files, manifest, f"k.{i}", first, position)
                 values = self._gather(files, manifest, f"v.{i}", first, position)
-                kv_cache.install(cache, keys, values, first)
+                cache.install(keys, values, first)
             mx.eval([c.keys for c in caches] + [c.values for c in caches])
         return Restored(tokens, caches, manifest.get("metadata") or {}, time.perf_counter() - started)
 

@@ -33,10 +33,9 @@ from contextvars import ContextVar
 import mlx.core as mx
 import numpy as np
 from mlx import nn
-from mlx_lm.models.cache import KVCache
 
 from node.model import blas
-from node.model.kv_cache import SlidingHistoryCache
+from node.model.kv_cache import FullHistoryCache, SlidingHistoryCache
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
 _TANH_CLAMP = 7.90531110763549805
@@ -185,7 +184,7 @@ def _blocks_pay_off(length: int, kv_length: int, first_key: int, window: int | N
 
 def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | None] | None:
     """(first key position, window) when `mask` is just `cache`'s causal mask, else None."""
-    if type(cache) is KVCache and isinstance(mask, str) and mask == "causal":
+    if isinstance(cache, FullHistoryCache) and isinstance(mask, str) and mask == "causal":
         return cache.offset - keys, None
     if (
         isinstance(cache, SlidingHistoryCache)

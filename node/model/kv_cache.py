@@ -7,7 +7,10 @@ the last `window` of them, so trimming is exact. Positions older than the window
 memory once they are checkpointed (`compact`); a rewind further back is served from the checkpoint
 on disk, which keeps the full history.
 
-Every cache here stores positions `[base, offset)`; global layers use mlx-lm's `KVCache` (base 0).
+Both cache classes here store positions `[base, offset)` and share one protocol on top of mlx-lm's
+(`update_and_fetch`, `trim`, `nbytes`): `can_trim_to(position)`, `compact()`, `history_start(offset)`
+(the first position attention still needs), `visible_after_update()` and `install(keys, values,
+base)`. Global layers use `FullHistoryCache` (base always 0).
 """
 
 from __future__ import annotations
@@ -15,6 +18,31 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+
+class FullHistoryCache(KVCache):
+    """mlx-lm's `KVCache` (every position since 0) with the node's cache protocol."""
+
+    base = 0
+
+    def can_trim_to(self, position: int) -> bool:
+        return True
+
+    def compact(self) -> None:
+        """Nothing to forget: attention sees every position."""
+
+    def history_start(self, offset: int) -> int:
+        return 0
+
+    def visible_after_update(self) -> int:
+        """How many keys attention sees once one more token is added."""
+        return self.offset + 1
+
+    def install(self, keys: mx.array, values: mx.array, base: int) -> None:
+        """Fill a fresh cache with positions [base, base + keys.shape[2])."""
+        if base != 0:
+            raise ValueError("a full-history cache must start at position 0")
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
 
 class SlidingHistoryCache(KVCache):
@@ -57,6 +85,15 @@ class SlidingHistoryCache(KVCache):
     def can_trim_to(self, position: int) -> bool:
         return self.base == 0 or self._visible_start(position) >= self.base
 
+    def history_start(self, offset: int) -> int:
+        return self._visible_start(offset)
+
+    def visible_after_update(self) -> int:
+        return min(self.offset + 1, self.window)
+
+    def install(self, keys: mx.array, values: mx.array, base: int) -> None:
+        self.keys, self.values, self.base, self.offset = keys, values, base, base + keys.shape[2]
+
     def trim(self, n: int) -> int:
         n = min(self.offset, n)
         if not self.can_trim_to(self.offset - n):
@@ -79,64 +116,45 @@ class SlidingHistoryCache(KVCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def make_caches(model) -> list[KVCache]:
+LayerCache = FullHistoryCache | SlidingHistoryCache
+
+
+def make_caches(model) -> list[LayerCache]:
     """One rewindable cache per layer, mirroring the model's own choice of cache type."""
     native = model.make_cache() if hasattr(model, "make_cache") else [KVCache() for _ in model.layers]
-    caches: list[KVCache] = []
+    caches: list[LayerCache] = []
     for cache in native:
         if isinstance(cache, RotatingKVCache):
             caches.append(SlidingHistoryCache(cache.max_size))
         elif type(cache) is KVCache:
-            caches.append(KVCache())
+            caches.append(FullHistoryCache())
         else:
             raise TypeError(f"unsupported layer cache {type(cache).__name__}")
     return caches
 
 
-def cache_base(cache: KVCache) -> int:
-    return getattr(cache, "base", 0)
+def can_trim_to(caches: list[LayerCache], position: int) -> bool:
+    return all(c.can_trim_to(position) for c in caches)
 
 
-def can_trim_to(caches: list[KVCache], position: int) -> bool:
-    return all(getattr(c, "can_trim_to", lambda p: True)(position) for c in caches)
-
-
-def trim_to(caches: list[KVCache], position: int) -> None:
+def trim_to(caches: list[LayerCache], position: int) -> None:
     for cache in caches:
         if cache.offset > position:
             cache.trim(cache.offset - position)
 
 
-def compact(caches: list[KVCache]) -> None:
+def compact(caches: list[LayerCache]) -> None:
     for cache in caches:
-        if isinstance(cache, SlidingHistoryCache):
-            cache.compact()
+        cache.compact()
 
 
-def positions(cache: KVCache, start: int, stop: int) -> tuple[mx.array, mx.array]:
+def positions(cache: LayerCache, start: int, stop: int) -> tuple[mx.array, mx.array]:
     """Keys and values of absolute positions [start, stop) of one layer."""
-    base = cache_base(cache)
+    base = cache.base
     if start < base:
         raise ValueError(f"positions before {base} are no longer in memory")
     return cache.keys[..., start - base : stop - base, :], cache.values[..., start - base : stop - base, :]
 
 
-def install(cache: KVCache, keys: mx.array, values: mx.array, base: int) -> None:
-    """Fill a fresh layer cache with positions [base, base + keys.shape[2])."""
-    cache.keys, cache.values = keys, values
-    if isinstance(cache, SlidingHistoryCache):
-        cache.base = base
-    elif base != 0:
-        raise ValueError("a full-history cache must start at position 0")
-    cache.offset = base + keys.shape[2]
-
-
-def nbytes(caches: list[KVCache]) -> int:
+def nbytes(caches: list[LayerCache]) -> int:
     return sum(cache.nbytes for cache in caches)
-
-
-def history_start(cache: KVCache, offset: int) -> int:
-    """First position a layer needs in memory to continue after `offset`."""
-    if isinstance(cache, SlidingHistoryCache):
-        return cache._visible_start(offset)
-    return 0

@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from node.model.kv_cache import SlidingHistoryCache
 from node.runtime.generation import Sequence
-
-
-def _visible_after_update(cache) -> int:
-    """How many keys attention sees once this step's token is added."""
-    if isinstance(cache, SlidingHistoryCache):
-        return min(cache.offset + 1, cache.window)
-    return cache.offset + 1
 
 
 class BatchedLayerCache:
     def __init__(self, caches: list) -> None:
         self.caches = caches
         self.offset = mx.array([c.offset for c in caches])
-        self.lengths = [_visible_after_update(c) for c in caches]
+        self.lengths = [c.visible_after_update() for c in caches]
         self.width = max(self.lengths)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None) -> mx.array:

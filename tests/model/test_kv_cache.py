@@ -1,4 +1,4 @@
-"""`SlidingHistoryCache` against a plain full-history `KVCache` fed the same positions: what a
+"""`SlidingHistoryCache` against a `FullHistoryCache` (mlx-lm's KVCache) fed the same positions: what a
 sliding layer attends to must be the full cache's last window, before and after the history
 outgrows the window, after rewinds, after `compact`, and after a round trip through
 `positions`/`install` (the checkpoint's path)."""
@@ -9,10 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import KVCache
 
 from node.model import kv_cache
-from node.model.kv_cache import SlidingHistoryCache
+from node.model.kv_cache import FullHistoryCache, SlidingHistoryCache
 
 WINDOW = 8
 HEADS, DIM = 2, 4
@@ -31,7 +30,7 @@ class Pair:
 
     def __init__(self, window: int = WINDOW) -> None:
         self.window = window
-        self.sliding, self.full = SlidingHistoryCache(window), KVCache()
+        self.sliding, self.full = SlidingHistoryCache(window), FullHistoryCache()
 
     def append(self, n: int, salt: int = 0, *, compact: bool = False) -> None:
         """Feed n positions to both; what the sliding cache returns is the full one's last window."""
@@ -131,17 +130,17 @@ def test_rewind_after_compacting_only_within_the_history_in_memory():
 
 
 def test_module_helpers_trim_and_compact_lists_of_caches():
-    caches = [SlidingHistoryCache(WINDOW), KVCache()]
+    caches = [SlidingHistoryCache(WINDOW), FullHistoryCache()]
     for cache in caches:
         cache.update_and_fetch(*chunk(0, 20))
     assert kv_cache.can_trim_to(caches, 3)
     kv_cache.trim_to(caches, 15)
     assert [c.offset for c in caches] == [15, 15]
     kv_cache.compact(caches)
-    assert caches[0].base == 15 - (WINDOW - 1) and kv_cache.cache_base(caches[1]) == 0
+    assert caches[0].base == 15 - (WINDOW - 1) and caches[1].base == 0
     assert kv_cache.can_trim_to(caches, 15) and not kv_cache.can_trim_to(caches, 14)
-    assert kv_cache.history_start(caches[0], 15) == 15 - (WINDOW - 1)
-    assert kv_cache.history_start(caches[1], 15) == 0
+    assert caches[0].history_start(15) == 15 - (WINDOW - 1)
+    assert caches[1].history_start(15) == 0
     assert kv_cache.nbytes(caches) == sum(c.nbytes for c in caches)
 
 
@@ -153,11 +152,11 @@ def test_state_round_trip_through_positions_and_install(compacted):
     for n in (11, 1, 9):
         pair.append(n, compact=compacted)
     original = pair.sliding
-    first = kv_cache.history_start(original, original.offset)
+    first = original.history_start(original.offset)
     keys, values = kv_cache.positions(original, first, original.offset)
     assert keys.shape[2] == original.offset - first == WINDOW - 1
     restored = SlidingHistoryCache(WINDOW)
-    kv_cache.install(restored, keys, values, first)
+    restored.install(keys, values, first)
     assert (restored.offset, restored.base) == (original.offset, first)
     positions = range(original.offset + 1)
     assert [p for p in positions if restored.can_trim_to(p)] == [original.offset]
@@ -177,7 +176,7 @@ def test_positions_refuse_what_is_no_longer_in_memory():
     with pytest.raises(ValueError, match="no longer in memory"):
         kv_cache.positions(cache, cache.base - 1, cache.offset)
     with pytest.raises(ValueError, match="full-history cache must start at position 0"):
-        kv_cache.install(KVCache(), *chunk(5, 3), base=5)
+        FullHistoryCache().install(*chunk(5, 3), base=5)
 
 
 def test_empty_cache():
