@@ -84,7 +84,7 @@ def _start(path: Path, architecture: str, heads: int, kv_heads: int) -> gguf.GGU
     """Writer with the shape metadata and the tokenizer both tiny models share."""
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_block_count(LAYERS)
-    writer.add_context_length(4096)
+    writer.add_context_length(32768)  # room for the skills' playbooks in its byte-level vocabulary
     writer.add_embedding_length(HIDDEN)
     writer.add_feed_forward_length(FFN)
     writer.add_head_count(heads)
