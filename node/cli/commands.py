@@ -96,7 +96,7 @@ def run_eval(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
 
     skills = tuple(s.strip() for s in args.skills.split(",") if s.strip())
     json_path = Path(args.json) if args.json else None
-    document = evaluate(config.model, skills, args.per_skill, args.max_tokens, json_path, print)
+    document = evaluate(config.model, skills, args.per_skill, args.max_tokens, json_path, print, args.url)
     print(
         f"passed: {document['passed_share']:.0%} of {document['questions']} answers {document['by_skill']}; "
         f"non-empty {document['non_empty_share']:.0%}, no echo {document['no_echo_share']:.0%}, "

@@ -36,6 +36,9 @@ def _eval_parser(commands) -> None:
     p.add_argument("--per-skill", type=int, default=None, help="first N questions per skill (default: all)")
     p.add_argument("--max-tokens", type=int, default=80)
     p.add_argument("--json", default="eval_results/eval.json", metavar="PATH", help="results file")
+    p.add_argument(
+        "--url", default=None, help="evaluate the node already serving at URL (default: start one)"
+    )
     add_setting_flags(p, ("model",))
 
 

@@ -111,25 +111,33 @@ def summary(results: list[dict]) -> dict:
 
 
 def run_eval(model: str, skills: tuple[str, ...], per_skill: int | None, max_tokens: int,
-             json_path: Path | None, say) -> dict:  # fmt: skip
+             json_path: Path | None, say, url: str | None = None) -> dict:  # fmt: skip
+    """Ask every question at `url`, or at a node started here on `model` (stopped at the end)."""
     for noisy in ("httpx", "a2a"):  # one line per request would bury the answers
         logging.getLogger(noisy).setLevel(logging.WARNING)
     questions = load_questions(QUESTIONS_FILE, skills, per_skill)
+    started = time.monotonic()
+    if url is not None:
+        results = asyncio.run(ask_all(url.rstrip("/"), questions, max_tokens, say))
+    else:
+        results = _on_own_node(model, questions, max_tokens, say)
+    document = {"model": model if url is None else url, "max_tokens": max_tokens}
+    document |= {"wall_s": round(time.monotonic() - started, 1)} | summary(results) | {"results": results}
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(document, indent=1))
+    return document
+
+
+def _on_own_node(model: str, questions: list[Question], max_tokens: int, say) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="node-eval-"))
     node = DemoNode(
         "eval", free_port(), root / "caches", root, "--skills", ",".join(ALL_SKILLS), "--model", model,
         "--max-tokens", str(max_tokens), "--threads", str(available_cores()),
     )  # fmt: skip
     say(f"starting a node on {model} (log {node.log_path})")
-    started = time.monotonic()
     try:
         start_all([node])
-        results = asyncio.run(ask_all(node.url, questions, max_tokens, say))
+        return asyncio.run(ask_all(node.url, questions, max_tokens, say))
     finally:
         stop_all([node])
-    document = {"model": model, "max_tokens": max_tokens, "wall_s": round(time.monotonic() - started, 1)}
-    document |= summary(results) | {"results": results}
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(document, indent=1))
-    return document
