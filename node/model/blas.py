@@ -97,7 +97,7 @@ def bind_fast_blas() -> str | None:
 
     NODE_THIN_SGEMM=0 leaves every matmul to OpenBLAS's sgemm.
     """
-    global _bound, _thin
+    global _bound, _thin, _openblas
     if _bound is not None or platform.system() != "Linux":
         return _bound
     if "mlx.core" in sys.modules:
@@ -130,9 +130,12 @@ def bind_fast_blas() -> str | None:
 
 
 def set_blas_threads(threads: int) -> None:
-    """Size OpenBLAS's thread pool (nodes sharing a machine must not oversubscribe its cores)."""
+    """Size OpenBLAS's thread pool and the shim's few-row kernel: nodes sharing a machine must not
+    oversubscribe its cores (two nodes with a thread per core each decoded 6x slower, not 2x)."""
     if _openblas is not None:
         _openblas.scipy_openblas_set_num_threads(int(threads))
+    if _thin is not None:
+        _thin.node_blas_set_threads(int(threads))
 
 
 def thin_calls() -> int | None:

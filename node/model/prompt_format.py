@@ -20,8 +20,8 @@ from typing import Protocol
 
 QUESTION = "Question:"
 ANSWER = "Answer:"
-# The base model ends its answer by starting the next question (or a new document section).
-DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---")
+# The base model ends its answer by starting the next question or answer (or a new section).
+DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---", f" {ANSWER}", f"\n{ANSWER}")
 
 
 class TextTokenizer(Protocol):

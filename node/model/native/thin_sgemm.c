@@ -48,6 +48,11 @@ long node_blas_thin_calls(void) { return thin_calls; }
 /* Switch the thin paths off and on at run time (benchmarks compare both in one process). */
 void node_blas_set_thin(int on) { enabled = on; }
 
+/* The most threads the few-row kernel uses (0: one per online CPU). Nodes that share a machine
+ * divide its cores; more threads than cores each call would only oversubscribe them. */
+static int thread_limit;
+void node_blas_set_threads(int threads) { thread_limit = threads; }
+
 /* out[m] = dot(row m of A, b) for m < M, four rows per pass over b (a short last block repeats
  * its last row rather than running narrower loops, which measured slower). */
 VECTOR_CLONES
@@ -94,7 +99,7 @@ static void *run_span(void *arg) {
 /* Row-major C[MxN] = alpha * A[MxK] * B[NxK]^T + beta * C, columns split across CPUs. */
 static void few_rows_nt(int M, int N, int K, float alpha, const float *A, int lda, const float *B,
                         int ldb, float beta, float *C, int ldc) {
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    long cpus = thread_limit > 0 ? thread_limit : sysconf(_SC_NPROCESSORS_ONLN);
     int threads = cpus < 1 ? 1 : cpus > MAX_THREADS ? MAX_THREADS : (int)cpus;
     span_t spans[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
