@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
+CHUNK_S = 0.1
 
 
 @dataclass
@@ -229,21 +230,32 @@ def task_context_id(context: RequestContext) -> str:
 
 
 class TaskOutput:
-    """What a turn publishes: its answer's text deltas as chunks of one artifact (one delta held
-    back so the last chunk is marked), and any further artifacts (the coordinator's report)."""
+    """What a turn publishes: its answer as chunks of one artifact, and any further artifacts (the
+    coordinator's report).
+
+    Text deltas are gathered for CHUNK_S before they go out as one chunk: an SDK event per token
+    costs the event loop enough that the model's thread, waiting for the GIL, decodes ~25% slower.
+    The text gathered last is held back so that the last chunk is marked as such.
+    """
 
     def __init__(self, updater: TaskUpdater) -> None:
         self._updater = updater
         self._artifact_id = f"{ANSWER_ARTIFACT}-{uuid.uuid4().hex[:12]}"
         self._pending: str | None = None
+        self._pending_since = 0.0
         self._sent = 0
 
     async def write(self, text: str) -> None:
         if not text:
             return
-        if self._pending is not None:
+        now = time.monotonic()
+        if self._pending is not None and now - self._pending_since >= CHUNK_S:
             await self._send(self._pending, last=False)
-        self._pending = text
+            self._pending = None
+        if self._pending is None:
+            self._pending, self._pending_since = text, now
+        else:
+            self._pending += text
 
     async def close(self) -> None:
         await self._send(self._pending or "", last=True)
