@@ -74,9 +74,10 @@ class ConversationIndex:
             conversation = family.setdefault(choice.agent_id, Conversation(choice.agent_id))
             conversation.session_id, conversation.busy = session_id, True
             conversation.last_used = time.time()
+            source = family[choice.fork_from] if choice.fork_from is not None else conversation
             logger.info(
-                "family %s: agent %s serves a prompt of %d tokens (%d of them cached there or forked)",
-                family_id, choice.agent_id, len(prompt), conversation.shared(prompt),
+                "family %s: agent %s serves a prompt of %d tokens (%d of them cached in %s)",
+                family_id, choice.agent_id, len(prompt), source.shared(prompt), source.agent_id,
             )  # fmt: skip
             return choice.agent_id
 
