@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from node.memory.agents import AgentManager
     from node.model.engine import Engine
     from node.network.node_network import Network
-    from node.runtime.generation import Usage
+    from node.runtime.events import Usage
 
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
@@ -150,7 +150,7 @@ class SkillExecutor(AgentExecutor):
         """Generate the reply to `request` with this skill's agent for its context -> Completion.
 
         Subclasses may add context to `request.text` first (the coordinator's delegation seam)."""
-        from node.runtime.generation import Completion
+        from node.runtime.events import Completion, TextDelta
 
         manager = self.runtime.require_manager()
         agent_id = conversation_agent_id(self.skill_id, request.context_id)
@@ -175,10 +175,11 @@ class SkillExecutor(AgentExecutor):
             cancel=stop,
         )
         async for item in stream:
-            if isinstance(item, str):
-                await out.write(item)
-            elif isinstance(item, Completion):
-                completion = item
+            match item:
+                case TextDelta(text=text):
+                    await out.write(text)
+                case Completion():
+                    completion = item
         await out.close()
         return completion
 

@@ -22,6 +22,7 @@ from node.anthropic.prompt import Prompt, render_prompt
 from node.anthropic.request import ChatRequest, ToolCall
 from node.anthropic.tools import CallWatcher
 from node.memory.sessions import ConversationIndex
+from node.runtime.events import Completion, PrefillProgress, TextDelta
 from node.server.guards import RequestGate
 
 MAX_PENDING = 16
@@ -79,7 +80,7 @@ class ChatService:
         return min(request.max_tokens, self.config.max_tokens)
 
     async def turn(self, request: ChatRequest, prompt: Prompt, api: str) -> AsyncIterator:
-        """Text deltas (str), prefill progress (anything else), and finally the `Reply`."""
+        """`TextDelta`s (tool calls held back), `PrefillProgress`, and finally the `Reply`."""
         params = self._sampling(request)
         index = self.index
         agent_id = await index.choose(prompt.family_id, prompt.tokens, request.session_id)
@@ -99,21 +100,22 @@ class ChatService:
         try:
             stream = self.manager.stream(agent_id, prompt.tokens, params, metadata=metadata, cancel=cancel)
             async for item in stream:
-                if isinstance(item, str):
-                    text = watcher.feed(item)
-                    if watcher.complete():
-                        cancel.set()  # the call is written: stop there, as the model would
-                    if text:
-                        yield text
-                elif hasattr(item, "finish_reason"):
-                    completion = item
-                else:
-                    yield item
+                match item:
+                    case TextDelta(text=delta):
+                        text = watcher.feed(delta)
+                        if watcher.complete():
+                            cancel.set()  # the call is written: stop there, as the model would
+                        if text:
+                            yield TextDelta(text)
+                    case Completion():
+                        completion = item
+                    case PrefillProgress():
+                        yield item
             if completion is None:
                 raise RuntimeError("the generation ended without a completion")
             if completion.finish_reason != "cancelled" or watcher.complete():
                 # (a client that went away mid-prefill leaves a shorter cache: unknown here)
-                held = list(prompt.tokens) + list(getattr(completion, "token_ids", ()))
+                held = list(prompt.tokens) + list(completion.token_ids)
         finally:
             index.release(prompt.family_id, agent_id, held, len(prompt.tokens))
         yield self._reply(request, params.max_tokens, watcher, completion)

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 
 from node.anthropic.chat import Reply
 from node.anthropic.errors import api_error_from
+from node.runtime.events import TextDelta
 
 PING_INTERVAL_S = 5.0
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
@@ -97,13 +98,14 @@ async def message_events(
     reply, sent = None, 0
     try:
         async for item in with_timer(items, ping_interval_s):
-            if isinstance(item, str):
-                sent += len(item)
-                yield sse("content_block_delta", _text_delta(item))
-            elif isinstance(item, Reply):
-                reply = item
-            else:  # PrefillProgress or the idle timer
-                yield _PING
+            match item:
+                case TextDelta(text=text):
+                    sent += len(text)
+                    yield sse("content_block_delta", _text_delta(text))
+                case Reply():
+                    reply = item
+                case _:  # PrefillProgress or the idle timer
+                    yield _PING
         if reply is None:
             raise RuntimeError("the generation ended without a reply")
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream

@@ -58,7 +58,7 @@ class Bench:
         return self._contexts[size]
 
     async def _build_context(self, size: int) -> dict:
-        from node.memory.agents import PrefillProgress
+        from node.runtime.events import Completion, PrefillProgress
         from node.runtime.generation import SamplingParams
 
         manager = await self.contexts_manager()
@@ -67,10 +67,12 @@ class Bench:
         reported, completion = 0, None
         unfed = lambda done: {"unfed_tokens": list(done.token_ids[-1:])}
         async for item in manager.stream(agent_id, prompt, SamplingParams(max_tokens=1), metadata=unfed):
-            if isinstance(item, PrefillProgress) and item.done - reported >= 2048 and item.done < item.total:
-                reported = item.done
-                self.say(f"  prefilled {item.done}/{item.total}")
-            completion = item
+            match item:
+                case PrefillProgress(done=done, total=total) if done - reported >= 2048 and done < total:
+                    reported = done
+                    self.say(f"  prefilled {done}/{total}")
+                case Completion():
+                    completion = item
         stats = manager.stats()["agents"][agent_id]
         figures = {
             "agent_id": agent_id,

@@ -61,6 +61,7 @@ def run_generate(args: argparse.Namespace, config: NodeConfig, progress: Progres
 async def _generate_as_agent(engine, args: argparse.Namespace, config: NodeConfig) -> int:
     """Append the prompt to the agent's context (a chat turn with --chat), then checkpoint it."""
     from node.memory.agents import AgentManager
+    from node.runtime.events import Completion, TextDelta
 
     manager = await AgentManager.start(engine, config.cache_dir)
     try:
@@ -76,9 +77,11 @@ async def _generate_as_agent(engine, args: argparse.Namespace, config: NodeConfi
             metadata = lambda done: {"unfed_tokens": list(done.token_ids[-1:])}
         completion = None
         async for item in manager.stream(args.agent, prompt, _sampling(args), metadata=metadata):
-            if isinstance(item, str) and not args.json:
-                print(item, end="", flush=True)
-            completion = item
+            match item:
+                case TextDelta(text=text) if not args.json:
+                    print(text, end="", flush=True)
+                case Completion():
+                    completion = item
         _print_result(args, completion)
     finally:
         await manager.close()

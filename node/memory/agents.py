@@ -24,6 +24,7 @@ from node.errors import CheckpointError
 from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore
 from node.model import kv_cache
+from node.runtime.events import PrefillProgress, TextDelta
 from node.runtime.generation import (
     CachedContext,
     Completion,
@@ -38,12 +39,6 @@ from node.runtime.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class PrefillProgress:
-    done: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -106,7 +101,7 @@ class AgentManager:
         base_agent: str | None = None,
         metadata: dict | Callable[[Completion], dict] | None = None,
         cancel: threading.Event | None = None,
-    ) -> AsyncIterator[str | PrefillProgress | Completion]:
+    ) -> AsyncIterator[TextDelta | PrefillProgress | Completion]:
         validate_agent_id(agent_id)
         if base_agent is not None:
             validate_agent_id(base_agent)
@@ -210,7 +205,7 @@ class AgentManager:
             agent.context,
             prompt,
             params,
-            on_text=emit,
+            on_text=lambda text: emit(TextDelta(text)),
             should_stop=should_stop,
             on_prefill=lambda done_tokens, total: emit(PrefillProgress(done_tokens, total)),
         )

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from node.anthropic.chat import Reply
 from node.anthropic.responses import PING_INTERVAL_S, with_timer
 from node.openai.errors import openai_error
+from node.runtime.events import TextDelta
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -94,13 +95,14 @@ async def completion_chunks(
     yield writer.chunk({"role": "assistant", "content": ""})
     try:
         async for item in with_timer(items, ping_interval_s):
-            if isinstance(item, str):
-                sent += len(item)
-                yield writer.chunk({"content": item})
-            elif isinstance(item, Reply):
-                reply = item
-            else:
-                yield _PING
+            match item:
+                case TextDelta(text=text):
+                    sent += len(text)
+                    yield writer.chunk({"content": text})
+                case Reply():
+                    reply = item
+                case _:  # PrefillProgress or the idle timer
+                    yield _PING
         if reply is None:
             raise RuntimeError("the generation ended without a reply")
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from node.errors import PromptTooLong
 from node.model import kv_cache
+from node.runtime.events import Completion, Usage
 from node.runtime.prefix import common_prefix_length
 
 PREFILL_CHUNK = 512
@@ -35,29 +36,6 @@ class SamplingParams:
     # Penalty on tokens the reply itself already used (its last REPETITION_WINDOW tokens, never the
     # prompt's): base models loop without one. None: no penalty.
     repetition_penalty: float | None = None
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    cached_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    prefill_s: float
-    generate_s: float
-    restore_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "eos" | "length" | "stop" | "cancelled"
-    stop_sequence: str | None
-    usage: Usage
 
 
 @dataclass

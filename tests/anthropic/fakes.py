@@ -10,6 +10,7 @@ import asyncio
 from types import SimpleNamespace
 
 from node.errors import WorkerDead
+from node.runtime.events import Completion, PrefillProgress, TextDelta, Usage
 
 
 class FakeEngine:
@@ -48,7 +49,7 @@ class FakeManager:
         old = self.contexts.get(agent_id, [])
         cached = next((i for i, (a, b) in enumerate(zip(old, prompt)) if a != b), min(len(old), len(prompt)))
         cached = min(cached, len(prompt) - 1)
-        yield SimpleNamespace(done=1, total=2)  # like PrefillProgress
+        yield PrefillProgress(done=1, total=2)
         text, finish, stop_sequence = "", "length", None
         script = self.scripts.pop(0).split(" ") if self.scripts else self.script
         for i, word in enumerate(script[: params.max_tokens]):
@@ -62,13 +63,13 @@ class FakeManager:
                 finish, stop_sequence = "stop", next(s for s in params.stop if s in text + piece)
                 break
             text += piece
-            yield piece
+            yield TextDelta(piece)
         else:
             finish = "eos" if params.max_tokens > len(script) else "length"
         self.contexts[agent_id] = list(prompt) + [0] * len(text)
         generated = min(params.max_tokens, len(script))
-        usage = SimpleNamespace(prompt_tokens=len(prompt), cached_tokens=cached, generated_tokens=generated)
-        yield SimpleNamespace(text=text, finish_reason=finish, stop_sequence=stop_sequence, usage=usage)
+        usage = Usage(len(prompt), cached, len(prompt) - cached, generated, prefill_s=0.0, generate_s=0.0)
+        yield Completion(text, tuple([0] * len(text)), finish, stop_sequence, usage)
 
     async def _run(self, fn, *args):
         return fn(*args)

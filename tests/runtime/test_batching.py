@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from node.memory.agents import AgentManager, AgentRequest
+from node.runtime.events import TextDelta
 from node.runtime.generation import CachedContext, SamplingParams, generate
 
 TEXTS = [
@@ -37,7 +38,7 @@ async def test_request_joins_a_running_batch_and_finished_ones_leave(tiny_engine
     async def long_request():
         result = None
         async for item in manager.stream("long", tiny_engine.encode(TEXTS[0]), SamplingParams(max_tokens=60)):
-            if isinstance(item, str):
+            if isinstance(item, TextDelta):
                 decoding.set()  # the long sequence has a generated token: it is in the batch
             result = item
         return result
