@@ -95,24 +95,16 @@ async def message_events(
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     )
     yield _PING
-    reply, sent = None, 0
+    stream = ReplyStream(items, ping_interval_s)
     try:
-        async for item in with_timer(items, ping_interval_s):
-            match item:
-                case TextDelta(text=text):
-                    sent += len(text)
-                    yield sse("content_block_delta", _text_delta(text))
-                case Reply():
-                    reply = item
-                case _:  # PrefillProgress or the idle timer
-                    yield _PING
-        if reply is None:
-            raise RuntimeError("the generation ended without a reply")
+        async for text in stream:
+            yield _PING if text is None else sse("content_block_delta", _text_delta(text))
+        reply = stream.finished()
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
         yield sse("error", api_error_from(e).body())
         return
-    if len(reply.text) > sent:  # text held back while it might have opened a tool call
-        yield sse("content_block_delta", _text_delta(reply.text[sent:]))
+    if stream.held_back:  # text held back while it might have opened a tool call
+        yield sse("content_block_delta", _text_delta(stream.held_back))
     yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
     for index, call in enumerate(reply.calls, start=1):
         for event, data in tool_use_events(index, call):
@@ -138,6 +130,37 @@ def _text_delta(text: str) -> dict:
 def _message_delta(reply: Reply) -> dict:
     delta = {"stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence}
     return {"type": "message_delta", "delta": delta, "usage": usage(reply)}
+
+
+class ReplyStream:
+    """A chat turn's events as text to send, or None where a keep-alive is due (prefill progress,
+    or `interval_s` of silence); then `finished()` is the `Reply` and `held_back` the text the
+    stream did not send (held while it might have opened a tool call)."""
+
+    def __init__(self, items: AsyncIterator, interval_s: float) -> None:
+        self._items, self._interval_s = items, interval_s
+        self._reply: Reply | None = None
+        self._sent = 0
+
+    async def __aiter__(self) -> AsyncIterator[str | None]:
+        async for item in with_timer(self._items, self._interval_s):
+            match item:
+                case TextDelta(text=text):
+                    self._sent += len(text)
+                    yield text
+                case Reply():
+                    self._reply = item
+                case _:  # PrefillProgress or the idle timer
+                    yield None
+
+    def finished(self) -> Reply:
+        if self._reply is None:
+            raise RuntimeError("the generation ended without a reply")
+        return self._reply
+
+    @property
+    def held_back(self) -> str:
+        return self.finished().text[self._sent :]
 
 
 async def with_timer(items: AsyncIterator, interval_s: float) -> AsyncIterator:

@@ -69,24 +69,43 @@ def _python_call(source: str) -> ToolCall | None:
         return None
 
 
-class GemmaTools:
-    family = "gemma"
-    openers = ("```tool_code",)
-    _BLOCK = re.compile(r"```tool_code[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
+class ToolConvention:
+    """How one model family writes tool calls and reads results; subclasses parse the calls.
+
+    The templates are the family's own convention, so a conversation resent with its tool turns
+    renders to the same tokens (and hits the cache)."""
+
+    family: str
+    openers: tuple[str, ...]
+    how_to_call: str  # the instruction, with the call's shape
+    call_open: str
+    call_close: str
+    arguments_key: str
+    result_template: str  # {status} and {text}
 
     def instructions(self, tools: tuple[ToolSpec, ...]) -> str:
-        return (
-            "# Tools\n\nTo call a tool, reply with one block\n"
-            '```tool_code\n{"name": "<tool name>", "input": {<arguments>}}\n```\n'
-            "and stop; its result comes back in a ```tool_output block.\n\n" + describe_tools(tools)
-        )
+        return f"# Tools\n\n{self.how_to_call}\n\n" + describe_tools(tools)
 
     def call_text(self, call: ToolCall) -> str:
-        return "```tool_code\n" + json.dumps({"name": call.name, "input": call.input}) + "\n```"
+        body = json.dumps({"name": call.name, self.arguments_key: call.input})
+        return self.call_open + body + self.call_close
 
     def result_text(self, result: ToolResult) -> str:
         status = " (error)" if result.is_error else ""
-        return f"```tool_output{status}\n{result.text}\n```"
+        return self.result_template.format(status=status, text=result.text)
+
+
+class GemmaTools(ToolConvention):
+    family = "gemma"
+    openers = ("```tool_code",)
+    how_to_call = (
+        "To call a tool, reply with one block\n"
+        '```tool_code\n{"name": "<tool name>", "input": {<arguments>}}\n```\n'
+        "and stop; its result comes back in a ```tool_output block."
+    )
+    call_open, call_close, arguments_key = "```tool_code\n", "\n```", "input"
+    result_template = "```tool_output{status}\n{text}\n```"
+    _BLOCK = re.compile(r"```tool_code[ \t]*\n(.*?)\n?[ \t]*```", re.DOTALL)
 
     def complete(self, text: str) -> bool:
         return self._BLOCK.search(text) is not None
@@ -102,24 +121,17 @@ class GemmaTools:
         return Parsed(text if first is None else text[:first].rstrip(), tuple(calls))
 
 
-class LlamaTools:
+class LlamaTools(ToolConvention):
     family = "llama"
     openers = ("<|python_tag|>",)
     TAG = "<|python_tag|>"
-
-    def instructions(self, tools: tuple[ToolSpec, ...]) -> str:
-        return (
-            "# Tools\n\nTo call a tool, reply with only\n"
-            '<|python_tag|>{"name": "<tool name>", "parameters": {<arguments>}}\n'
-            "Its result comes back as tool output.\n\n" + describe_tools(tools)
-        )
-
-    def call_text(self, call: ToolCall) -> str:
-        return self.TAG + json.dumps({"name": call.name, "parameters": call.input})
-
-    def result_text(self, result: ToolResult) -> str:
-        status = " (error)" if result.is_error else ""
-        return f"Tool output{status}:\n{result.text}"
+    how_to_call = (
+        "To call a tool, reply with only\n"
+        '<|python_tag|>{"name": "<tool name>", "parameters": {<arguments>}}\n'
+        "Its result comes back as tool output."
+    )
+    call_open, call_close, arguments_key = TAG, "", "parameters"
+    result_template = "Tool output{status}:\n{text}"
 
     def complete(self, text: str) -> bool:
         return bool(self.parse(text).calls)

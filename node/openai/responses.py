@@ -20,9 +20,8 @@ import time
 from collections.abc import AsyncIterator
 
 from node.anthropic.chat import Reply
-from node.anthropic.responses import PING_INTERVAL_S, with_timer
+from node.anthropic.responses import PING_INTERVAL_S, ReplyStream
 from node.openai.errors import openai_error
-from node.runtime.events import TextDelta
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -91,25 +90,17 @@ class ChunkWriter:
 async def completion_chunks(
     items: AsyncIterator, cid: str, model: str, include_usage: bool, ping_interval_s: float = PING_INTERVAL_S
 ) -> AsyncIterator[bytes]:
-    writer, reply, sent = ChunkWriter(cid, model), None, 0
+    writer, stream = ChunkWriter(cid, model), ReplyStream(items, ping_interval_s)
     yield writer.chunk({"role": "assistant", "content": ""})
     try:
-        async for item in with_timer(items, ping_interval_s):
-            match item:
-                case TextDelta(text=text):
-                    sent += len(text)
-                    yield writer.chunk({"content": text})
-                case Reply():
-                    reply = item
-                case _:  # PrefillProgress or the idle timer
-                    yield _PING
-        if reply is None:
-            raise RuntimeError("the generation ended without a reply")
+        async for text in stream:
+            yield _PING if text is None else writer.chunk({"content": text})
+        reply = stream.finished()
     except Exception as e:  # noqa: BLE001 - headers are sent: report it in the stream
         yield b"data: " + json.dumps(openai_error(e)[1]).encode() + b"\n\n"
         return
-    if len(reply.text) > sent:
-        yield writer.chunk({"content": reply.text[sent:]})
+    if stream.held_back:
+        yield writer.chunk({"content": stream.held_back})
     for index, call in enumerate(tool_calls(reply)):
         yield writer.chunk({"tool_calls": [{"index": index, **call}]})
     yield writer.chunk({}, FINISH_REASONS[reply.stop_reason])
