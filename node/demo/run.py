@@ -186,7 +186,7 @@ class Demo:
 
 def _labels(contexts: dict[str, str]) -> dict[str, str]:
     """What each agent the demo creates is, by agent id (for the cache listing)."""
-    labels = {skill: "skill base: system prompt" for skill in contexts}
+    labels = {skill: "skill base: playbook or system prompt" for skill in contexts}
     for skill, context_id in contexts.items():
         labels[conversation_agent_id(skill, context_id)] = "conversation, sessions 1+2"
         if skill != "coordination":
