@@ -22,7 +22,9 @@ class Network:
         self.registry: Registry | None = None
         if config.registry:
             store = RegistryStore.open(config.database_url, config.cache_dir)
-            self.registry = Registry(store, sweep_s=config.heartbeat_s, max_body_bytes=config.max_message_bytes)
+            self.registry = Registry(
+                store, sweep_s=config.heartbeat_s, max_body_bytes=config.max_message_bytes
+            )
         self.http: httpx.AsyncClient | None = None
         self.membership: Membership | None = None
         self.delegator: Delegator | None = None
