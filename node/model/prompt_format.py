@@ -20,8 +20,9 @@ from typing import Protocol
 
 QUESTION = "Question:"
 ANSWER = "Answer:"
-# The base model ends its answer by starting the next question or answer (or a new section).
-DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---", f" {ANSWER}", f"\n{ANSWER}")
+# The base model ends its answer by starting the next question or a new section. ("Answer:" is no
+# stop: without worked examples the model may open with "\nAnswer:", which would end the reply empty.)
+DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---")
 
 
 class TextTokenizer(Protocol):
