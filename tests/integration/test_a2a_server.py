@@ -140,7 +140,10 @@ async def test_skill_agents_answer_concurrently_on_their_own_endpoints(node):
 async def test_streaming_yields_incremental_artifact_chunks(node):
     async with http_client() as http:
         client = await a2a_client(http, node.url, streaming=True)
-        events = await send(client, "Explain prefix caching.", skill="technical_analysis", max_tokens=6)
+        # Enough tokens to span several of the stream's 100 ms chunks (node.a2a.executor.CHUNK_S).
+        events = await send(
+            client, "Explain prefix caching.", skill="technical_analysis", max_tokens=MAX_TOKENS
+        )
     chunks = [e.artifact_update for e in events if e.HasField("artifact_update")]
     states = [e.status_update.status.state for e in events if e.HasField("status_update")]
     assert events[0].HasField("task")
@@ -150,7 +153,8 @@ async def test_streaming_yields_incremental_artifact_chunks(node):
     assert chunks[-1].last_chunk and not any(c.last_chunk for c in chunks[:-1])
     assert len({c.artifact.artifact_id for c in chunks}) == 1
     final = [e.status_update for e in events if e.HasField("status_update")][-1]
-    assert metadata_of(final)["usage"]["generatedTokens"] == 6
+    generated = metadata_of(final)["usage"]["generatedTokens"]
+    assert generated >= 12, generated  # the answer did not stop before the chunks it is about
 
 
 async def test_rest_transport_send_get_and_list(node):
