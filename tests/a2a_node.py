@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.types import Message, Part, Role, SendMessageRequest, StreamResponse
 from google.protobuf.json_format import MessageToDict
@@ -147,3 +148,12 @@ def wait_for_members(registry: str, expected: set[str], timeout_s: float = 60) -
             return found
         time.sleep(0.3)
     raise AssertionError(f"registry members {found}, expected {expected}")
+
+
+def start_tiny_node(gguf: Path, folder: Path, *flags: str) -> NodeProcess:
+    """A node on the tiny random-weight GGUF; its converted copy and its caches stay in `folder`."""
+    from tests.conftest import free_port
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("NODE_MODEL_CACHE", str(folder / "models"))
+        return NodeProcess(free_port(), folder / "cache", "--model", str(gguf), *flags).start()

@@ -113,7 +113,7 @@ class Engine:
         self.info = info
         self.bos_token_id = tokenizer.bos_token_id
         self.eos_token_ids = self._stop_token_ids(tokenizer)
-        self.prompt_format = prompt_format(tokenizer, instruction_tuned=bool(tokenizer.chat_template))
+        self.prompt_format = prompt_format(tokenizer, info.instruction_tuned)
 
     @classmethod
     def load(

@@ -24,8 +24,7 @@ from google.protobuf.json_format import MessageToDict
 from node.a2a.conformance import SCENARIOS, scenario_for
 from node.config import NodeConfig
 from node.server.app import create_app
-from tests.a2a_node import NodeProcess, final_task, http_client, metadata_of
-from tests.conftest import free_port
+from tests.a2a_node import final_task, http_client, metadata_of, start_tiny_node
 
 BINDINGS = ["JSONRPC", "HTTP+JSON"]
 CAMEL_USAGE = {
@@ -41,19 +40,15 @@ CAMEL_USAGE = {
 
 @pytest.fixture(scope="module")
 def node(tiny_gguf, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("conformance-node")
-    extra = (
-        "--model",
-        str(tiny_gguf),
+    process = start_tiny_node(
+        tiny_gguf,
+        tmp_path_factory.mktemp("conformance-node"),
         "--skills",
         "coordination",
         "--max-tokens",
         "3",
         "--conformance",
     )
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("NODE_MODEL_CACHE", str(folder / "models"))
-        process = NodeProcess(free_port(), folder / "cache", *extra).start()
     yield process
     process.stop()
 

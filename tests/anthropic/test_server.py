@@ -10,9 +10,8 @@ import anthropic
 import httpx
 import pytest
 
-from tests.a2a_node import NodeProcess
+from tests.a2a_node import NodeProcess, start_tiny_node
 from tests.anthropic import claude_code
-from tests.conftest import free_port
 
 API_KEY = "test-key"
 GREEDY = {"temperature": 0.0}  # the SDK 2.x `create` has no temperature argument
@@ -20,10 +19,9 @@ GREEDY = {"temperature": 0.0}  # the SDK 2.x `create` has no temperature argumen
 
 @pytest.fixture(scope="module")
 def node(tiny_gguf, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-node")
-    extra = (
-        "--model",
-        str(tiny_gguf),
+    process = start_tiny_node(
+        tiny_gguf,
+        tmp_path_factory.mktemp("tiny-node"),
         "--api-key",
         API_KEY,
         "--skills",
@@ -31,7 +29,6 @@ def node(tiny_gguf, tmp_path_factory):
         "--max-tokens",
         "16",
     )
-    process = NodeProcess(free_port(), folder / "cache", *extra).start()
     yield process
     process.stop()
 

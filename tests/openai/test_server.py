@@ -8,18 +8,16 @@ import uuid
 import openai
 import pytest
 
-from tests.a2a_node import NodeProcess
-from tests.conftest import free_port
+from tests.a2a_node import start_tiny_node
 
 API_KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
 def node(tiny_gguf, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-openai-node")
-    extra = (
-        "--model",
-        str(tiny_gguf),
+    process = start_tiny_node(
+        tiny_gguf,
+        tmp_path_factory.mktemp("tiny-openai-node"),
         "--api-key",
         API_KEY,
         "--skills",
@@ -27,7 +25,6 @@ def node(tiny_gguf, tmp_path_factory):
         "--max-tokens",
         "16",
     )
-    process = NodeProcess(free_port(), folder / "cache", *extra).start()
     yield process
     process.stop()
 
