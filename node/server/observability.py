@@ -1,0 +1,66 @@
+"""What `create_app` adds to see and use the node: metrics, the usage ledger, the task observer,
+the dashboard and the MCP server, built together because they watch the same tasks.
+
+`observe(manager)` wraps the agent manager so every task is seen; `routes()` are `/metrics`,
+`/dashboard/...` and `/mcp`; `running()` is the part of the app's lifespan they need (the MCP
+session manager's task group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute, Route
+
+from node.a2a.executor import SkillExecutor, SkillRuntime
+from node.config import NodeConfig
+from node.mcp.server import build_mcp_server
+from node.server.dashboard import Dashboard
+from node.server.metrics import NodeMetrics, RejectionCounter
+from node.server.observer import ObservedManager, TaskObserver
+from node.server.usage import UsageLedger
+
+MCP_PATH = "/mcp"
+
+
+class Observability:
+    def __init__(
+        self, config: NodeConfig, runtime: SkillRuntime, executors: dict[str, SkillExecutor]
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.metrics = NodeMetrics()
+        self.observer = TaskObserver(self.metrics, UsageLedger.open(config.cache_dir))
+        self.metrics.state = self._metrics_state
+        self.dashboard = Dashboard(config, runtime, executors, self.observer)
+        self.mcp = build_mcp_server(runtime, executors)
+        mcp_app = self.mcp.streamable_http_app(streamable_http_path=MCP_PATH, host=config.host)
+        self._mcp_routes = [r for r in mcp_app.routes if isinstance(r, Route) and r.path == MCP_PATH]
+
+    def observe(self, manager):
+        """`manager` with its tasks seen by the observer (None stays None: the node is starting)."""
+        if manager is None or isinstance(manager, ObservedManager):
+            return manager
+        return ObservedManager(manager, self.observer, self.config.skills)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/metrics", self.metrics.endpoint, methods=["GET"]),
+            *self.dashboard.routes(),
+            *self._mcp_routes,
+        ]
+
+    def middleware(self) -> Middleware:
+        return Middleware(RejectionCounter, metrics=self.metrics)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with self.mcp.session_manager.run():
+            yield
+
+    def _metrics_state(self) -> tuple[dict, dict[str, int], int]:
+        manager = self.runtime.manager
+        stats = manager.stats() if manager is not None else {}
+        return stats, self.observer.queued(), len(self.observer.tasks)
