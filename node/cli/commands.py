@@ -112,12 +112,13 @@ def run_eval(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
 
 def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
     from node import bench
-    from node.cli import cache_commands
+    from node.cli import cache_commands, mcp_command
 
     handlers = {
         "generate": run_generate,
         "cache": cache_commands.run_cache,
         "serve": run_serve,
+        "mcp": mcp_command.run,
         "bench": bench.run,
         "eval": run_eval,
     }

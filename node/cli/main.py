@@ -1,4 +1,4 @@
-"""Command line: `python -m node {generate,serve,cache,bench}` and `python -m node --demo`."""
+"""Command line: `python -m node {generate,serve,mcp,cache,bench}` and `python -m node --demo`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 
 from node import bench
-from node.cli import cache_commands
+from node.cli import cache_commands, mcp_command
 from node.cli.flags import add_model_flags, add_setting_flags, config_from_args
 from node.config import ALL_SKILLS
 from node.errors import NodeError
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache_commands.add_parser(commands, add_model_flags)
     _serve_parser(commands)
     _eval_parser(commands)
+    mcp_command.add_parser(commands)
     bench.add_parser(commands, add_model_flags)
     return parser
 

@@ -1,4 +1,5 @@
-"""`create_app(config)`: the node's Starlette app (A2A agents, /health, /agents).
+"""`create_app(config)`: the node's Starlette app (A2A agents, /health, /agents, /metrics,
+/dashboard, /mcp).
 
 With a `manager`, the caller owns it (and closes it); without one the app loads the model and
 starts its own manager at start-up and closes it at shutdown. Either way start-up prefills each
@@ -27,6 +28,7 @@ from node.config import NodeConfig
 from node.network.node_network import Network
 from node.openai.api import openai_routes
 from node.server.guards import ApiKeyMiddleware, BodyLimitMiddleware
+from node.server.observability import Observability
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +38,20 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
     stores = TaskStores(config.database_url)
     agents = build_agents(config, runtime, stores)
     network = runtime.network = Network(config)
+    seen = Observability(config, runtime, agents.executors)  # metrics, dashboard, MCP
+    runtime.manager = seen.observe(runtime.manager)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         owned = runtime.manager is None
         if owned:
-            runtime.manager = await start_manager(config)
+            runtime.manager = seen.observe(await start_manager(config))
         try:
             await stores.initialize()
             await warm_up(runtime, agents.executors.values())
             await network.start()
-            yield
+            async with seen.running():
+                yield
         finally:
             runtime.stop_all()
             await network.stop()
@@ -61,11 +66,13 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
         Route("/agents", _agents(runtime), methods=["GET"]),
         *anthropic_routes(chat),
         *openai_routes(chat),
+        *seen.routes(),
         *network.routes(),
         # Last: the node's HTTP+JSON routes end with a catch-all `/{tenant}/...` mount.
         *agents.routes,
     ]
-    app = Starlette(routes=routes, middleware=_middleware(config), lifespan=lifespan)
+    middleware = [seen.middleware(), *_middleware(config)]  # outermost: counts every refusal
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.network = network
     return app

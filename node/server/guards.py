@@ -34,7 +34,13 @@ logger = logging.getLogger(__name__)
 CARD_SUFFIXES = ("/.well-known/agent-card.json", "/.well-known/agent.json")
 PUBLIC_PATHS = ("/health",)
 # The Anthropic and OpenAI APIs call the same checks themselves, to answer in their own error shapes.
-SELF_CHECKING_PREFIXES = ("/v1/messages", "/v1/models", "/v1/chat/completions", "/registry/")
+SELF_CHECKING_PREFIXES = (
+    "/v1/messages",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/registry/",
+    "/dashboard",  # checks the key itself: a browser sends it as a cookie (node.server.dashboard)
+)
 UNSUPPORTED_MEDIA_TYPE = 415
 
 
