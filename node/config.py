@@ -10,6 +10,7 @@ before a config exists (the BLAS binding happens on import) are read here too.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,6 +42,18 @@ def switch_on(name: str) -> bool:
     return os.environ.get(ENV_PREFIX + name) != "0"
 
 
+KV_STORAGES = ("float16", "bfloat16", "int8")
+DEFAULT_DISK_BUDGET_BYTES = 16 << 30
+
+
+def disk_budget_for(folder: Path) -> int:
+    """The default disk budget: 16 GiB, or half the free space where the folder lives if less."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return min(DEFAULT_DISK_BUDGET_BYTES, shutil.disk_usage(probe).free // 2)
+
+
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity, not the machine's count)."""
     try:
@@ -70,6 +83,13 @@ class NodeConfig:
     max_tokens: int = _setting(256, "most tokens generated per task")
     max_agents: int = _setting(64, "agents kept in memory before the least recently used is evicted")
     memory_budget_bytes: int = _setting(4 << 30, "bytes of KV cache kept in memory before eviction")
+    disk_budget_bytes: int | None = _setting(
+        None,
+        "bytes of KV blocks kept on disk before the least recently used contexts are evicted "
+        "(default: 16 GiB or half the free space, whichever is less)",
+        flag="--disk-budget",
+    )
+    kv_storage: str = _setting("float16", "KV blocks on disk: float16, bfloat16 or int8 (half the bytes)")
     threads: int = _setting(
         None, "compute threads (default: the cores this process may use)", default_factory=available_cores
     )
@@ -85,6 +105,27 @@ class NodeConfig:
     conformance: bool = _setting(
         False, "also serve the A2A conformance agent (the kit's scenarios) at /conformance"
     )
+    network_key: str | None = _setting(
+        None, "the network's secret: members send it to the registry to join, beat and leave"
+    )
+    peer_keys: tuple[str, ...] = _setting(
+        (), "URL=KEY: the key this node sends to that peer's origin (repeatable)", flag="--peer-key"
+    )
+    allow_private_peers: bool = _setting(
+        False, "let outbound calls reach private and link-local addresses (loopback is always allowed)"
+    )
+    allow_open_bind: bool = _setting(False, "bind a non-loopback address without --api-key")
+    allowed_hosts: tuple[str, ...] = _setting(
+        (), "Host header names the node answers to besides its own and loopback ('*': any)"
+    )
+    max_pending: int = _setting(16, "generating requests held at once (all APIs); beyond: overloaded")
+    max_tasks: int = _setting(1000, "finished A2A tasks kept per agent before the oldest are dropped")
+    delegation_timeout_s: float = _setting(
+        300.0, "seconds one delegated sub-task may take over all its attempts", flag="--delegation-timeout"
+    )
+    share_cache_across_keys: bool = _setting(
+        False, "let callers with different API keys reuse each other's cached prefixes"
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in ALL_SKILLS]
@@ -92,11 +133,23 @@ class NodeConfig:
             raise ConfigError(f"unknown skills {unknown}; known: {', '.join(ALL_SKILLS)}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
-        for name in ("max_message_bytes", "max_tokens", "max_agents", "memory_budget_bytes", "threads"):
+        for name in (
+            "max_message_bytes", "max_tokens", "max_agents", "memory_budget_bytes", "threads",
+            "max_pending", "max_tasks",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.kv_storage not in KV_STORAGES:
+            raise ConfigError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, not {self.kv_storage!r}")
+        if self.disk_budget_bytes is not None and self.disk_budget_bytes <= 0:
+            raise ConfigError("disk_budget_bytes must be positive")
         if self.peer_timeout_s <= 0 or self.heartbeat_s <= 0:
             raise ConfigError("peer_timeout_s and heartbeat_s must be positive")
+        if self.delegation_timeout_s <= 0:
+            raise ConfigError("delegation_timeout_s must be positive")
+        bad_keys = [entry for entry in self.peer_keys if "=" not in entry]
+        if bad_keys:
+            raise ConfigError(f"peer keys are URL=KEY; got {bad_keys}")
         if self.database_url is not None and not self.database_url.startswith(DATABASE_SCHEMES):
             raise ConfigError(f"database_url must start with one of {', '.join(DATABASE_SCHEMES)}")
 
@@ -119,6 +172,15 @@ class NodeConfig:
         """The URL peers and cards use: `public_url` when set (a node bound to 0.0.0.0)."""
         return self.public_url.rstrip("/") if self.public_url else f"http://{self.host}:{self.port}"
 
+    def check_exposure(self) -> None:
+        """A node bound beyond loopback without a key serves anyone who can reach it: refuse that
+        unless `allow_open_bind` says it is meant."""
+        if self.api_key is None and not self.allow_open_bind and not is_loopback_host(self.host):
+            raise ConfigError(
+                f"binding {self.host} without --api-key exposes the node to the network; "
+                "set --api-key, or --allow-open-bind if that is meant"
+            )
+
     @property
     def registry_url(self) -> str | None:
         """Where this node registers and discovers peers: the node it joins, else itself if it
@@ -126,6 +188,18 @@ class NodeConfig:
         if self.join:
             return self.join.rstrip("/")
         return self.base_url if self.registry else None
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _words(value) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute
 
 from node.config import NodeConfig
 from node.network.membership import Membership
+from node.network.outbound import outbound_client
 from node.network.peers import Delegator, PeerClient, PeerDirectory
 from node.network.registry import Registry
 from node.network.registry_store import RegistryStore
@@ -22,9 +23,7 @@ class Network:
         self.registry: Registry | None = None
         if config.registry:
             store = RegistryStore.open(config.database_url, config.cache_dir)
-            self.registry = Registry(
-                store, sweep_s=config.heartbeat_s, max_body_bytes=config.max_message_bytes
-            )
+            self.registry = Registry(store, config)
         self.http: httpx.AsyncClient | None = None
         self.membership: Membership | None = None
         self.delegator: Delegator | None = None
@@ -33,15 +32,16 @@ class Network:
         return self.registry.routes() if self.registry is not None else []
 
     async def start(self) -> None:
-        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
-        self.http = httpx.AsyncClient(timeout=self.config.peer_timeout_s, headers=headers)
+        # Never the node's own key: each destination gets only the credential meant for it.
+        self.http = outbound_client(self.config)
         if self.registry is not None:
             await self.registry.start()
         if self.config.registry_url is not None:
             self.membership = Membership(self.config, self.config.registry_url, self.http)
             await self.membership.start()
         directory = PeerDirectory(self.config, self.http)
-        self.delegator = Delegator(directory, PeerClient(self.http, self.config.peer_timeout_s))
+        client = PeerClient(self.http, self.config.peer_timeout_s)
+        self.delegator = Delegator(directory, client, self.config.delegation_timeout_s)
 
     async def stop(self) -> None:
         if self.membership is not None:

@@ -5,6 +5,12 @@ skill named in its metadata. This node itself is a peer like any other (same HTT
 after the others. A sub-task is streamed with the a2a-sdk client; an attempt that cannot connect,
 breaks off, runs past `timeout_s` or ends FAILED/REJECTED/CANCELED moves on to the next peer with
 the skill. A slow attempt's remote task is cancelled before moving on, so it stops generating.
+A sub-task gets at most `MAX_ATTEMPTS` peers and `deadline_s` seconds over all of them.
+
+Every call goes through the node's outbound client (`node.network.outbound`: per-origin keys,
+no private or metadata addresses, capped bodies). A peer's card is read by this module and its
+interfaces must be at the peer's own origin: a card cannot send the node's messages elsewhere.
+A peer's usage figures are taken only as non-negative integers.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from dataclasses import dataclass, field
 
 import httpx
 from a2a.client import Client, ClientConfig, create_client
+from a2a.client.card_resolver import parse_agent_card
 from a2a.types import CancelTaskRequest, Message, Part, Role, SendMessageRequest, TaskState
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from google.protobuf.json_format import MessageToDict
 
 from node.config import NodeConfig
 from node.errors import PeerFailure
+from node.network.outbound import origin
 from node.network.registry import REGISTRY_PATH
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,7 @@ CARD_TTL_S = 30.0
 LOOKUP_TIMEOUT_S = 5.0
 CANCEL_TIMEOUT_S = 3.0
 MAX_DETAIL_CHARS = 300
+MAX_ATTEMPTS = 3
 REPORT_ARTIFACT = "delegation"
 FAILED_STATES = {
     TaskState.TASK_STATE_FAILED: "failed",
@@ -163,6 +172,8 @@ class PeerClient:
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel_remote(url, collected.task_id))
             raise
+        except PeerFailure:
+            raise
         except Exception as e:
             self._clients.pop(url, None)
             raise PeerFailure(_outcome(e), _describe(e)) from e
@@ -171,8 +182,18 @@ class PeerClient:
     async def _client(self, url: str) -> Client:
         if url not in self._clients:
             config = ClientConfig(httpx_client=self.http, streaming=True)
-            self._clients[url] = await create_client(url, config)
+            self._clients[url] = await create_client(await self.card(url), config)
         return self._clients[url]
+
+    async def card(self, url: str):
+        """The peer's card, refused (PeerFailure "refused") when an interface is at another origin."""
+        response = await self.http.get(url + AGENT_CARD_WELL_KNOWN_PATH, timeout=LOOKUP_TIMEOUT_S)
+        response.raise_for_status()
+        card = parse_agent_card(response.json())
+        elsewhere = [i.url for i in card.supported_interfaces if origin(i.url) != origin(url)]
+        if elsewhere:
+            raise PeerFailure("refused", f"its card points at {', '.join(elsewhere)}, not at {origin(url)}")
+        return card
 
     async def _cancel_remote(self, url: str, task_id: str | None) -> None:
         client = self._clients.get(url)
@@ -186,19 +207,29 @@ class PeerClient:
 class Delegator:
     """Runs one sub-task: the peers hosting its skill in turn, until one answers."""
 
-    def __init__(self, directory: PeerDirectory, client: PeerClient) -> None:
+    def __init__(
+        self, directory: PeerDirectory, client: PeerClient, deadline_s: float = 300.0, max_attempts: int = MAX_ATTEMPTS
+    ) -> None:
         self.directory = directory
         self.client = client
+        self.deadline_s = deadline_s
+        self.max_attempts = max_attempts
 
     async def run(self, skill: str, question: str, context_id: str, metadata: dict) -> SubtaskResult:
         attempts: list[Attempt] = []
-        for url in await self.directory.candidates(skill):
-            started = time.monotonic()
+        deadline = time.monotonic() + self.deadline_s
+        for url in (await self.directory.candidates(skill))[: self.max_attempts]:
+            started, left = time.monotonic(), deadline - time.monotonic()
+            if left <= 0:
+                attempts.append(Attempt(url, "timeout", 0.0, f"the sub-task's {self.deadline_s:g} s are spent"))
+                break
             try:
-                answer = await self.client.ask(url, skill, question, context_id, metadata)
-            except PeerFailure as e:
-                logger.warning("%s at %s: %s", skill, url, e)
-                attempts.append(Attempt(url, e.outcome, time.monotonic() - started, e.detail))
+                async with asyncio.timeout(left):
+                    answer = await self.client.ask(url, skill, question, context_id, metadata)
+            except (PeerFailure, TimeoutError) as e:
+                failure = e if isinstance(e, PeerFailure) else PeerFailure("timeout", "the sub-task's deadline passed")
+                logger.warning("%s at %s: %s", skill, url, failure)
+                attempts.append(Attempt(url, failure.outcome, time.monotonic() - started, failure.detail))
                 continue
             attempts.append(Attempt(url, "completed", time.monotonic() - started))
             return SubtaskResult(skill, question, answer, tuple(attempts))
@@ -235,7 +266,18 @@ class _Collected:
             raise PeerFailure(FAILED_STATES[self.state], self.reason or "the peer gave no reason")
         if self.state != TaskState.TASK_STATE_COMPLETED:
             raise PeerFailure("error", f"stream ended in state {TaskState.Name(self.state)}")
-        return Answer("".join(self.chunks), self.task_id or "", self.metadata.get("usage", {}))
+        return Answer("".join(self.chunks), self.task_id or "", clean_usage(self.metadata.get("usage")))
+
+
+def clean_usage(usage) -> dict:
+    """A peer's usage with only its non-negative integer figures (a malformed one is no figures)."""
+    if not isinstance(usage, dict):
+        return {}
+    return {
+        k: v
+        for k, v in usage.items()
+        if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
+    }
 
 
 def text_request(text: str, context_id: str, metadata: dict) -> SendMessageRequest:

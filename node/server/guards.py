@@ -9,21 +9,32 @@ each maps the refusals below onto its own errors:
     Refused                 (status: the HTTP status both APIs answer with)
     ├── Unauthorized        401: no key, or a wrong one
     ├── BodyTooLarge        413: the body exceeds `max_message_bytes`
-    └── Overloaded          the node already holds `RequestGate.limit` requests
+    ├── NotJson             415: a body not declared as JSON
+    └── Overloaded          the node already holds `RequestGate.limit` requests (with Retry-After)
+
+Browser-facing defaults: every body must be declared as JSON (a page's cross-origin "simple"
+request, `text/plain` or no type, is refused before it reaches a handler), and `HostCheckMiddleware`
+answers only to the node's own names (a DNS-rebinding page reaches the node under its own name).
+`caller_id` names the credential a request offers; the A2A stores scope tasks and push configs to
+it, and the chat APIs their cache families.
 
 The middleware is plain ASGI (not `BaseHTTPMiddleware`) so SSE responses stream through untouched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.utils.error_handlers import build_rest_error_payload
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -42,6 +53,8 @@ SELF_CHECKING_PREFIXES = (
     "/dashboard",  # checks the key itself: a browser sends it as a cookie (node.server.dashboard)
 )
 UNSUPPORTED_MEDIA_TYPE = 415
+RETRY_AFTER_S = 2
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 
 class Refused(Exception):
@@ -64,8 +77,13 @@ class BodyTooLarge(Refused):
         self.size, self.limit = size, limit
 
 
+class NotJson(Refused):
+    status = UNSUPPORTED_MEDIA_TYPE
+
+
 class Overloaded(Refused):
     status = 529
+    retry_after_s = RETRY_AFTER_S
 
 
 # ---- the API key ---------------------------------------------------------------------------
@@ -88,6 +106,23 @@ def has_key(headers: Mapping[str, str], expected: str | None) -> bool:
 def require_key(headers: Mapping[str, str], expected: str | None) -> None:
     if not has_key(headers, expected):
         raise Unauthorized("missing or invalid API key (send it as x-api-key or Authorization: Bearer)")
+
+
+def caller_id(headers: Mapping[str, str]) -> str:
+    """Who is calling, as far as the node can tell: a digest of the first key offered (never the
+    key itself), or `anonymous`."""
+    keys = offered_keys(headers)
+    if not keys:
+        return "anonymous"
+    return "key-" + hashlib.sha256(keys[0].encode("utf-8", "replace")).hexdigest()[:16]
+
+
+class CallerBackend(AuthenticationBackend):
+    """Starlette authentication that names the caller (`request.user.display_name`): the A2A SDK
+    scopes a task, its push configs and task listings to that name."""
+
+    async def authenticate(self, conn: HTTPConnection):
+        return AuthCredentials(), SimpleUser(caller_id(conn.headers))
 
 
 # ---- the body limit ------------------------------------------------------------------------
@@ -115,22 +150,46 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def require_json(headers: Mapping[str, str]) -> None:
+    content_type = headers.get("content-type")
+    if content_type is None or not is_json(content_type):
+        raise NotJson(f"Content-Type {content_type!r}: send application/json")
+
+
 # ---- admission -----------------------------------------------------------------------------
 class RequestGate:
-    """Counts the API requests the node holds (running or queued for the model); refuses new ones
-    beyond `limit`. One gate serves every API, so the limit is the node's."""
+    """Counts the generating requests the node holds (running or queued for the model), of every
+    API: refuses new ones beyond `limit`, so the limit is the node's.
+
+    `enter`/`leave` hold a slot for a request's handler; `reserve(key)`/`release(key)` hold one
+    for work that outlives it (an A2A task runs on after `message/send` returns); a key is released
+    at most as often as it was reserved."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.refused = 0
+        self._reserved: Counter[str] = Counter()
 
     def enter(self) -> None:
         if self.active >= self.limit:
+            self.refused += 1
             raise Overloaded(f"the node already holds {self.active} requests; retry later")
         self.active += 1
 
     def leave(self) -> None:
         self.active -= 1
+
+    def reserve(self, key: str) -> None:
+        self.enter()
+        self._reserved[key] += 1
+
+    def release(self, key: str) -> None:
+        if self._reserved[key] > 0:
+            self._reserved[key] -= 1
+            self.leave()
+        if not self._reserved[key]:
+            del self._reserved[key]
 
 
 class GatedStream(StreamingResponse):
@@ -184,12 +243,11 @@ def json_only(endpoint: Endpoint, refuse: Callable[[ContentTypeNotSupportedError
 
     The SDK would parse such a body anyway (JSON-RPC: -32700 when it is not JSON; HTTP+JSON: as
     JSON). Refusing it with ContentTypeNotSupportedError also keeps browsers' cross-origin "simple"
-    requests (`text/plain` needs no CORS preflight) out. A request without a Content-Type is
-    parsed as before."""
+    requests (`text/plain` or no type need no CORS preflight) out: a body must declare JSON."""
 
     async def checked(request: Request) -> Response:
         content_type = request.headers.get("content-type")
-        if content_type is None or is_json(content_type):
+        if content_type is not None and is_json(content_type):
             return await endpoint(request)
         return refuse(
             ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
@@ -257,3 +315,32 @@ class BodyLimitMiddleware:
             return message
 
         return limited_receive
+
+
+class HostCheckMiddleware:
+    """Answers only requests whose Host header names the node: loopback names, its bind address,
+    its public URL's host and `names` (`*`: any). A DNS-rebinding page's requests carry the
+    attacker's name and are refused, so it cannot read what the node serves on loopback."""
+
+    def __init__(self, app: ASGIApp, names: Iterable[str]) -> None:
+        self.app = app
+        self.names = {name.lower().strip("[]") for name in (*names, *LOOPBACK_NAMES)}
+        self.any = "*" in self.names
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.any or self.allows(Headers(scope=scope).get("host", "")):
+            await self.app(scope, receive, send)
+            return
+        logger.info("refused %s %s: Host %r is not one of the node's names", scope.get("method"),
+                    scope.get("path"), Headers(scope=scope).get("host"))  # fmt: skip
+        response = JSONResponse({"error": {"code": 421, "message": "unknown Host"}}, status_code=421)
+        await response(scope, receive, send)
+
+    def allows(self, host: str) -> bool:
+        """`host` (a Host header: name, `name:port`, `[v6]:port`) names the node."""
+        name = host.lower()
+        if name.startswith("["):
+            name = name[1 : name.find("]")]
+        elif name.count(":") == 1:
+            name = name.split(":", 1)[0]
+        return name in self.names

@@ -35,6 +35,7 @@ class _Server(uvicorn.Server):
 async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
     from node.server.app import create_app, start_manager
 
+    config.check_exposure()
     manager = await start_manager(config, progress)
     try:
         app = create_app(config, manager)
