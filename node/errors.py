@@ -7,7 +7,10 @@ NodeError
 ├── CheckpointError       a checkpoint that cannot be trusted
 │   ├── CheckpointCorrupt        digest, size or structure mismatch
 │   ├── CheckpointModelMismatch  written by another model or tokenizer
-│   └── CheckpointVersionError   an unknown format version
+│   ├── CheckpointVersionError   an unknown format version
+│   └── CacheLocked              another process serves this cache folder
+├── MemoryBudgetExceeded  a request whose KV cache cannot fit the memory budget
+├── DiskBudgetExceeded    a context that cannot fit the disk budget
 ├── InvalidAgentId        an agent id that is not safe to use
 ├── PromptTooLong         a prompt beyond the model's or the node's limit
 ├── WorkerDead            the thread that owns the model has died
@@ -49,6 +52,18 @@ class CheckpointModelMismatch(CheckpointError):
 
 class CheckpointVersionError(CheckpointError):
     pass
+
+
+class CacheLocked(CheckpointError):
+    """Another process holds the cache folder's lock (it serves those agents)."""
+
+
+class MemoryBudgetExceeded(NodeError):
+    """A request's KV cache cannot fit the memory budget, even with every idle agent evicted."""
+
+
+class DiskBudgetExceeded(NodeError):
+    """A context's blocks cannot fit the disk budget, even with every unpinned context evicted."""
 
 
 class InvalidAgentId(NodeError):

@@ -9,10 +9,12 @@ agent either way, so its cache stays consistent with what it has seen.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,6 +29,7 @@ from node.a2a.conversation import Conversation, conversation_agent_id, system_pr
 from node.a2a.playbooks import playbook
 from node.config import NodeConfig
 from node.errors import NodeError
+from node.server.guards import RequestGate
 
 if TYPE_CHECKING:
     from node.memory.agents import AgentManager
@@ -37,23 +40,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
 CHUNK_S = 0.1
+DRAIN_S = 15.0
+SHUTDOWN_REASON = "the node shut down before the task finished; send it again"
 
 
 @dataclass
 class SkillRuntime:
     """What executors share: settings, the agent manager (set at start-up), the node's network
-    (the coordinator delegates through it) and the running tasks' stop events."""
+    (the coordinator delegates through it), the admission gate every API shares and the running
+    tasks' stop events."""
 
     config: NodeConfig
     manager: AgentManager | None = None
     network: Network | None = None
     running: dict[str, threading.Event] = field(default_factory=dict)
     base_contexts: dict[str, BaseContext] = field(default_factory=dict)
+    gate: RequestGate = field(default_factory=lambda: RequestGate(16))
+    shutting_down: bool = False
 
     def stop_all(self) -> None:
-        """Stop every running generation (at shutdown: their agents are checkpointed as they stop)."""
+        """Stop every running generation (at shutdown: their agents are checkpointed as they stop,
+        their tasks end FAILED with `SHUTDOWN_REASON`)."""
+        self.shutting_down = True
         for stop in list(self.running.values()):
             stop.set()
+
+    async def drain(self, timeout_s: float = DRAIN_S) -> None:
+        """Wait (up to `timeout_s`) until every running task has written its terminal state."""
+        deadline = time.monotonic() + timeout_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.running:
+            logger.warning("shutdown: %d tasks still running after %g s", len(self.running), timeout_s)
 
     def require_manager(self) -> AgentManager:
         if self.manager is None:
@@ -93,6 +111,15 @@ class SkillExecutor(AgentExecutor):
 
     def __init__(self, runtime: SkillRuntime) -> None:
         self.runtime = runtime
+        # One turn at a time per conversation: its history is read, extended and saved as one step
+        # (two turns sent at once would otherwise both extend the same old history).
+        self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _turn_lock(self, agent_id: str) -> asyncio.Lock:
+        lock = self._turn_locks.get(agent_id)
+        if lock is None:
+            lock = self._turn_locks[agent_id] = asyncio.Lock()
+        return lock
 
     def instructions(self, engine: Engine) -> str:
         return self.system_prompt if engine.info.instruction_tuned else playbook(self.skill_id)
@@ -103,7 +130,7 @@ class SkillExecutor(AgentExecutor):
         manager = self.runtime.require_manager()
         prefix = system_prefix_tokens(manager.engine, self.instructions(manager.engine))
         started = time.perf_counter()
-        restored = await manager.ensure_prefix(self.skill_id, prefix)
+        restored = await manager.ensure_prefix(self.skill_id, prefix, pinned=True)
         return BaseContext(len(prefix), restored, round(time.perf_counter() - started, 3))
 
     # ---- AgentExecutor -------------------------------------------------------------------
@@ -118,7 +145,10 @@ class SkillExecutor(AgentExecutor):
         await updater.start_work()
         stop = self.runtime.running.setdefault(request.task_id, threading.Event())
         try:
-            await self._run_turn(request, updater, stop)
+            if self.runtime.shutting_down:
+                await updater.failed(updater.new_agent_message([Part(text=SHUTDOWN_REASON)]))
+            else:
+                await self._run_turn(request, updater, stop)
         except NodeError as e:
             logger.warning("task %s failed: %s", request.task_id, e)
             await updater.failed(updater.new_agent_message([Part(text=f"{type(e).__name__}: {e}")]))
@@ -129,6 +159,7 @@ class SkillExecutor(AgentExecutor):
             )
         finally:
             self.runtime.running.pop(request.task_id, None)
+            self.runtime.gate.release(context.message.message_id if context.message else "")
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         stop = self.runtime.running.get(context.task_id)
@@ -141,6 +172,8 @@ class SkillExecutor(AgentExecutor):
     async def _run_turn(self, request: TurnRequest, updater: TaskUpdater, stop: threading.Event) -> None:
         completion = await self.answer(request, TaskOutput(updater), stop)
         if completion.finish_reason == "cancelled" or stop.is_set():
+            if self.runtime.shutting_down:  # stopped by the shutdown, not by cancel()
+                await updater.failed(updater.new_agent_message([Part(text=SHUTDOWN_REASON)]))
             return  # cancel() has written CANCELED
         usage = a2a_usage(completion.usage)
         metadata = {"skill": self.skill_id, "finishReason": completion.finish_reason, "usage": usage}
@@ -150,10 +183,14 @@ class SkillExecutor(AgentExecutor):
         """Generate the reply to `request` with this skill's agent for its context -> Completion.
 
         Subclasses may add context to `request.text` first (the coordinator's delegation seam)."""
-        from node.runtime.events import Completion, TextDelta
-
         manager = self.runtime.require_manager()
         agent_id = conversation_agent_id(self.skill_id, request.context_id)
+        async with self._turn_lock(agent_id):
+            return await self._answer_in_turn(manager, agent_id, request, out, stop)
+
+    async def _answer_in_turn(self, manager, agent_id: str, request: TurnRequest, out: TaskOutput, stop):
+        from node.runtime.events import Completion, TextDelta
+
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))
         instructions = self.instructions(manager.engine)
         prompt = manager.engine.encode_chat(conversation.prompt(instructions, request.text))

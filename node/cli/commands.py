@@ -63,7 +63,7 @@ async def _generate_as_agent(engine, args: argparse.Namespace, config: NodeConfi
     from node.memory.agents import AgentManager
     from node.runtime.events import Completion, TextDelta
 
-    manager = await AgentManager.start(engine, config.cache_dir)
+    manager = await AgentManager.start(engine, config.cache_dir, kv_storage=config.kv_storage)
     try:
         metadata = await manager.metadata(args.agent) or {}
         if args.chat:

@@ -3,8 +3,13 @@
 `AgentManager` creates, restores, generates for, checkpoints and evicts agents. All MLX work runs on
 the single `ModelWorker` thread; a per-agent asyncio lock keeps two tasks for one agent from
 interleaving on its cache, while tasks for different agents queue for the worker independently.
-Every task ends with a checkpoint, so eviction (LRU, by `max_agents` and a memory budget) never
-loses context.
+Every task ends with a checkpoint: the worker plans it (copies out the new K/V rows) and the
+`CheckpointWriter` thread writes it, so disk work never stalls other agents' decoding; eviction
+(LRU, by `max_agents` and a memory budget that counts running tasks' growth) never loses context.
+
+An agent without a checkpoint, or one whose own history shares less with a prompt than some
+stored context does, starts from the longest stored prefix anywhere (`CheckpointStore.longest_prefix`):
+a new conversation under a known system prompt or playbook reads it from disk, never re-prefills it.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.errors import CheckpointError
+from node.errors import CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
 from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore
+from node.memory.prefix_index import BlockRef
+from node.memory.writer import CheckpointWriter
 from node.model import kv_cache
 from node.runtime.events import PrefillProgress, TextDelta
 from node.runtime.generation import (
@@ -39,6 +46,9 @@ from node.runtime.worker import ModelWorker
 
 logger = logging.getLogger(__name__)
 _DONE = object()
+# A stored prefix elsewhere is restored instead of an agent's own cache when it covers this many
+# more tokens (prefill of them costs far more than reading their blocks).
+TREE_ADVANTAGE_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -65,10 +75,13 @@ class AgentStats:
 class Agent:
     agent_id: str
     context: CachedContext
-    persisted: int = 0
+    persisted: int = 0  # leading tokens whose K/V `stored` holds
     metadata: dict = field(default_factory=dict)
     stats: AgentStats = field(default_factory=AgentStats)
     busy: bool = False
+    stored: tuple[BlockRef, ...] = ()  # the path of blocks its checkpoint names (its last maybe in part)
+    pinned: bool = False
+    reserved_bytes: int = 0  # growth of its caches the running task may still need
 
 
 class AgentManager:
@@ -78,6 +91,8 @@ class AgentManager:
         self.max_agents = max_agents
         self.memory_budget_bytes = memory_budget_bytes
         self._worker = ModelWorker(engine.model)
+        self._writer = CheckpointWriter(store)
+        store.is_live = lambda agent_id: agent_id in self._agents
         self._agents: OrderedDict[str, Agent] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
         self._snapshot: dict = {"agents": {}}
@@ -86,9 +101,21 @@ class AgentManager:
 
     @classmethod
     async def start(
-        cls, engine, cache_dir: Path, *, max_agents: int = 64, memory_budget_bytes: int = 4 << 30
+        cls,
+        engine,
+        cache_dir: Path,
+        *,
+        max_agents: int = 64,
+        memory_budget_bytes: int = 4 << 30,
+        disk_budget_bytes: int | None = None,
+        kv_storage: str = "float16",
     ) -> AgentManager:
-        store = CheckpointStore(Path(cache_dir), engine.info.fingerprint)
+        """Open the cache folder for serving (an exclusive lock: `CacheLocked` if another process
+        has it), clean up after a crash and index the stored contexts, off the event loop."""
+        store = CheckpointStore(
+            Path(cache_dir), engine.info.fingerprint, storage=kv_storage, disk_budget_bytes=disk_budget_bytes
+        )
+        await asyncio.to_thread(store.open_for_serving)
         return cls(engine, store, max_agents, memory_budget_bytes)
 
     # ---- public API ----------------------------------------------------------------------
@@ -102,6 +129,11 @@ class AgentManager:
         metadata: dict | Callable[[Completion], dict] | None = None,
         cancel: threading.Event | None = None,
     ) -> AsyncIterator[TextDelta | PrefillProgress | Completion]:
+        """Run one task for `agent_id`, yielding progress, text and finally the Completion.
+
+        `base_agent` names the context this agent grows from (a skill's playbook agent); it labels
+        the task, while the cached prefix itself is found by content (`_acquire`).
+        """
         validate_agent_id(agent_id)
         if base_agent is not None:
             validate_agent_id(base_agent)
@@ -119,7 +151,7 @@ class AgentManager:
         done.add_done_callback(lambda _: emit(_DONE))
         async with self._lock(agent_id):
             started = self._worker.submit(
-                self._start_task, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done
+                self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done
             )
             started.add_done_callback(
                 lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
@@ -147,11 +179,14 @@ class AgentManager:
             )
         )
 
-    async def ensure_prefix(self, agent_id: str, prompt: list[int]) -> int:
-        """Make `agent_id` hold exactly `prompt` (prefilling and checkpointing as needed)."""
+    async def ensure_prefix(self, agent_id: str, prompt: list[int], *, pinned: bool = False) -> int:
+        """Make `agent_id` hold exactly `prompt` (prefilling and checkpointing as needed).
+
+        `pinned`: the disk budget never evicts it (a skill's playbook every conversation starts from).
+        """
         validate_agent_id(agent_id)
         async with self._lock(agent_id):
-            return await self._worker.run(self._run_prefix, agent_id, prompt)
+            return await self._worker.run(self._run_prefix, agent_id, prompt, pinned)
 
     async def metadata(self, agent_id: str) -> dict | None:
         validate_agent_id(agent_id)
@@ -159,7 +194,7 @@ class AgentManager:
         if agent is not None:
             return dict(agent.metadata)
         try:
-            manifest = self.store.manifest(agent_id)
+            manifest = await asyncio.to_thread(self.store.manifest, agent_id)
         except CheckpointError:
             return None
         return None if manifest is None else manifest.get("metadata") or {}
@@ -178,7 +213,8 @@ class AgentManager:
     def stats(self) -> dict:
         return {
             **self._snapshot,
-            "on_disk": self._disk_summary(),
+            "on_disk": self.store.summary(),
+            "checkpoint_writer": self._writer.stats(),
             "refused_checkpoints": list(self._refused),
             "batching": self._worker.stats(),
         }
@@ -187,19 +223,23 @@ class AgentManager:
     def worker(self) -> ModelWorker:
         return self._worker
 
+    async def flush(self) -> None:
+        """Wait until every checkpoint handed to the writer is on disk (or has failed)."""
+        await asyncio.to_thread(self._writer.wait)
+
     async def close(self) -> None:
         await self._worker.run(self._save_all)
         self._worker.close()
+        await asyncio.to_thread(self._writer.close)
+        self.store.close()
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
         return self._locks.setdefault(agent_id, asyncio.Lock())
 
     # ---- worker-thread side --------------------------------------------------------------
-    def _start_task(
-        self, agent_id, prompt, params, base_agent, metadata, should_stop, emit, done: Future
-    ) -> None:
+    def _start_task(self, agent_id, prompt, params, metadata, should_stop, emit, done: Future) -> None:
         """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
-        agent, restore_s = self._acquire(agent_id, prompt, base_agent)
+        agent, restore_s = self._acquire(agent_id, prompt)
         sequence = Sequence(
             self.engine,
             agent.context,
@@ -209,10 +249,15 @@ class AgentManager:
             should_stop=should_stop,
             on_prefill=lambda done_tokens, total: emit(PrefillProgress(done_tokens, total)),
         )
+        self.store.check_fits(
+            len(prompt) + params.max_tokens - sequence.cached,
+            self.store.bytes_per_token(len(agent.context.caches), self.engine.kv_values_per_position),
+        )
+        self._reserve(agent, len(prompt) + params.max_tokens)
         agent.busy = True
 
         def finished(result: Completion | BaseException) -> None:
-            agent.busy = False
+            agent.busy, agent.reserved_bytes = False, 0
             try:
                 if isinstance(result, BaseException):
                     raise result
@@ -221,6 +266,21 @@ class AgentManager:
                 done.set_exception(e)
 
         self._worker.add_sequence(sequence, finished)
+
+    def _reserve(self, agent: Agent, final_tokens: int) -> None:
+        """Count the task's cache growth against the memory budget, evicting idle agents for it."""
+        needed = max(0, self.engine.kv_memory_bytes(final_tokens) - agent.context.nbytes)
+        agent.reserved_bytes = needed
+        self._evict(keep=agent.agent_id)
+        in_use = self._bytes_in_memory()
+        if in_use > self.memory_budget_bytes:
+            agent.reserved_bytes = 0
+            running = sum(1 for a in self._agents.values() if a.busy)
+            raise MemoryBudgetExceeded(
+                f"this request needs {needed} more bytes of KV cache; the memory budget is "
+                f"{self.memory_budget_bytes} bytes and {in_use - needed} are held by {running} running "
+                "tasks and the agents they use; retry later or send a shorter request"
+            )
 
     def _finish_task(self, agent: Agent, completion: Completion, metadata, restore_s: float) -> Completion:
         agent.persisted = min(agent.persisted, completion.usage.cached_tokens)
@@ -234,9 +294,9 @@ class AgentManager:
             completion, usage=dataclasses.replace(completion.usage, restore_s=round(restore_s, 4))
         )
 
-    def _run_prefix(self, agent_id: str, prompt: list[int]) -> int:
+    def _run_prefix(self, agent_id: str, prompt: list[int], pinned: bool) -> int:
         # The sentinel lets a restore reuse all of `prompt` (a generation must feed its last token).
-        agent, _ = self._acquire(agent_id, prompt + [-1], None)
+        agent, _ = self._acquire(agent_id, prompt + [-1])
         context = agent.context
         cached = rewind(
             context,
@@ -245,27 +305,26 @@ class AgentManager:
         )
         agent.persisted = min(agent.persisted, cached)
         prefill(self.engine.model, context, prompt[cached:])
+        agent.pinned = pinned
         self._checkpoint(agent)
         self._evict(keep=agent_id)
         return cached
 
-    def _acquire(self, agent_id: str, prompt: list[int], base_agent: str | None) -> tuple[Agent, float]:
+    def _acquire(self, agent_id: str, prompt: list[int]) -> tuple[Agent, float]:
+        """The agent, holding the longest prefix of `prompt` it can get: its own history (in
+        memory or on disk), or the longest prefix stored anywhere when that is clearly longer."""
         agent = self._agents.get(agent_id)
-        restore_s = 0.0
-        if agent is None:
-            agent = (
-                self._restore(agent_id, prompt) or self._fork(agent_id, base_agent) or self._fresh(agent_id)
-            )
-            restore_s = agent.stats.restore_s
+        if agent is None or self._needs_disk_rewind(agent, prompt):
+            self._writer.wait(agent_id)
+            agent = self._restore(agent_id, prompt) or self._fresh(agent_id)
             self._agents[agent_id] = agent
-        elif self._needs_disk_rewind(agent, prompt):
-            restored = self._restore(agent_id, prompt)
-            agent = restored or self._fresh(agent_id)
-            restore_s = agent.stats.restore_s
+        own = reusable_prefix(agent.context, prompt)
+        if not agent.busy:
+            agent = self._from_tree(agent, prompt, own) or agent
             self._agents[agent_id] = agent
         self._agents.move_to_end(agent_id)
         agent.stats.last_used = time.time()
-        return agent, restore_s
+        return agent, agent.stats.restore_s if agent.stats.tasks == 0 or own == 0 else 0.0
 
     def _needs_disk_rewind(self, agent: Agent, prompt: list[int]) -> bool:
         position = reusable_prefix(agent.context, prompt)
@@ -273,42 +332,55 @@ class AgentManager:
             agent.context.caches, position
         )
 
-    def _restore(self, agent_id: str, prompt: list[int] | None) -> Agent | None:
-        """Load an agent from disk, at the longest prefix it shares with `prompt` (None: all)."""
+    def _limit(self, prompt: list[int]):
+        def position(saved: list[int]) -> int:
+            return min(common_prefix_length(saved, prompt), max(len(prompt) - 1, 0))
+
+        return position
+
+    def _restore(self, agent_id: str, prompt: list[int]) -> Agent | None:
+        """Load an agent from disk, at the longest prefix it shares with `prompt`."""
         try:
             if not self.store.exists(agent_id):
                 return None
-            position = None
-            if prompt is not None:
-
-                def position(saved: list[int]) -> int:
-                    return min(common_prefix_length(saved, prompt), max(len(prompt) - 1, 0))
-
-            restored = self.store.restore(agent_id, self.engine.make_caches, position)
+            restored = self.store.restore(agent_id, self.engine.make_caches, self._limit(prompt))
         except CheckpointError as e:
             self._refuse(agent_id, e)
             return None
-        agent = Agent(
-            agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens), restored.metadata
-        )
-        agent.stats.restores, agent.stats.restore_s = 1, restored.seconds
+        agent = self._restored_agent(agent_id, restored)
+        agent.metadata = restored.metadata
         logger.info(
             "restored agent %r: %d tokens in %.1f ms", agent_id, len(restored.tokens), restored.seconds * 1000
         )
         return agent
 
-    def _fork(self, agent_id: str, base_agent: str | None) -> Agent | None:
-        if base_agent is None or base_agent == agent_id:
+    def _from_tree(self, agent: Agent, prompt: list[int], own: int) -> Agent | None:
+        """The agent restarted from the longest prefix of `prompt` stored in any context, when
+        that beats what its own cache can reuse by TREE_ADVANTAGE_TOKENS or more."""
+        match = self.store.longest_prefix(prompt)
+        usable = min(match.length, len(prompt) - 1)
+        if usable < own + TREE_ADVANTAGE_TOKENS and not (own == 0 and usable > 0):
             return None
-        base = self._agents.get(base_agent) or self._restore(base_agent, None)
-        if base is None:
+        if agent.persisted < len(agent.context.tokens):
+            self._checkpoint(agent)
+        self._writer.wait()  # the path may name blocks a queued save is still writing
+        try:
+            restored = self.store.restore_path(match.path, self.engine.make_caches, lambda _: usable)
+        except CheckpointCorrupt as e:
+            self._refuse_block(e)
             return None
-        if base.persisted < len(base.context.tokens):
-            self._checkpoint(base)
-        self.store.fork(base_agent, agent_id)
-        restored = self.store.restore(agent_id, self.engine.make_caches)
+        fresh = self._restored_agent(agent.agent_id, restored)
+        fresh.metadata, fresh.stats.tasks = agent.metadata, agent.stats.tasks
+        logger.info(
+            "agent %r starts from %d tokens stored by %r (its own cache reused %d) in %.1f ms",
+            agent.agent_id, usable, match.holder, own, restored.seconds * 1000,
+        )  # fmt: skip
+        return fresh
+
+    def _restored_agent(self, agent_id: str, restored) -> Agent:
         agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens))
-        agent.stats.restore_s = restored.seconds
+        agent.stored = restored.blocks
+        agent.stats.restores, agent.stats.restore_s = 1, restored.seconds
         return agent
 
     def _fresh(self, agent_id: str) -> Agent:
@@ -318,14 +390,33 @@ class AgentManager:
         kept = self.store.quarantine(agent_id, str(error))
         self._refused.append({"agent_id": agent_id, "reason": str(error), "kept_in": str(kept)})
 
+    def _refuse_block(self, error: CheckpointCorrupt) -> None:
+        """A damaged block: set it and every context through it aside (each logged as refused)."""
+        key = getattr(error, "block_key", None)
+        if key is None:
+            return
+        for holder in self.store.index().holders(key):
+            if holder not in self._agents:
+                self._refuse(holder, error)
+        self.store.quarantine_block(key, str(error))
+
     def _checkpoint(self, agent: Agent) -> None:
+        """Plan the agent's save here (the arrays' owner) and let the writer thread commit it."""
+        started = time.perf_counter()
         context = agent.context
-        agent.stats.checkpoint_s = self.store.save(
-            agent.agent_id, context.tokens, context.caches, agent.persisted, agent.metadata
-        )
-        agent.persisted = len(context.tokens)
+        plan = self.store.plan(
+            agent.agent_id, context.tokens, context.caches, agent.stored, agent.persisted, agent.metadata,
+            pinned=agent.pinned,
+        )  # fmt: skip
+        agent.stored, agent.persisted = tuple(plan.path), len(context.tokens)
         kv_cache.compact(context.caches)
-        self.store.compact_if_needed(agent.agent_id)
+        planned_s = time.perf_counter() - started
+
+        def committed(result: float | BaseException) -> None:
+            if not isinstance(result, BaseException):
+                agent.stats.checkpoint_s = planned_s + result
+
+        self._writer.submit(plan, committed)
         self._update_snapshot()
 
     def _record(self, agent: Agent, completion: Completion) -> None:
@@ -343,9 +434,10 @@ class AgentManager:
             victim_id = next((a for a, v in self._agents.items() if a != keep and not v.busy), None)
             if victim_id is None:
                 break
-            victim = self._agents.pop(victim_id)
+            victim = self._agents[victim_id]
             if victim.persisted < len(victim.context.tokens):
-                self._checkpoint(victim)
+                self._checkpoint(victim)  # saved (planned) before it leaves memory
+            del self._agents[victim_id]
             logger.info("evicted agent %r from memory (%d tokens stay on disk)", victim_id, victim.persisted)
         self._update_snapshot()
 
@@ -353,6 +445,7 @@ class AgentManager:
         agent = self._agents.get(agent_id)
         if agent is not None:
             return list(agent.context.tokens)
+        self._writer.wait(agent_id)
         try:
             return self.store.tokens(agent_id)
         except CheckpointError as e:
@@ -361,6 +454,7 @@ class AgentManager:
 
     def _delete(self, agent_id: str) -> bool:
         in_memory = self._agents.pop(agent_id, None) is not None
+        self._writer.wait(agent_id)
         on_disk = self.store.delete(agent_id)
         self._update_snapshot()
         return in_memory or on_disk
@@ -371,7 +465,7 @@ class AgentManager:
                 self._checkpoint(agent)
 
     def _bytes_in_memory(self) -> int:
-        return sum(agent.context.nbytes for agent in self._agents.values())
+        return sum(agent.context.nbytes + agent.reserved_bytes for agent in self._agents.values())
 
     # ---- statistics ----------------------------------------------------------------------
     def _update_snapshot(self) -> None:
@@ -383,6 +477,7 @@ class AgentManager:
             "model": self.engine.info.name,
             "agents_in_memory": len(agents),
             "bytes_in_memory": self._bytes_in_memory(),
+            "bytes_reserved": sum(a.reserved_bytes for a in self._agents.values()),
             "memory_budget_bytes": self.memory_budget_bytes,
             "max_agents": self.max_agents,
             "tokens_cached": sum(a["tokens"] for a in agents.values()),
@@ -390,15 +485,6 @@ class AgentManager:
             "prefill_tokens_avoided": sum(a["prefill_tokens_avoided"] for a in agents.values()),
             "seconds_saved": round(sum(a["seconds_saved"] for a in agents.values()), 3),
             "agents": agents,
-        }
-
-    def _disk_summary(self) -> dict:
-        listed = self.store.list_agents()
-        return {
-            "agents": len(listed),
-            "tokens": sum(m.get("token_count", 0) for m in listed),
-            "bytes": sum(m["bytes_on_disk"] for m in listed),
-            "root": str(self.store.root),
         }
 
 

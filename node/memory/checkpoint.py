@@ -1,9 +1,16 @@
-"""Crash-safe, append-only checkpoints of agent KV caches (layout in `checkpoint_format`).
+"""Crash-safe agent memory on disk: contexts as paths of shared, content-addressed KV blocks.
 
-Saving after a task writes only the positions added since the last save, as a new segment, then
-atomically replaces the manifest; the previous checkpoint stays valid until that rename. When an
-agent's history diverges, the manifest drops or shortens the entries past the common prefix
-(files are never rewritten in place); compaction merges segments once there are too many.
+Layout in `checkpoint_format`. A save is split in two: `plan` runs on the thread that owns the
+MLX arrays (it decides the context's new path of blocks, hashes token ids and copies out only the
+K/V rows no stored block holds yet) and `commit` runs anywhere else (it writes those blocks,
+fsyncs, atomically replaces the context's manifest, then deletes blocks no context references).
+A crash between any two steps leaves the previous manifest and every block it names intact;
+`open_for_serving` removes what such a crash left behind.
+
+The in-memory `PrefixIndex` mirrors the manifests, including saves planned but not yet committed,
+so `longest_prefix` finds the longest stored prefix of a prompt in any context, and a block is
+never deleted while a queued save still needs it. A disk budget evicts the least recently used
+unpinned contexts that are not live in memory.
 """
 
 from __future__ import annotations
@@ -12,26 +19,33 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
 
 import mlx.core as mx
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from filelock import FileLock, Timeout
 
 from node.durable import fsync_path
-from node.errors import CheckpointCorrupt, CheckpointError, CheckpointModelMismatch, CheckpointVersionError
+from node.errors import (
+    CacheLocked,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointModelMismatch,
+    CheckpointVersionError,
+    DiskBudgetExceeded,
+)
 from node.memory.agent_ids import agent_dirname, validate_agent_id
-from node.memory.checkpoint_format import BLOCK, FORMAT_VERSION, MANIFEST, block_digests
+from node.memory.blocks import BlockStore, OpenBlocks, temporary_name
+from node.memory.checkpoint_format import BLOCK_TOKENS, DEFAULT_STORAGE, FORMAT_VERSION, STORAGES, block_key
+from node.memory.prefix_index import BlockRef, PrefixIndex, PrefixMatch
 from node.model import kv_cache
 
 logger = logging.getLogger(__name__)
-MAX_SEGMENTS = 24
+LEGACY_FOLDER = "agents"  # format 1: one folder of segments per agent
 
 
 @dataclass(frozen=True)
@@ -40,77 +54,101 @@ class Restored:
     caches: list
     metadata: dict
     seconds: float
+    blocks: tuple[BlockRef, ...] = ()  # the stored path behind `tokens` (its last block maybe in part)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+@dataclass
+class _NewBlock:
+    ref: BlockRef
+    parent: str | None
+    tokens: np.ndarray
+    carried: tuple[str, int] | None  # (block key, rows): leading rows copied from a stored block
+    rows: list[tuple[np.ndarray, np.ndarray]] | None  # K/V per layer of the remaining rows
 
 
-def _to_numpy(array: mx.array) -> np.ndarray:
-    """(1, heads, n, dim) mlx -> (n, heads, dim) numpy in its storage dtype."""
-    array = array[0].transpose(1, 0, 2)
-    if array.dtype == mx.bfloat16:
-        array = array.view(mx.uint16)
-    return np.array(array, copy=True)
-
-
-def _to_mlx(array: np.ndarray, dtype: str) -> mx.array:
-    result = mx.array(array)
-    if dtype == "bfloat16":
-        result = result.view(mx.bfloat16)
-    tokens, heads, dim = result.shape
-    if heads == 1:  # same memory layout either way: no transpose copy
-        return result.reshape(1, 1, tokens, dim)
-    return result.transpose(1, 0, 2)[None]
-
-
-class _OpenSegments:
-    """Each segment file opened once (mmap-backed) for the duration of one read."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def rows(self, segment: dict, name: str, start: int, stop: int) -> np.ndarray:
-        try:
-            if segment["file"] not in self._handles:
-                path = str(self.folder / segment["file"])
-                self._handles[segment["file"]] = self._stack.enter_context(safe_open(path, framework="numpy"))
-            return self._handles[segment["file"]].get_slice(name)[start:stop]
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise CheckpointCorrupt(f"segment {segment['file']} is unreadable: {e}") from e
+@dataclass
+class SavePlan:
+    agent_id: str
+    path: list[BlockRef]
+    new_blocks: list[_NewBlock]
+    manifest: dict
+    orphans: list[str] = field(default_factory=list)
 
 
 class CheckpointStore:
-    def __init__(self, root: Path, fingerprint: str | None) -> None:
-        """`fingerprint` None: read any model's checkpoints (listing, verifying digests only)."""
+    def __init__(
+        self,
+        root: Path,
+        fingerprint: str | None,
+        *,
+        storage: str = DEFAULT_STORAGE,
+        disk_budget_bytes: int | None = None,
+    ) -> None:
+        """`fingerprint` None: read any model's contexts (listing, verifying digests only)."""
+        if storage not in STORAGES:
+            raise ValueError(f"unknown KV storage {storage!r}; choose one of {', '.join(STORAGES)}")
         self.root = Path(root)
         self.fingerprint = fingerprint
-        (self.root / "agents").mkdir(parents=True, exist_ok=True)
+        self.storage = storage
+        self.disk_budget_bytes = disk_budget_bytes
+        self.blocks = BlockStore(self.root)
+        (self.root / "contexts").mkdir(parents=True, exist_ok=True)
+        self.is_live: Callable[[str], bool] = lambda agent_id: False
+        self._index: PrefixIndex | None = None
+        self._sizes: dict[str, int] = {}
+        self._used: dict[str, float] = {}
+        self._pinned: set[str] = set()
+        self._guard = threading.RLock()
+        self._lock: FileLock | None = None
+        self.evicted = 0
 
-    # ---- paths and manifests -------------------------------------------------------------
-    def agent_dir(self, agent_id: str) -> Path:
-        return self.root / "agents" / agent_dirname(validate_agent_id(agent_id))
+    # ---- ownership of the folder ---------------------------------------------------------
+    def open_for_serving(self) -> None:
+        """Take the folder's exclusive lock, clean up after crashes, load the index."""
+        lock = FileLock(str(self.root / ".lock"), is_singleton=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise CacheLocked(
+                f"another node process is using the agent cache {self.root}; give each node its own "
+                "--cache-dir (a folder is served by one process at a time)"
+            ) from None
+        self._lock = lock
+        self.blocks.remove_temporaries()
+        for path in (self.root / "contexts").glob(".*.tmp"):
+            path.unlink(missing_ok=True)
+        self._warn_legacy()
+        self.index()
+        self.collect_garbage()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _warn_legacy(self) -> None:
+        legacy = list((self.root / LEGACY_FOLDER).glob("*/manifest.json"))
+        if legacy:
+            logger.warning(
+                "%d checkpoints in %s use format 1 (whole fp32 histories per agent), which this node no "
+                "longer reads; those agents start from their skills' stored prefixes. Delete the folder "
+                "to reclaim its space.",
+                len(legacy), self.root / LEGACY_FOLDER,
+            )  # fmt: skip
+
+    # ---- manifests -----------------------------------------------------------------------
+    def manifest_path(self, agent_id: str) -> Path:
+        return self.root / "contexts" / f"{agent_dirname(validate_agent_id(agent_id))}.json"
 
     def exists(self, agent_id: str) -> bool:
-        return (self.agent_dir(agent_id) / MANIFEST).exists()
+        return self.manifest_path(agent_id).exists()
 
     def manifest(self, agent_id: str) -> dict | None:
-        path = self.agent_dir(agent_id) / MANIFEST
-        if not path.exists():
-            return None
+        path = self.manifest_path(agent_id)
         try:
             manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
         except (OSError, ValueError) as e:
             raise CheckpointCorrupt(f"manifest of agent {agent_id!r} is unreadable: {e}") from e
         self._check_manifest(agent_id, manifest)
@@ -119,261 +157,477 @@ class CheckpointStore:
     def _check_manifest(self, agent_id: str, manifest: dict) -> None:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointVersionError(
-                f"checkpoint of agent {agent_id!r} has format version {manifest.get('format_version')!r}; "
+                f"context of agent {agent_id!r} has format version {manifest.get('format_version')!r}; "
                 f"this node reads version {FORMAT_VERSION}"
             )
         if self.fingerprint is not None and manifest.get("model_fingerprint") != self.fingerprint:
             raise CheckpointModelMismatch(
-                f"checkpoint of agent {agent_id!r} was made by model {manifest.get('model_fingerprint')!r}, "
+                f"context of agent {agent_id!r} was made by model {manifest.get('model_fingerprint')!r}, "
                 f"not by the loaded model {self.fingerprint!r}"
             )
         if manifest.get("agent_id") != agent_id:
             raise CheckpointCorrupt(
-                f"checkpoint in {self.agent_dir(agent_id)} belongs to {manifest.get('agent_id')!r}"
+                f"manifest {self.manifest_path(agent_id)} belongs to {manifest.get('agent_id')!r}"
+            )
+        stop = 0
+        for ref in manifest.get("blocks", []):
+            if ref.get("start") != stop:
+                raise CheckpointCorrupt(f"context of agent {agent_id!r} has a gap at position {stop}")
+            stop += ref["length"]
+        if stop != manifest.get("token_count"):
+            raise CheckpointCorrupt(
+                f"blocks of agent {agent_id!r} cover {stop} tokens, manifest says {manifest.get('token_count')}"
             )
 
-    def list_agents(self) -> list[dict]:
-        result = []
-        for path in sorted((self.root / "agents").glob(f"*/{MANIFEST}")):
+    def _manifests(self) -> list[dict]:
+        found = []
+        for path in sorted((self.root / "contexts").glob("*.json")):
             try:
                 manifest = json.loads(path.read_text())
             except (OSError, ValueError):
                 manifest = {"agent_id": None, "error": "unreadable manifest"}
-            manifest["path"] = str(path.parent)
-            manifest["bytes_on_disk"] = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
-            result.append(manifest)
-        return result
+            manifest["path"] = str(path)
+            found.append(manifest)
+        return found
 
-    # ---- saving --------------------------------------------------------------------------
-    def save(self, agent_id: str, tokens: list[int], caches: list, persisted: int, metadata: dict) -> float:
-        """Persist `tokens` (whose K/V `caches` hold), of which the first `persisted` are on disk."""
+    def list_agents(self) -> list[dict]:
+        """Every stored context with its bytes (`bytes_on_disk` counts shared blocks in full)."""
+        sizes = dict(self.blocks.stored())
+        listed = []
+        for manifest in self._manifests():
+            keys = [ref["key"] for ref in manifest.get("blocks", [])]
+            manifest["bytes_on_disk"] = sum(sizes.get(key, 0) for key in keys)
+            manifest["blocks_count"] = len(keys)
+            listed.append(manifest)
+        return listed
+
+    def _write_manifest(self, agent_id: str, manifest: dict) -> None:
+        target = self.manifest_path(agent_id)
+        temporary = target.parent / temporary_name(target.name)
+        try:
+            with temporary.open("wb") as handle:
+                handle.write(json.dumps(manifest).encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        fsync_path(target.parent)
+
+    # ---- the index -----------------------------------------------------------------------
+    def index(self) -> PrefixIndex:
+        """The tree of stored blocks (built from the manifests on first use)."""
+        with self._guard:
+            if self._index is None:
+                self._index = PrefixIndex()
+                self._sizes = dict(self.blocks.stored())
+                for manifest in self._manifests():
+                    self._index_manifest(manifest)
+            return self._index
+
+    def _index_manifest(self, manifest: dict) -> None:
+        agent_id = manifest.get("agent_id")
+        try:
+            self._check_manifest(agent_id, manifest)
+            path = [BlockRef.from_dict(ref) for ref in manifest["blocks"]]
+            with OpenBlocks(self.blocks) as files:
+                self._index.set_path(
+                    agent_id, path, lambda ref: files[ref.key].tokens()[: ref.length].tolist()
+                )
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            logger.warning("context %s is not usable: %s", manifest.get("path"), e)
+            return
+        self._used[agent_id] = float(manifest.get("used") or manifest.get("updated") or 0)
+        if manifest.get("pinned"):
+            self._pinned.add(agent_id)
+
+    def longest_prefix(self, prompt: list[int]) -> PrefixMatch:
+        with self._guard:
+            return self.index().longest(prompt)
+
+    def path(self, agent_id: str) -> tuple[BlockRef, ...]:
+        with self._guard:
+            return self.index().path(agent_id)
+
+    # ---- saving: plan (owner of the arrays) then commit (any thread) ---------------------
+    def plan(
+        self,
+        agent_id: str,
+        tokens: list[int],
+        caches: list,
+        stored: tuple[BlockRef, ...],
+        persisted: int,
+        metadata: dict,
+        *,
+        pinned: bool = False,
+    ) -> SavePlan:
+        """The save of `tokens` (whose K/V `caches` hold from `persisted` on) on top of `stored`,
+        the path that holds the first `persisted` of them."""
+        with self._guard:
+            index = self.index()
+            path = [ref for ref in stored if ref.stop <= persisted]
+            carried, start = None, persisted
+            straddling = next((ref for ref in stored if ref.start < persisted < ref.stop), None)
+            if straddling is not None:
+                carried, start = (straddling.key, persisted - straddling.start), straddling.start
+            elif (
+                path
+                and path[-1].length < BLOCK_TOKENS
+                and len(tokens) > persisted
+                and index.holders(path[-1].key) <= {agent_id}
+            ):
+                last = path.pop()  # our own short last block: grow it instead of adding a small one
+                carried, start = (last.key, last.length), last.start
+            new_blocks = self._new_blocks(tokens, caches, path, start, persisted, carried)
+            path += [block.ref for block in new_blocks]
+            now = time.time()
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "agent_id": agent_id,
+                "model_fingerprint": self.fingerprint,
+                "storage": self.storage,
+                "token_count": len(tokens),
+                "layers": len(caches),
+                "updated": now,
+                "used": now,
+                "pinned": pinned,
+                "metadata": metadata,
+                "blocks": [ref.as_dict() for ref in path],
+            }
+            fresh = {block.ref.key: block for block in new_blocks}
+            orphans = index.set_path(agent_id, path, lambda ref: fresh[ref.key].tokens.tolist())
+            self._used[agent_id] = now
+            (self._pinned.add if pinned else self._pinned.discard)(agent_id)
+            return SavePlan(agent_id, path, new_blocks, manifest, orphans)
+
+    def _new_blocks(self, tokens, caches, path, start, persisted, carried) -> list[_NewBlock]:
+        new_blocks = []
+        parent = path[-1].key if path else None
+        for lo in range(start, len(tokens), BLOCK_TOKENS):
+            hi = min(lo + BLOCK_TOKENS, len(tokens))
+            ids = np.asarray(tokens[lo:hi], dtype=np.int32)
+            key = block_key(self.fingerprint or "", parent, self.storage, ids)
+            block = _NewBlock(BlockRef(key, lo, hi - lo), parent, ids, None, None)
+            if key not in self._index and key not in self._sizes:
+                block.carried = carried if lo == start else None
+                block.rows = _rows(caches, max(lo, persisted), hi)
+            new_blocks.append(block)
+            parent = key
+        return new_blocks
+
+    def commit(self, plan: SavePlan) -> int:
+        """Write a planned save; returns the bytes of new blocks. On failure (ENOSPC, ...) the
+        previous manifest and its blocks stay intact and nothing temporary is left behind."""
+        written = 0
+        with OpenBlocks(self.blocks) as files:
+            for block in plan.new_blocks:
+                if block.rows is None:
+                    if not self.blocks.exists(block.ref.key) and block.ref.key not in self._sizes:
+                        raise CheckpointCorrupt(f"block {block.ref.key} of a queued save is missing")
+                    continue
+                layers = block.rows
+                if block.carried is not None:
+                    source, count = files[block.carried[0]], block.carried[1]
+                    layers = [
+                        (
+                            np.concatenate([source.raw_rows(f"k.{i}", 0, count), k]),
+                            np.concatenate([source.raw_rows(f"v.{i}", 0, count), v]),
+                        )
+                        for i, (k, v) in enumerate(layers)
+                    ]
+                size = self.blocks.write(block.ref.key, block.parent, self.storage, block.tokens, layers)
+                written += size
+                with self._guard:
+                    self._sizes[block.ref.key] = self.blocks.path(block.ref.key).stat().st_size
+        self._write_manifest(plan.agent_id, plan.manifest)
+        self._delete_blocks(plan.orphans)
+        try:
+            self.enforce_budget(keep=plan.agent_id)
+        except DiskBudgetExceeded as e:
+            logger.warning("%s", e)
+        return written
+
+    def save(
+        self, agent_id: str, tokens, caches, persisted: int, metadata: dict, *, pinned: bool = False
+    ) -> float:
+        """Plan and commit in one call (tools and benchmarks); returns seconds taken."""
         started = time.perf_counter()
-        folder = self.agent_dir(agent_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        previous = self._manifest_or_none(agent_id)
-        segments = self._truncate(previous["segments"] if previous else [], persisted)
-        if len(tokens) > persisted:
-            segments.append(self._write_segment(folder, tokens, caches, persisted, len(tokens)))
-        now = time.time()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "agent_id": agent_id,
-            "model_fingerprint": self.fingerprint,
-            "token_count": len(tokens),
-            "layers": len(caches),
-            "created": previous["created"] if previous else now,
-            "updated": now,
-            "metadata": metadata,
-            "segments": segments,
-        }
-        self._write_manifest(folder, manifest)
-        self._collect_garbage(folder, manifest)
+        plan = self.plan(agent_id, tokens, caches, self.path(agent_id), persisted, metadata, pinned=pinned)
+        try:
+            self.commit(plan)
+        except BaseException:
+            self.abandon(plan)
+            raise
         return time.perf_counter() - started
 
-    def _manifest_or_none(self, agent_id: str) -> dict | None:
-        try:
-            return self.manifest(agent_id)
-        except CheckpointError as e:
-            self.quarantine(agent_id, str(e))
-            return None
+    def abandon(self, plan: SavePlan) -> None:
+        """A plan that will not be committed: point the index back at what is on disk and delete
+        the blocks it wrote that nothing references."""
+        with self._guard:
+            manifest = self._manifest_or_none(plan.agent_id)
+            if manifest is None:
+                self._index.remove(plan.agent_id)
+            else:
+                self._index_manifest(manifest)
+        self._delete_blocks([block.ref.key for block in plan.new_blocks if block.rows is not None])
 
-    @staticmethod
-    def _truncate(segments: list[dict], persisted: int) -> list[dict]:
-        kept = []
-        for segment in segments:
-            if segment["start"] >= persisted:
+    def _delete_blocks(self, keys: list[str]) -> None:
+        for key in keys:
+            with self._guard:
+                if key in self._index:  # referenced again since it was orphaned
+                    continue
+                self._sizes.pop(key, None)
+            self.blocks.delete(key)
+
+    # ---- budget and garbage --------------------------------------------------------------
+    def bytes_stored(self) -> int:
+        with self._guard:
+            self.index()
+            return sum(self._sizes.values())
+
+    def enforce_budget(self, keep: str | None = None) -> list[str]:
+        """Evict least recently used contexts (unpinned, not live) until the blocks fit the budget."""
+        if not self.disk_budget_bytes:
+            return []
+        evicted = []
+        while self.bytes_stored() > self.disk_budget_bytes:
+            with self._guard:
+                candidates = [
+                    a
+                    for a in self._index.contexts()
+                    if a != keep and a not in self._pinned and not self.is_live(a)
+                ]
+            if not candidates:
+                if keep is not None and keep not in self._pinned:
+                    raise DiskBudgetExceeded(
+                        f"the stored contexts need {self.bytes_stored()} bytes, over the disk budget of "
+                        f"{self.disk_budget_bytes} bytes, and nothing else can be evicted"
+                    )
                 break
-            kept.append({**segment, "stop": min(segment["stop"], persisted)})
-        return kept
+            victim = min(candidates, key=lambda a: self._used.get(a, 0.0))
+            self.delete(victim)
+            evicted.append(victim)
+            self.evicted += 1
+            logger.info("disk budget: evicted context %r (least recently used)", victim)
+        return evicted
 
-    def _write_segment(self, folder: Path, tokens: list[int], caches: list, start: int, stop: int) -> dict:
-        tensors = {"tokens": np.asarray(tokens[start:stop], dtype=np.int32)}
-        dtype = str(caches[0].keys.dtype).split(".")[-1]
-        for i, cache in enumerate(caches):
-            keys, values = kv_cache.positions(cache, start, stop)
-            tensors[f"k.{i}"], tensors[f"v.{i}"] = _to_numpy(keys), _to_numpy(values)
-        name = f"seg-{start:09d}-{stop:09d}-{time.time_ns() % 10**9:09d}.safetensors"
-        self._write_tensors(folder, name, tensors)
-        digests = {key: block_digests(value) for key, value in tensors.items()}
-        return {
-            "file": name,
-            "start": start,
-            "stop": stop,
-            "length": stop - start,
-            "dtype": dtype,
-            "digests": digests,
-        }
+    def bytes_per_token(self, layers: int, values_per_position: int) -> int:
+        """Bytes one position takes in blocks of this store's storage dtype (all layers; int8 adds
+        an fp16 scale per row of at least 64 values)."""
+        stored = 2 * values_per_position if self.storage != "int8" else values_per_position * 33 // 32
+        return layers * stored
 
-    @staticmethod
-    def _write_tensors(folder: Path, name: str, tensors: dict[str, np.ndarray]) -> None:
-        temporary = folder / f".{name}.tmp"
-        save_file(tensors, str(temporary))
-        with temporary.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, folder / name)
+    def check_fits(self, new_tokens: int, bytes_per_token: int) -> None:
+        """Refuse up front a request whose new tokens alone could never fit the disk budget."""
+        if not self.disk_budget_bytes:
+            return
+        with self._guard:
+            pinned = sum(self._sizes.get(ref.key, 0) for a in self._pinned for ref in self.index().path(a))
+        needed = new_tokens * bytes_per_token
+        if needed + pinned > self.disk_budget_bytes:
+            raise DiskBudgetExceeded(
+                f"this request adds {new_tokens} tokens ({needed} bytes of KV blocks) to the disk budget of "
+                f"{self.disk_budget_bytes} bytes, {pinned} of which pinned skill contexts hold; raise "
+                "--disk-budget or send a shorter request"
+            )
 
-    def _write_manifest(self, folder: Path, manifest: dict) -> None:
-        temporary = folder / f".{MANIFEST}.tmp"
-        _fsync_write(temporary, json.dumps(manifest).encode())
-        os.replace(temporary, folder / MANIFEST)
-        fsync_path(folder)
-
-    @staticmethod
-    def _collect_garbage(folder: Path, manifest: dict) -> None:
-        referenced = {segment["file"] for segment in manifest["segments"]} | {MANIFEST}
-        for path in folder.iterdir():
-            if path.name not in referenced and not path.name.startswith("."):
-                path.unlink(missing_ok=True)
-
-    def compact_if_needed(self, agent_id: str) -> bool:
-        """Merge all segments into one once there are more than MAX_SEGMENTS (amortized cost)."""
-        manifest = self.manifest(agent_id)
-        if manifest is None or len(manifest["segments"]) <= MAX_SEGMENTS:
-            return False
-        folder = self.agent_dir(agent_id)
-        segments = manifest["segments"]
-        with _OpenSegments(folder) as files:
-            tensors = {
-                name: np.concatenate(
-                    [self._read(files, s, name, 0, s["stop"] - s["start"]) for s in segments]
-                )
-                for name in segments[0]["digests"]
+    def summary(self) -> dict:
+        """Contexts and bytes on disk, from the index (no disk reads)."""
+        with self._guard:
+            index = self.index()
+            contexts = index.contexts()
+            return {
+                "contexts": len(contexts),
+                "agents": len(contexts),
+                "pinned": len(self._pinned),
+                "tokens": sum(index.path(a)[-1].stop for a in contexts if index.path(a)),
+                "blocks": len(self._sizes),
+                "bytes": sum(self._sizes.values()),
+                "disk_budget_bytes": self.disk_budget_bytes,
+                "evicted_contexts": self.evicted,
+                "storage": self.storage,
+                "root": str(self.root),
             }
-        name = f"seg-{0:09d}-{manifest['token_count']:09d}-{time.time_ns() % 10**9:09d}.safetensors"
-        self._write_tensors(folder, name, tensors)
-        merged = {
-            "file": name,
-            "start": 0,
-            "stop": manifest["token_count"],
-            "length": manifest["token_count"],
-            "dtype": segments[0]["dtype"],
-            "digests": {k: block_digests(v) for k, v in tensors.items()},
-        }
-        manifest = {**manifest, "segments": [merged]}
-        self._write_manifest(folder, manifest)
-        self._collect_garbage(folder, manifest)
-        return True
+
+    def collect_garbage(self) -> int:
+        """Delete blocks no manifest references (left by crashes); returns the bytes freed."""
+        with self._guard:
+            index = self.index()
+            orphans = [key for key, _ in self.blocks.stored() if key not in index]
+        freed = 0
+        for key in orphans:
+            with self._guard:
+                if key in self._index:
+                    continue
+                self._sizes.pop(key, None)
+            freed += self.blocks.delete(key)
+        return freed
 
     # ---- loading -------------------------------------------------------------------------
     def tokens(self, agent_id: str) -> list[int]:
+        with OpenBlocks(self.blocks) as files:
+            return [
+                t
+                for ref in self._stored_path(agent_id)
+                for t in files[ref.key].tokens()[: ref.length].tolist()
+            ]
+
+    def _stored_path(self, agent_id: str) -> tuple[BlockRef, ...]:
         manifest = self.manifest(agent_id)
-        if manifest is None:
-            return []
-        with _OpenSegments(self.agent_dir(agent_id)) as files:
-            return self._gather(files, manifest, "tokens", 0, manifest["token_count"]).tolist()
+        return () if manifest is None else tuple(BlockRef.from_dict(ref) for ref in manifest["blocks"])
 
     def restore(
         self, agent_id: str, make_caches, position: Callable[[list[int]], int] | None = None
     ) -> Restored:
-        """Rebuild an agent's caches, at `position(saved_tokens)` tokens (default: everything saved).
-
-        The manifest and the token ids are read once, so a caller that picks the position from the
-        saved tokens (the prefix they share with a new prompt) costs no second read.
-        """
-        started = time.perf_counter()
+        """Rebuild an agent's caches, at `position(saved_tokens)` tokens (default: all saved)."""
         manifest = self.manifest(agent_id)
         if manifest is None:
             raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
+        path = tuple(BlockRef.from_dict(ref) for ref in manifest["blocks"])
+        restored = self.restore_path(path, make_caches, position)
+        with self._guard:
+            self._used[agent_id] = time.time()
+        return Restored(
+            restored.tokens,
+            restored.caches,
+            manifest.get("metadata") or {},
+            restored.seconds,
+            restored.blocks,
+        )
+
+    def restore_path(self, path: tuple[BlockRef, ...], make_caches, position=None) -> Restored:
+        """Caches holding the tokens of a path of blocks, up to `position(tokens)`."""
+        started = time.perf_counter()
         caches = make_caches()
-        if len(caches) != manifest["layers"]:
-            raise CheckpointCorrupt(
-                f"checkpoint of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
-            )
-        with _OpenSegments(self.agent_dir(agent_id)) as files:
-            tokens = self._gather(files, manifest, "tokens", 0, manifest["token_count"]).tolist()
-            if position is not None:
-                tokens = tokens[: min(position(tokens), len(tokens))]
-            position = len(tokens)
-            for i, cache in enumerate(caches):
-                first = cache.history_start(position)
-                keys = self._gather(files, manifest, f"k.{i}", first, position)
-                values = self._gather(files, manifest, f"v.{i}", first, position)
+        with OpenBlocks(self.blocks) as files:
+            tokens = []
+            for ref in path:
+                block = files[ref.key]
+                if block.length < ref.length:
+                    raise CheckpointCorrupt(f"block {ref.key} holds {block.length} tokens, not {ref.length}")
+                layers = block.meta["dtypes"]
+                if f"k.{len(caches) - 1}" not in layers or f"k.{len(caches)}" in layers:
+                    raise CheckpointCorrupt(f"block {ref.key} does not hold {len(caches)} layers")
+                tokens += block.tokens()[: ref.length].tolist()
+            stop = len(tokens) if position is None else min(position(tokens), len(tokens))
+            for i, cache in enumerate(caches if stop else ()):
+                first = cache.history_start(stop)
+                keys = _gather(files, path, f"k.{i}", first, stop)
+                values = _gather(files, path, f"v.{i}", first, stop)
                 cache.install(keys, values, first)
-            mx.eval([c.keys for c in caches] + [c.values for c in caches])
-        return Restored(tokens, caches, manifest.get("metadata") or {}, time.perf_counter() - started)
-
-    def _gather(self, files: _OpenSegments, manifest: dict, name: str, start: int, stop: int):
-        parts = []
-        for segment in manifest["segments"]:
-            lo, hi = max(start, segment["start"]), min(stop, segment["stop"])
-            if lo < hi:
-                parts.append(self._read(files, segment, name, lo - segment["start"], hi - segment["start"]))
-        if name == "tokens":
-            return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        dtype = manifest["segments"][0]["dtype"]
-        arrays = [_to_mlx(p, dtype) for p in parts]
-        return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=2)
-
-    @staticmethod
-    def _read(files: _OpenSegments, segment: dict, name: str, lo: int, hi: int) -> np.ndarray:
-        """Rows [lo, hi) of one tensor of one segment, verified block by block."""
-        first, last = lo // BLOCK, (hi + BLOCK - 1) // BLOCK
-        if name not in segment["digests"]:
-            raise CheckpointCorrupt(f"segment {segment['file']} lists no tensor {name}")
-        rows = files.rows(segment, name, first * BLOCK, min(last * BLOCK, segment["length"]))
-        expected = segment["digests"][name][first:last]
-        if block_digests(rows) != expected:
-            raise CheckpointCorrupt(f"segment {segment['file']} tensor {name} fails its digest")
-        return rows[lo - first * BLOCK : hi - first * BLOCK]
+        mx.eval([c.keys for c in caches] + [c.values for c in caches])
+        used = tuple(ref for ref in path if ref.start < stop)
+        return Restored(tokens[:stop], caches, {}, time.perf_counter() - started, used)
 
     def verify(self, agent_id: str) -> None:
-        """Read every byte a checkpoint lists and check it; raise CheckpointError on a problem."""
-        manifest = self.manifest(agent_id)
-        if manifest is None:
+        """Read every block a context lists and check it; raise CheckpointError on a problem."""
+        path = self._stored_path(agent_id)
+        if not path and not self.exists(agent_id):
             raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
-        expected = 0
-        with _OpenSegments(self.agent_dir(agent_id)) as files:
-            for segment in manifest["segments"]:
-                if segment["start"] != expected:
-                    raise CheckpointCorrupt(
-                        f"segment {segment['file']} starts at {segment['start']}, expected {expected}"
-                    )
-                for name in segment["digests"]:
-                    self._read(files, segment, name, 0, segment["length"])
-                expected = segment["stop"]
-        if expected != manifest["token_count"]:
-            raise CheckpointCorrupt(
-                f"segments cover {expected} tokens, manifest says {manifest['token_count']}"
-            )
+        with OpenBlocks(self.blocks) as files:
+            for ref in path:
+                block = files[ref.key]
+                for name in block.meta["digests"]:
+                    block.tensor(name)
 
     # ---- housekeeping --------------------------------------------------------------------
+    def _manifest_or_none(self, agent_id: str) -> dict | None:
+        try:
+            return self.manifest(agent_id)
+        except CheckpointError:
+            return None
+
     def quarantine(self, agent_id: str, reason: str) -> Path | None:
-        folder = self.agent_dir(agent_id)
-        if not folder.exists():
+        """Set a context that failed verification aside (its blocks stay for other contexts)."""
+        source = self.manifest_path(agent_id)
+        if not source.exists():
             return None
         target = (
             self.root
             / "quarantine"
-            / f"{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}"
+            / f"{source.stem}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**6}"
         )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(folder), target)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(source), target / source.name)
         (target / "REASON.txt").write_text(reason + "\n")
-        logger.warning("checkpoint of agent %r refused (%s); kept aside in %s", agent_id, reason, target)
+        with self._guard:
+            orphans = self.index().remove(agent_id)
+        self._delete_blocks(orphans)
+        logger.warning("context of agent %r refused (%s); kept aside in %s", agent_id, reason, target)
         return target
 
-    def fork(self, source_id: str, target_id: str) -> None:
-        """Start `target_id` as a copy of `source_id`'s checkpoint (segments are hard-linked)."""
-        manifest = self.manifest(source_id)
-        if manifest is None:
-            raise CheckpointError(f"agent {source_id!r} has no checkpoint to fork")
-        source, target = self.agent_dir(source_id), self.agent_dir(target_id)
-        target.mkdir(parents=True, exist_ok=True)
-        for segment in manifest["segments"]:
-            if not (target / segment["file"]).exists():
-                os.link(source / segment["file"], target / segment["file"])
-        now = time.time()
-        self._write_manifest(
-            target, {**manifest, "agent_id": target_id, "created": now, "updated": now, "metadata": {}}
-        )
+    def quarantine_block(self, key: str, reason: str) -> None:
+        """Set a damaged block aside; the contexts that reference it are refused on their next use."""
+        source = self.blocks.path(key)
+        if source.exists():
+            target = self.root / "quarantine" / "blocks"
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), target / source.name)
+            (target / f"{key}.REASON.txt").write_text(reason + "\n")
+        with self._guard:
+            self._sizes.pop(key, None)
 
     def delete(self, agent_id: str) -> bool:
-        folder = self.agent_dir(agent_id)
-        if not folder.exists():
-            return False
-        shutil.rmtree(folder)
-        return True
+        path = self.manifest_path(agent_id)
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        with self._guard:
+            orphans = self.index().remove(agent_id)
+            self._used.pop(agent_id, None)
+            self._pinned.discard(agent_id)
+        self._delete_blocks(orphans)
+        return existed
 
     def bytes_on_disk(self, agent_id: str) -> int:
-        folder = self.agent_dir(agent_id)
-        return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.exists() else 0
+        """Bytes of the blocks a context references (shared blocks counted in full)."""
+        return sum(self._block_size(ref.key) for ref in self._stored_path(agent_id))
+
+    def _block_size(self, key: str) -> int:
+        path = self.blocks.path(key)
+        return path.stat().st_size if path.exists() else 0
+
+    def usage(self) -> dict:
+        """What `cache du` prints: blocks and bytes stored, contexts, what sharing saves."""
+        listed = self.list_agents()
+        blocks = dict(self.blocks.stored())
+        referenced = sum(m["bytes_on_disk"] for m in listed)
+        stored = sum(blocks.values())
+        return {
+            "root": str(self.root),
+            "contexts": len(listed),
+            "pinned": sum(1 for m in listed if m.get("pinned")),
+            "tokens": sum(m.get("token_count", 0) for m in listed),
+            "blocks": len(blocks),
+            "bytes": stored,
+            "bytes_if_unshared": referenced,
+            "disk_budget_bytes": self.disk_budget_bytes,
+            "legacy_checkpoints": len(list((self.root / LEGACY_FOLDER).glob("*/manifest.json"))),
+        }
+
+
+def _rows(caches: list, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K/V of positions [start, stop) per layer, as fp32 numpy `(tokens, heads, dim)`."""
+    rows = []
+    for cache in caches:
+        keys, values = kv_cache.positions(cache, start, stop)
+        rows.append((_token_major(keys), _token_major(values)))
+    return rows
+
+
+def _token_major(array: mx.array) -> np.ndarray:
+    return np.array(array[0].astype(mx.float32).transpose(1, 0, 2), copy=True)
+
+
+def _gather(files: OpenBlocks, path: tuple[BlockRef, ...], name: str, start: int, stop: int) -> mx.array:
+    """Rows [start, stop) of one layer's K or V along a path, as a (1, heads, n, dim) fp32 array."""
+    pieces = [(ref, max(start, ref.start), min(stop, ref.stop)) for ref in path]
+    pieces = [(ref, lo, hi) for ref, lo, hi in pieces if lo < hi]
+    if sum(hi - lo for _, lo, hi in pieces) != stop - start:
+        raise CheckpointCorrupt(f"the stored path does not cover positions {start}-{stop}")
+    first = files[pieces[0][0].key].tensor(name)
+    heads, dim = first.shape[1], first.shape[2]
+    out = np.empty((heads, stop - start, dim), np.float32)
+    token_major = out.transpose(1, 0, 2)
+    for ref, lo, hi in pieces:
+        files[ref.key].decode_rows(name, lo - ref.start, hi - ref.start, token_major[lo - start : hi - start])
+    return mx.array(out)[None]

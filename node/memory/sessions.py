@@ -7,9 +7,9 @@ session. `ConversationIndex.choose` picks:
 - a session's own agent (`<family>.s-<digest>`), which continues that session's history;
 - else the free, session-less agent whose whole last prompt the new prompt extends (the longest
   such match): the same conversation, one turn on;
-- else a new agent (the family's first is `family_id` itself), started as a copy of the family's
-  agent that shares the longest prefix with the prompt (a hard-linked checkpoint fork, restored at
-  that prefix), so the system prompt, or a longer shared start, is read from cache, not prefilled;
+- else a new agent (the family's first is `family_id` itself); the agent manager starts it from the
+  longest stored prefix of the prompt (shared KV blocks of any context), so the system prompt, or a
+  longer shared start, is read from cache, not prefilled, and nothing is copied on disk;
 - past `max_conversations` agents in a family, the free one sharing the longest prefix (rewound).
 
 An agent chosen for a session-less request is busy until `release`; no other request continues
@@ -26,7 +26,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from node.errors import CheckpointError
 from node.memory.agent_ids import derived_agent_id
 from node.runtime.prefix import common_prefix_length
 
@@ -54,7 +53,7 @@ class Conversation:
 @dataclass(frozen=True)
 class Choice:
     agent_id: str
-    fork_from: str | None = None
+    prefix_from: str | None = None
 
 
 class ConversationIndex:
@@ -69,12 +68,10 @@ class ConversationIndex:
         async with self._lock:
             family = await self._family(family_id)
             choice = self._choose(family_id, family, prompt, session_id)
-            if choice.fork_from is not None and not await self._fork(choice):
-                choice = Choice(choice.agent_id)
             conversation = family.setdefault(choice.agent_id, Conversation(choice.agent_id))
             conversation.session_id, conversation.busy = session_id, True
             conversation.last_used = time.time()
-            source = family[choice.fork_from] if choice.fork_from is not None else conversation
+            source = family[choice.prefix_from] if choice.prefix_from is not None else conversation
             logger.info(
                 "family %s: agent %s serves a prompt of %d tokens (%d of them cached in %s)",
                 family_id, choice.agent_id, len(prompt), source.shared(prompt), source.agent_id,
@@ -110,15 +107,6 @@ class ConversationIndex:
     def _new(agent_id: str, family: dict[str, Conversation], prompt: list[int]) -> Choice:
         base = max(family.values(), key=lambda c: c.shared(prompt), default=None)
         return Choice(agent_id, base.agent_id if base is not None and base.shared(prompt) > 0 else None)
-
-    async def _fork(self, choice: Choice) -> bool:
-        """Start the new agent as a copy of its base's checkpoint (on the thread that owns them)."""
-        try:
-            await self.manager.worker.run(self.manager.store.fork, choice.fork_from, choice.agent_id)
-        except CheckpointError as e:
-            logger.warning("cannot fork %s into %s: %s", choice.fork_from, choice.agent_id, e)
-            return False
-        return True
 
     async def _family(self, family_id: str) -> dict[str, Conversation]:
         """The family's conversations; the first time, those its checkpoints on disk record."""

@@ -28,7 +28,7 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from node.config import switch_on
 from node.errors import ModelSpecError
-from node.model import blas, cpu_kernels
+from node.model import blas, cpu_kernels, kv_cache
 from node.model.kv_cache import make_caches
 from node.model.prompt_format import prompt_format
 from node.model.spec import resolve_model_folder
@@ -182,6 +182,24 @@ class Engine:
 
     def make_caches(self) -> list:
         return make_caches(self.model)
+
+    @property
+    def kv_values_per_position(self) -> int:
+        """How many numbers K and V hold for one position of one layer."""
+        args = self.model.args
+        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+        dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        return 2 * heads * dim
+
+    @property
+    def kv_position_bytes(self) -> int:
+        """Bytes of K and V for one position of one layer, in the model's dtype."""
+        return self.kv_values_per_position * (2 if self.info.dtype in ("float16", "bfloat16") else 4)
+
+    def kv_memory_bytes(self, tokens: int) -> int:
+        """Bytes the KV caches of one context of `tokens` positions hold in memory (sliding-window
+        layers keep about a window)."""
+        return sum(self.kv_position_bytes * kv_cache.resident_positions(c, tokens) for c in self.make_caches())
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.info)

@@ -156,5 +156,12 @@ def positions(cache: LayerCache, start: int, stop: int) -> tuple[mx.array, mx.ar
     return cache.keys[..., start - base : stop - base, :], cache.values[..., start - base : stop - base, :]
 
 
+def resident_positions(cache: LayerCache, tokens: int) -> int:
+    """How many positions a layer cache keeps in memory for a context of `tokens` positions."""
+    if isinstance(cache, SlidingHistoryCache):
+        return min(tokens, cache.window + cache.step)
+    return tokens
+
+
 def nbytes(caches: list[LayerCache]) -> int:
     return sum(cache.nbytes for cache in caches)

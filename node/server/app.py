@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -24,18 +25,24 @@ from node.a2a.server import build_agents
 from node.a2a.task_stores import TaskStores
 from node.anthropic.api import anthropic_routes
 from node.anthropic.chat import ChatService
-from node.config import NodeConfig
+from node.config import NodeConfig, disk_budget_for
 from node.network.node_network import Network
 from node.openai.api import openai_routes
-from node.server.guards import ApiKeyMiddleware, BodyLimitMiddleware
+from node.server.guards import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    CallerBackend,
+    HostCheckMiddleware,
+    RequestGate,
+)
 from node.server.observability import Observability
 
 logger = logging.getLogger(__name__)
 
 
 def create_app(config: NodeConfig, manager=None) -> Starlette:
-    runtime = SkillRuntime(config, manager)
-    stores = TaskStores(config.database_url)
+    runtime = SkillRuntime(config, manager, gate=RequestGate(config.max_pending))
+    stores = TaskStores(config.database_url, config.max_tasks)
     agents = build_agents(config, runtime, stores)
     network = runtime.network = Network(config)
     seen = Observability(config, runtime, agents.executors)  # metrics, dashboard, MCP
@@ -54,13 +61,15 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
                 yield
         finally:
             runtime.stop_all()
+            await runtime.drain()  # every running task writes its terminal state first
             await network.stop()
             await agents.aclose()
             await stores.close()
             if owned:
                 await runtime.manager.close()
 
-    chat = ChatService(lambda: runtime.manager, config)  # the HTTP APIs' one gate and agent index
+    # The HTTP APIs' agent index; the admission gate is the node's, shared with A2A.
+    chat = ChatService(lambda: runtime.manager, config, gate=runtime.gate)
     routes = [
         Route("/health", _health(runtime), methods=["GET"]),
         Route("/agents", _agents(runtime), methods=["GET"]),
@@ -86,7 +95,12 @@ async def start_manager(config: NodeConfig, progress=logger.info):
     set_blas_threads(config.threads)
     engine = await asyncio.to_thread(Engine.load, config.model, progress)
     return await AgentManager.start(
-        engine, config.cache_dir, max_agents=config.max_agents, memory_budget_bytes=config.memory_budget_bytes
+        engine,
+        config.cache_dir,
+        max_agents=config.max_agents,
+        memory_budget_bytes=config.memory_budget_bytes,
+        disk_budget_bytes=config.disk_budget_bytes or disk_budget_for(config.cache_dir),
+        kv_storage=config.kv_storage,
     )
 
 
@@ -102,10 +116,23 @@ async def warm_up(runtime: SkillRuntime, executors) -> None:
 
 def _middleware(config: NodeConfig) -> list[Middleware]:
     # Listed outermost first: a request without the key is refused before its body is read.
-    middleware = [Middleware(BodyLimitMiddleware, max_bytes=config.max_message_bytes)]
+    middleware = [
+        Middleware(HostCheckMiddleware, names=served_names(config)),
+        Middleware(AuthenticationMiddleware, backend=CallerBackend()),
+        Middleware(BodyLimitMiddleware, max_bytes=config.max_message_bytes),
+    ]
     if config.api_key is not None:
-        middleware.insert(0, Middleware(ApiKeyMiddleware, api_key=config.api_key))
+        middleware.insert(1, Middleware(ApiKeyMiddleware, api_key=config.api_key))
     return middleware
+
+
+def served_names(config: NodeConfig) -> tuple[str, ...]:
+    """The Host names the node answers to: its bind address, its public URL's host, the extra ones
+    (loopback names are always served)."""
+    from urllib.parse import urlsplit
+
+    names = [config.host, urlsplit(config.base_url).hostname or "", *config.allowed_hosts]
+    return tuple(name for name in names if name)
 
 
 def _health(runtime: SkillRuntime):

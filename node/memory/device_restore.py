@@ -1,0 +1,351 @@
+"""A restore that runs near the storage's speed: parallel reads, straight into the model's arrays.
+
+`CheckpointStore.restore` decodes every row it needs to fp32 on the host, one block and layer after
+another, and hands MLX an fp32 cache. On a GPU whose model runs in bf16 that doubles the bytes moved,
+gives the cache another dtype than the model's, and leaves the disk, the page cache and the PCIe
+link mostly idle. This module restores the same contexts (format 2: content-addressed blocks,
+layout in `checkpoint_format`) differently:
+
+1. `plan_restore` reads the manifest and each block's safetensors header once and turns "layer i
+   needs positions [history_start, stop)" into byte extents of whole tensors (a block's tensor is
+   also its unit of verification: an xxh3-128 digest per tensor). Sliding-window layers read only
+   the blocks that hold their window.
+2. `load_planned` reads the extents with `os.preadv` on a thread pool (the GIL is released during
+   the read and during xxhash), in the storage dtype (fp16, bf16, or int8 and its scales), into one
+   host buffer per layer and tensor, rows in place: a block read whole lands where it belongs, with
+   no intermediate copy.
+3. Layers are handed to MLX in order as their reads complete: `mx.array` copies the buffer into the
+   backend's memory; the dtype conversion (int8 x scale, fp16 -> the model's dtype) and the
+   (tokens, heads, dim) -> (1, heads, tokens, dim) transpose run on the device; `mx.async_eval` lets
+   the copy and conversion of layer i overlap the reads of the layers after it (AttentionStore's
+   layer-wise preload, applied to the restore itself).
+
+Nothing here needs a GPU: on the CPU backend it is a parallel restore (caches in `dtype`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from node.errors import CheckpointCorrupt, CheckpointError
+from node.memory.checkpoint_format import tensor_digest
+
+READ_THREADS = 16
+_NUMPY = {"F16": np.float16, "U16": np.uint16, "I8": np.int8, "I32": np.int32, "F32": np.float32}
+_STORED_AS = {"float16": mx.float16, "bfloat16": mx.bfloat16, "int8": mx.int8}
+
+
+@dataclass(frozen=True)
+class Read:
+    """One whole tensor of one block file; rows [skip, skip + keep) of it are wanted."""
+
+    path: str
+    offset: int
+    nbytes: int
+    digest: str
+    skip: int
+    keep: int
+    rows: int  # rows the tensor holds
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    stored: str  # "float16" | "bfloat16" | "int8"
+    first: int  # absolute position of the first row
+    shape: tuple[int, int, int]  # (rows, heads, dim)
+    reads: tuple[Read, ...]
+    scales: tuple[Read, ...] = ()  # int8: per position and head, fp16
+
+    @property
+    def nbytes(self) -> int:
+        width = 1 if self.stored == "int8" else 2
+        rows, heads, dim = self.shape
+        return rows * heads * (dim * width + (2 if self.stored == "int8" else 0))
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    tokens: list[int]
+    layers: list[tuple[TensorPlan, TensorPlan]]
+    metadata: dict
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of K/V the caches receive (what a restore must read at least)."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+@dataclass
+class Phases:
+    """Where one restore's time went (seconds)."""
+
+    plan_s: float = 0.0
+    read_wait_s: float = 0.0  # the main thread waiting for reads it could not overlap
+    total_s: float = 0.0
+    bytes_read: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _Block:
+    """A block file's header: where each tensor lies, its stored dtype and digest."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        try:
+            with path.open("rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size))
+        except (OSError, ValueError, struct.error) as e:
+            raise CheckpointCorrupt(f"block {key} is unreadable: {e}") from e
+        self.path, self.base = str(path), 8 + size
+        self.meta = json.loads(header.pop("__metadata__")["node"])
+        if self.meta.get("key") != key:
+            raise CheckpointCorrupt(f"block file {path.name} holds block {self.meta.get('key')!r}")
+        self.entries = header
+
+    def read(self, name: str, skip: int, keep: int) -> Read:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise CheckpointCorrupt(f"block {self.meta['key']} has no tensor {name}")
+        start, stop = entry["data_offsets"]
+        return Read(
+            self.path,
+            self.base + start,
+            stop - start,
+            self.meta["digests"][name],
+            skip,
+            keep,
+            entry["shape"][0],
+        )
+
+    def tokens(self) -> np.ndarray:
+        entry = self.entries["tokens"]
+        start, stop = entry["data_offsets"]
+        with open(self.path, "rb") as handle:
+            handle.seek(self.base + start)
+            data = handle.read(stop - start)
+        tokens = np.frombuffer(data, np.int32)
+        if tensor_digest(tokens) != self.meta["digests"]["tokens"]:
+            raise CheckpointCorrupt(f"block {self.meta['key']} tensor tokens fails its digest")
+        return tokens
+
+
+def _tensor_plan(blocks: list[tuple[dict, _Block]], name: str, lo: int, hi: int) -> TensorPlan:
+    reads, scales, stored, shape = [], [], None, None
+    for ref, block in blocks:
+        a, b = max(lo, ref["start"]), min(hi, ref["start"] + ref["length"])
+        if a >= b:
+            continue
+        stored = block.meta["dtypes"][name]
+        shape = tuple(block.entries[name]["shape"][1:])
+        reads.append(block.read(name, a - ref["start"], b - a))
+        if stored == "int8":
+            scales.append(block.read(f"{name}.scale", a - ref["start"], b - a))
+    if sum(r.keep for r in reads) != hi - lo:
+        raise CheckpointCorrupt(f"the stored path does not cover positions {lo}-{hi} of {name}")
+    return TensorPlan(stored, lo, (hi - lo, *shape), tuple(reads), tuple(scales))
+
+
+def plan_restore(store, agent_id: str, caches: list, position=None) -> RestorePlan:
+    """What to read for `caches` (fresh, one per layer) at `position(saved_tokens)` tokens."""
+    manifest = store.manifest(agent_id)
+    if manifest is None:
+        raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
+    if len(caches) != manifest["layers"]:
+        raise CheckpointCorrupt(
+            f"context of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
+        )
+    blocks = [(ref, _Block(store.blocks.path(ref["key"]), ref["key"])) for ref in manifest["blocks"]]
+    tokens = [t for ref, block in blocks for t in block.tokens()[: ref["length"]].tolist()]
+    stop = len(tokens) if position is None else min(position(tokens), len(tokens))
+    layers = []
+    for i, cache in enumerate(caches if stop else ()):
+        first = cache.history_start(stop)
+        layers.append(
+            (_tensor_plan(blocks, f"k.{i}", first, stop), _tensor_plan(blocks, f"v.{i}", first, stop))
+        )
+    return RestorePlan(tokens[:stop], layers, manifest.get("metadata") or {})
+
+
+def _read_into(read: Read, target: np.ndarray, verify: bool) -> int:
+    """Read one tensor; verify it; leave its rows [skip, skip + keep) in `target` (uint8 rows)."""
+    whole = read.skip == 0 and read.keep == read.rows
+    buffer = target.reshape(-1) if whole else np.empty(read.nbytes, np.uint8)
+    view, done = memoryview(buffer), 0
+    fd = os.open(read.path, os.O_RDONLY)
+    try:
+        while done < read.nbytes:
+            got = os.preadv(fd, [view[done:]], read.offset + done)
+            if got <= 0:
+                raise CheckpointCorrupt(f"{read.path} ends before byte {read.offset + done}")
+            done += got
+    finally:
+        os.close(fd)
+    if verify and tensor_digest(buffer) != read.digest:
+        raise CheckpointCorrupt(f"{read.path}: a tensor at byte {read.offset} fails its digest")
+    if not whole:
+        rows = buffer.reshape(read.rows, -1)
+        target[...] = rows[read.skip : read.skip + read.keep]
+    return read.nbytes
+
+
+class Staging:
+    """Host memory owned by MLX, reused across restores: reads land in it through a numpy view and
+    device kernels read it from there, so no host-side copy remains between the file and the GPU
+    (on CUDA, MLX's host-visible memory). Grown on demand, never shrunk; one restore at a time
+    (restores run on the one thread that owns MLX)."""
+
+    def __init__(self) -> None:
+        self.array: mx.array | None = None
+        self.view: np.ndarray | None = None
+
+    def take(self, nbytes: int) -> tuple[mx.array, np.ndarray]:
+        if self.array is None or self.array.size < nbytes:
+            self.array = self.view = None
+            self.array = mx.zeros((max(nbytes, 1),), mx.uint8, stream=mx.cpu)
+            mx.eval(self.array)
+            self.view = np.array(self.array, copy=False)
+        return self.array, self.view
+
+
+STAGING = Staging()
+
+
+class _Landing:
+    """Where a restore's reads land: fresh numpy buffers ("copy": mx.array copies each) or one
+    staging area ("staging": device kernels read the reads in place)."""
+
+    def __init__(self, mode: str, total: int) -> None:
+        if mode not in ("copy", "staging"):
+            raise ValueError(f"unknown landing {mode!r}")
+        self.mode, self.used = mode, 0
+        self.array, self.view = STAGING.take(total) if mode == "staging" else (None, None)
+
+    def buffer(self, rows: int, row_bytes: int) -> tuple[np.ndarray, int]:
+        if self.mode == "copy":
+            return np.empty((rows, row_bytes), np.uint8), -1
+        offset, self.used = self.used, self.used + rows * row_bytes
+        return self.view[offset : self.used].reshape(rows, row_bytes), offset
+
+    def device(self, host: np.ndarray, offset: int) -> mx.array:
+        if self.mode == "copy":
+            return mx.array(host)
+        return self.array[offset : offset + host.size].reshape(host.shape)
+
+
+def _submit(pool, landing: _Landing, reads: tuple[Read, ...], rows: int, row_bytes: int, verify: bool):
+    host, offset = landing.buffer(rows, row_bytes)
+    futures, row = [], 0
+    for read in reads:
+        futures.append(pool.submit(_read_into, read, host[row : row + read.keep], verify))
+        row += read.keep
+    return host, offset, futures
+
+
+def _read_tensor(pool, landing: _Landing, plan: TensorPlan, verify: bool):
+    rows, heads, dim = plan.shape
+    width = 1 if plan.stored == "int8" else 2
+    data = _submit(pool, landing, plan.reads, rows, heads * dim * width, verify)
+    scales = _submit(pool, landing, plan.scales, rows, heads * 2, verify) if plan.scales else None
+    return data, scales
+
+
+def _to_device(
+    plan: TensorPlan, data: mx.array, scales: mx.array | None, dtype: mx.Dtype, owned: bool
+) -> mx.array:
+    """Rows in the storage dtype -> a contiguous (1, heads, tokens, dim) `dtype` array in memory of
+    its own (`owned`: `data` may be reused once this is evaluated, so it must be copied)."""
+    rows, heads, dim = plan.shape
+    array = data.view(_STORED_AS[plan.stored]).reshape(rows, heads, dim)
+    if scales is not None:
+        array = array.astype(dtype) * scales.view(mx.float16).reshape(rows, heads, 1).astype(dtype)
+    elif array.dtype != dtype:
+        array = array.astype(dtype)
+    elif heads == 1 and not owned:
+        array = array * mx.array(1, dtype)
+    if heads == 1:
+        return array.reshape(1, 1, rows, dim)
+    return mx.contiguous(array.transpose(1, 0, 2)[None])
+
+
+def _device_tensor(landing: _Landing, plan: TensorPlan, io, dtype: mx.Dtype) -> mx.array:
+    (host, offset, _), scales = io
+    data = landing.device(host, offset)
+    scale = landing.device(scales[0], scales[1]) if scales else None
+    return _to_device(plan, data, scale, dtype, owned=landing.mode == "copy")
+
+
+def _wait(io) -> int:
+    (_, _, futures), scales = io
+    return sum(f.result() for f in futures) + (sum(f.result() for f in scales[2]) if scales else 0)
+
+
+def load_planned(
+    plan: RestorePlan,
+    caches: list,
+    dtype: mx.Dtype,
+    threads: int = READ_THREADS,
+    verify: bool = True,
+    landing: str = "copy",
+) -> Phases:
+    """Fill `caches` from `plan`; reads overlap the device work of the layers before them."""
+    phases = Phases()
+    started = time.perf_counter()
+    where = _Landing(landing, plan.nbytes)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = [
+            (_read_tensor(pool, where, k, verify), _read_tensor(pool, where, v, verify))
+            for k, v in plan.layers
+        ]
+        arrays = []
+        for cache, (k_plan, v_plan), (k_io, v_io) in zip(caches, plan.layers, pending):
+            waited = time.perf_counter()
+            phases.bytes_read += _wait(k_io) + _wait(v_io)
+            phases.read_wait_s += time.perf_counter() - waited
+            keys = _device_tensor(where, k_plan, k_io, dtype)
+            values = _device_tensor(where, v_plan, v_io, dtype)
+            cache.install(keys, values, k_plan.first)
+            mx.async_eval(keys, values)
+            arrays += [keys, values]
+        mx.eval(arrays)
+    phases.total_s = time.perf_counter() - started
+    return phases
+
+
+def restore(
+    store,
+    agent_id: str,
+    make_caches,
+    dtype: mx.Dtype,
+    position=None,
+    threads: int = READ_THREADS,
+    verify: bool = True,
+    landing: str = "copy",
+):
+    """`CheckpointStore.restore`'s contract (same tokens, metadata, cache layout), caches in `dtype`
+    (the model's), read in parallel; returns (tokens, caches, metadata, seconds, phases)."""
+    started = time.perf_counter()
+    caches = make_caches()
+    plan = plan_restore(store, agent_id, caches, position)
+    planned = time.perf_counter()
+    phases = load_planned(plan, caches, dtype, threads, verify, landing)
+    phases.plan_s = planned - started
+    phases.total_s = time.perf_counter() - started
+    return DeviceRestored(plan.tokens, caches, plan.metadata, phases.total_s, phases)
+
+
+@dataclass(frozen=True)
+class DeviceRestored:
+    tokens: list[int]
+    caches: list
+    metadata: dict
+    seconds: float
+    phases: Phases
