@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from node.bench import batched, context, multi_agent, peer, runtime, sessions
+from node.bench import batched, context, memory, multi_agent, peer, runtime, sessions
 from node.bench.results import Outcome
 from node.bench.workbench import Bench
 from node.errors import BenchError
@@ -32,6 +32,9 @@ SCENARIOS: list[Scenario] = [
     Scenario(4, "multi_agent", "Multi-agent workflow with isolated caches", multi_agent.run),
     Scenario(5, "peer", "llama.cpp on the same GGUF, with its own state save/restore", peer.run),
     Scenario(6, "batched", "Batched decode across concurrent agents vs sequential", batched.run),
+    Scenario(
+        7, "memory", "Memory engine: shared prefixes, bytes on disk, storage accuracy, decode p99", memory.run
+    ),
 ]
 
 

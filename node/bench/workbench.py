@@ -73,6 +73,7 @@ class Bench:
                     self.say(f"  prefilled {done}/{total}")
                 case Completion():
                     completion = item
+        await manager.flush()  # the checkpoint is committed (and timed) by the writer thread
         stats = manager.stats()["agents"][agent_id]
         figures = {
             "agent_id": agent_id,

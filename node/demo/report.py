@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 from pathlib import Path
 
 import httpx
 
-from node.memory.checkpoint_format import MANIFEST
+from node.memory.checkpoint import CheckpointStore
 
 WIDTH = 100
 
@@ -136,28 +135,23 @@ async def caches(nodes, labels: dict[str, str]) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
         for node in nodes:
             stats = (await http.get(f"{node.url}/agents")).json()
-            agents = _on_disk(node.cache_dir)
-            total = sum(size for _, _, size in agents)
+            store = CheckpointStore(node.cache_dir, None)
+            usage = store.usage()
             out(
-                f"  node {node.name}: {node.cache_dir / 'agents'}  ({len(agents)} agents, {_mb(total)} on disk)"
+                f"  node {node.name}: {node.cache_dir}  ({usage['contexts']} contexts in {usage['blocks']} KV "
+                f"blocks, {_mb(usage['bytes'])} on disk; {_mb(usage['bytes_if_unshared'])} if each stored "
+                "its own prefix)"
             )
-            for agent_id, tokens, size in agents:
+            for manifest in store.list_agents():
+                agent_id = manifest.get("agent_id") or "?"
                 live = stats.get("agents", {}).get(agent_id, {})
                 restores = f", restored {live['restores']}x" if live.get("restores") else ""
-                label = labels.get(agent_id, "")
+                label = labels.get(agent_id, "pinned playbook" if manifest.get("pinned") else "")
+                tokens, size = int(manifest.get("token_count", 0)), manifest["bytes_on_disk"]
                 out(f"    {agent_id:<50}{tokens:>5} tokens {_mb(size):>8}  {label}{restores}")
             registry = node.cache_dir / "registry.sqlite"
             if registry.exists():
                 out(f"    registry members: {registry} ({registry.stat().st_size / 1024:.0f} KB)")
-
-
-def _on_disk(cache_dir: Path) -> list[tuple[str, int, int]]:
-    found = []
-    for manifest in sorted((cache_dir / "agents").glob(f"*/{MANIFEST}")):
-        data = json.loads(manifest.read_text())
-        size = sum(f.stat().st_size for f in manifest.parent.iterdir() if f.is_file())
-        found.append((data.get("agent_id", manifest.parent.name), int(data.get("token_count", 0)), size))
-    return found
 
 
 def footer(wall_s: float, root: Path) -> None:

@@ -14,6 +14,8 @@ import asyncio
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ class ModelWorker:
         self.decode_steps = 0
         self.batched_steps = 0
         self.largest_batch = 0
+        self.step_seconds: deque[float] = deque(maxlen=4096)  # the latest decode steps' durations
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="mlx-owner", daemon=True)
         self._thread.start()
@@ -127,6 +130,7 @@ class ModelWorker:
             self._guarded(batch, lambda batch=batch: self._decode(batch))
 
     def _decode(self, batch: list[_Active]) -> None:
+        started = time.perf_counter()
         self.decode_steps += 1
         self.largest_batch = max(self.largest_batch, len(batch))
         if len(batch) == 1 or not self.batched:
@@ -135,6 +139,7 @@ class ModelWorker:
         else:
             self.batched_steps += 1
             batched_step(self.model, [a.sequence for a in batch])
+        self.step_seconds.append(time.perf_counter() - started)
 
     def _guarded(self, group: list[_Active], work: Callable[[], None]) -> None:
         """Run `work`; a failure fails the sequences it touched, not the worker."""

@@ -93,12 +93,12 @@ async def test_interleaved_conversations_keep_their_own_histories(tiny_engine, t
     manager = await _manager(tiny_engine, tmp_path)
     histories = {name: system + tiny_engine.encode(f" {name}", add_bos=False) for name in ("a", "b", "c")}
     for turn in range(3):
-        for name in histories:
-            prompt = histories[name] + tiny_engine.encode(f" turn {turn}", add_bos=False)
+        for name, history in list(histories.items()):
+            prompt = history + tiny_engine.encode(f" turn {turn}", add_bos=False)
             result = await manager.generate(f"chat.{name}", prompt, GREEDY)
             if turn:
                 # nothing rewound (the reply's last token is not fed to the model yet)
-                assert result.usage.cached_tokens >= len(histories[name]) - 1
+                assert result.usage.cached_tokens >= len(history) - 1
             histories[name] = prompt + list(result.token_ids)
     await manager.close()
 
@@ -223,8 +223,10 @@ async def test_a_second_process_cannot_serve_the_same_cache(tiny_engine, tmp_pat
     manager = await _manager(tiny_engine, tmp_path)
     with pytest.raises(CacheLocked, match="another node process"):
         await _manager(tiny_engine, tmp_path)
-    other = subprocess.run(
+    other = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "node", "cache", "rm", "alpha", "--cache-dir", str(tmp_path)],
+        check=False,
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -255,7 +257,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_garbage(tiny_engine, t
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], check=False, capture_output=True
     ).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root) to fill a real disk")
     try:
