@@ -126,7 +126,7 @@ def contexts(manager, skills: tuple[str, ...] = ()) -> list[dict]:
             seconds_saved=round(live.get("seconds_saved", 0.0), 3),
         )
     for agent_id in set(rows) & set(skills):
-        rows[agent_id].update(skill=agent_id, context_id="(base: the playbook)")
+        rows[agent_id].update(skill=agent_id, context_id="(base)")
     return sorted(rows.values(), key=lambda row: row["last_used"] or 0, reverse=True)
 
 

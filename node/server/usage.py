@@ -4,7 +4,8 @@
 totals per day in memory (read back from the file at start-up), so the dashboard can say what the
 caches saved today and since the file began. Seconds saved are estimated the way the agent manager
 does it: the prompt tokens served from cache times the node's measured prefill seconds per token
-(from tasks that prefilled at least `MIN_RATE_TOKENS`), minus the time spent restoring.
+(from tasks that prefilled at least `MIN_RATE_TOKENS`, else from the skills' start-up prefill),
+minus the time spent restoring.
 """
 
 from __future__ import annotations
@@ -113,11 +114,12 @@ class UsageLedger:
     def seconds_per_token(self) -> float:
         return self._rate_s / self._rate_tokens if self._rate_tokens else 0.0
 
-    def summary(self, today: str | None = None) -> dict:
-        """{"today": {...}, "overall": {...}, "days": N, "seconds_per_prefill_token": x}."""
+    def summary(self, today: str | None = None, fallback_rate: float = 0.0) -> dict:
+        """{"today": {...}, "overall": {...}, "days": N, "seconds_per_prefill_token": x}; until a
+        recorded task has measured the prefill rate, `fallback_rate` (e.g. from start-up) serves."""
         today = today or time.strftime("%Y-%m-%d")
         with self._lock:
-            rate = self.seconds_per_token()
+            rate = self.seconds_per_token() or fallback_rate
             overall = DayTotals()
             for totals in self._days.values():
                 overall.merge(totals)

@@ -51,3 +51,11 @@ def test_the_file_is_read_back_and_a_cut_line_is_skipped(tmp_path):
     assert again.summary()["seconds_per_prefill_token"] == 0.005
     lines = (tmp_path / LEDGER_FILE).read_text().splitlines()
     assert json.loads(lines[0])["agent_id"] == "a"
+
+
+def test_a_fallback_rate_serves_until_a_task_measures_one(tmp_path):
+    ledger = UsageLedger(None)
+    ledger.record(task(time.time(), "a", cached=1000, prefilled=5, prefill_s=0.1))
+
+    assert ledger.summary(fallback_rate=0.002)["today"]["seconds_saved"] == 2.0
+    assert ledger.summary()["today"]["seconds_saved"] == 0.0
