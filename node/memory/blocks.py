@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 
 from node.durable import fsync_path
 from node.errors import CheckpointCorrupt
-from node.memory.checkpoint_format import decode_into, encode, tensor_digest
+from node.memory.checkpoint_format import tensor_digest
+from node.memory.kv_codec import decode_into, encode
 
 
 def _corrupt(key: str, message: str) -> CheckpointCorrupt:

@@ -619,15 +619,17 @@ def _token_major(array: mx.array) -> np.ndarray:
 
 
 def _gather(files: OpenBlocks, path: tuple[BlockRef, ...], name: str, start: int, stop: int) -> mx.array:
-    """Rows [start, stop) of one layer's K or V along a path, as a (1, heads, n, dim) fp32 array."""
+    """Rows [start, stop) of one layer's K or V along a path, as a (1, heads, n, dim) fp32 array,
+    decoded straight into the new array's memory (no copy after the decode)."""
     pieces = [(ref, max(start, ref.start), min(stop, ref.stop)) for ref in path]
     pieces = [(ref, lo, hi) for ref, lo, hi in pieces if lo < hi]
     if sum(hi - lo for _, lo, hi in pieces) != stop - start:
         raise CheckpointCorrupt(f"the stored path does not cover positions {start}-{stop}")
     first = files[pieces[0][0].key].tensor(name)
     heads, dim = first.shape[1], first.shape[2]
-    out = np.empty((heads, stop - start, dim), np.float32)
-    token_major = out.transpose(1, 0, 2)
+    target = mx.zeros((1, heads, stop - start, dim), mx.float32)
+    mx.eval(target)
+    token_major = np.asarray(memoryview(target))[0].transpose(1, 0, 2)
     for ref, lo, hi in pieces:
         files[ref.key].decode_rows(name, lo - ref.start, hi - ref.start, token_major[lo - start : hi - start])
-    return mx.array(out)[None]
+    return target

@@ -11,7 +11,8 @@ this machine and this model:
 
 `choose` compares serving a prompt of `n` tokens whose first `p` are stored (their KV `bytes`) by
 restoring them and prefilling the rest, against prefilling all `n`. A prefix shorter than
-`min_restore_tokens` (no measurement there) is recomputed. `fit` calibrates from timings taken on
+`min_restore_tokens` (no measurement there) is recomputed, and so is one whose predicted restore is
+not clearly faster (`margin`): a wrong pick near the break-even point then costs nothing. `fit` calibrates from timings taken on
 the running machine (the bench measures them; a node can measure two prefill chunks and one restore
 at start).
 """
@@ -38,6 +39,7 @@ class CostModel:
     cold_fixed_s: float
     cold_bytes_per_s: float
     min_restore_tokens: int = 0
+    margin: float = 0.8  # restore only when predicted at most this share of recompute
 
     def prefill_s(self, tokens: int, start: int = 0) -> float:
         def whole(n: int) -> float:
@@ -56,7 +58,7 @@ class CostModel:
         if stored_tokens < max(1, self.min_restore_tokens):
             return Choice(False, 0, recompute, recompute)
         restore = self.restore_s(stored_bytes, cold) + self.prefill_s(prompt_tokens, stored_tokens)
-        if restore < recompute:
+        if restore <= self.margin * recompute:
             return Choice(True, stored_tokens, restore, recompute)
         return Choice(False, 0, recompute, restore)
 
@@ -82,6 +84,7 @@ class CostModel:
             "cold_fixed_s": self.cold_fixed_s,
             "cold_GB_per_s": self.cold_bytes_per_s / 1e9,
             "min_restore_tokens": self.min_restore_tokens,
+            "margin": self.margin,
         }
 
 
