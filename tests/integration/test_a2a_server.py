@@ -224,6 +224,21 @@ async def test_same_context_reuses_the_cache_also_after_a_restart(node):
     assert stats["agents"][agent_id("technical_analysis", context_id)]["restores"] == 1
 
 
+async def test_two_turns_sent_at_once_in_one_context_both_land_in_its_history(node):
+    from node.memory.checkpoint import CheckpointStore
+
+    context_id = f"ctx-{uuid.uuid4()}"
+    skill = "business_analysis"
+    async with http_client() as http:
+        client = await a2a_client(http, node.url)
+        await send(client, "What is churn?", context_id, skill=skill, max_tokens=4)
+        questions = ("Why does it matter?", "How is it measured?")
+        await asyncio.gather(*(send(client, q, context_id, skill=skill, max_tokens=4) for q in questions))
+    manifest = CheckpointStore(node.cache_dir, None).manifest(agent_id(skill, context_id))
+    asked = [m["content"] for m in manifest["metadata"]["messages"] if m["role"] == "user"]
+    assert asked[0] == "What is churn?" and sorted(asked[1:]) == sorted(questions)
+
+
 # ---- cancel --------------------------------------------------------------------------------
 async def test_cancel_stops_generation_mid_stream(node):
     text, skill = "Write a long essay about caches.", "business_analysis"
