@@ -126,6 +126,11 @@ class NodeConfig:
     share_cache_across_keys: bool = _setting(
         False, "let callers with different API keys reuse each other's cached prefixes"
     )
+    mcp_servers: tuple[str, ...] = _setting(
+        (),
+        "an MCP server (streamable HTTP URL) whose tools the skills may call (repeatable)",
+        flag="--mcp-server",
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.skills if s not in ALL_SKILLS]

@@ -32,6 +32,7 @@ from node.errors import NodeError
 from node.server.guards import RequestGate
 
 if TYPE_CHECKING:
+    from node.mcp.tools import McpTools
     from node.memory.agents import AgentManager
     from node.model.engine import Engine
     from node.network.node_network import Network
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
 CHUNK_S = 0.1
+MAX_TOOL_ROUNDS = 4  # MCP tool calls per turn
 DRAIN_S = 15.0
 SHUTDOWN_REASON = "the node shut down before the task finished; send it again"
 
@@ -57,6 +59,7 @@ class SkillRuntime:
     base_contexts: dict[str, BaseContext] = field(default_factory=dict)
     gate: RequestGate = field(default_factory=lambda: RequestGate(16))
     shutting_down: bool = False
+    tools: McpTools | None = None  # the --mcp-server tools, set at start-up
 
     def stop_all(self) -> None:
         """Stop every running generation (at shutdown: their agents are checkpointed as they stop,
@@ -122,7 +125,9 @@ class SkillExecutor(AgentExecutor):
         return lock
 
     def instructions(self, engine: Engine) -> str:
-        return self.system_prompt if engine.info.instruction_tuned else playbook(self.skill_id)
+        text = self.system_prompt if engine.info.instruction_tuned else playbook(self.skill_id)
+        tools = self.runtime.tools.instructions(engine) if self.runtime.tools is not None else ""
+        return f"{text}\n\n{tools}" if tools else text
 
     # ---- start-up ------------------------------------------------------------------------
     async def warm_up(self) -> BaseContext:
@@ -189,11 +194,10 @@ class SkillExecutor(AgentExecutor):
             return await self._answer_in_turn(manager, agent_id, request, out, stop)
 
     async def _answer_in_turn(self, manager, agent_id: str, request: TurnRequest, out: TaskOutput, stop):
-        from node.runtime.events import Completion, TextDelta
+        from node.runtime.events import Completion
 
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))
-        instructions = self.instructions(manager.engine)
-        prompt = manager.engine.encode_chat(conversation.prompt(instructions, request.text))
+        messages = conversation.prompt(self.instructions(manager.engine), request.text)
         extra = {"skill": self.skill_id, "context_id": request.context_id}
 
         def record(completion: Completion) -> dict:
@@ -202,22 +206,45 @@ class SkillExecutor(AgentExecutor):
             reply = None if completion.finish_reason == "cancelled" else completion.text
             return conversation.metadata(request.text, reply, **extra)
 
+        tools = self.runtime.tools
+        for _ in range(1 + (MAX_TOOL_ROUNDS if tools is not None else 0)):
+            completion = await self._round(manager, agent_id, messages, request, record, out, stop)
+            call = tools.first_call(manager.engine, completion.text) if tools is not None else None
+            if call is None or stop.is_set():
+                break
+            # The model's call and the tool's result become turns; the next round continues there.
+            messages = [*messages, *await tools.exchange(manager.engine, call)]
+        await out.close()
+        return completion
+
+    async def _round(self, manager, agent_id: str, messages, request: TurnRequest, record, out, stop):
+        """One generation; with MCP tools, text that may open a call is held back and a complete
+        call ends the round (the call itself is not part of the answer)."""
+        from node.runtime.events import Completion, TextDelta
+
+        tools, ended = self.runtime.tools, threading.Event()
+        watcher = tools.watcher(manager.engine) if tools is not None else None
         completion = None
         stream = manager.stream(
             agent_id,
-            prompt,
+            manager.engine.encode_chat(messages),
             self.sampling(request, manager.engine.prompt_format),
             base_agent=self.skill_id,
             metadata=record,
-            cancel=stop,
+            cancel=ended if watcher is not None else stop,
         )
         async for item in stream:
             match item:
+                case TextDelta(text=text) if watcher is not None:
+                    await out.write(watcher.feed(text))
+                    if watcher.complete() or stop.is_set():
+                        ended.set()
                 case TextDelta(text=text):
                     await out.write(text)
                 case Completion():
                     completion = item
-        await out.close()
+        if watcher is not None and not watcher.complete():
+            await out.write(watcher.text[watcher.sent :])  # a held-back tail that opened no call
         return completion
 
     def sampling(self, request: TurnRequest, prompt_format):

@@ -19,7 +19,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
         kw: dict = {"dest": setting.name, "default": None, "help": f"{setting.help} [${setting.env}]"}
         if setting.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
-        elif setting.flag in ("--peer", "--peer-key"):
+        elif setting.flag in ("--peer", "--peer-key", "--mcp-server"):
             kw.update(action="append", metavar="URL")
         parser.add_argument(setting.flag, **kw)
 

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from node.cli.flags import add_setting_flags
 from node.config import NodeConfig
 
-SETTINGS_USED = ("skills", "model", "cache_dir", "max_tokens", "max_agents", "memory_budget_bytes", "threads")
+SETTINGS_USED = (
+    *("skills", "model", "cache_dir", "max_tokens", "max_agents", "memory_budget_bytes", "threads"),
+    "mcp_servers",
+)
 
 
 def add_parser(commands) -> None:
@@ -29,15 +32,17 @@ def run(args: argparse.Namespace, config: NodeConfig, progress: Callable[[str], 
 async def serve_stdio(config: NodeConfig, progress: Callable[[str], None]) -> int:
     from node.a2a.executor import SkillRuntime
     from node.mcp.server import build_mcp_server
+    from node.mcp.tools import skill_tools
     from node.server.app import start_manager, warm_up
     from skills import SKILLS
 
     runtime = SkillRuntime(config, await start_manager(config, progress))
     try:
         executors = {skill_id: SKILLS[skill_id](runtime) for skill_id in config.skills}
-        await warm_up(runtime, executors.values())
-        progress(f"serving {', '.join(config.skills)} as MCP tools over stdio (cache {config.cache_dir})")
-        await build_mcp_server(runtime, executors).run_stdio_async()
+        async with skill_tools(runtime, config.mcp_servers):
+            await warm_up(runtime, executors.values())
+            progress(f"serving {', '.join(config.skills)} as MCP tools over stdio (cache {config.cache_dir})")
+            await build_mcp_server(runtime, executors).run_stdio_async()
         return 0
     finally:
         runtime.stop_all()

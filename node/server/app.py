@@ -55,9 +55,9 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
             runtime.manager = seen.observe(await start_manager(config))
         try:
             await stores.initialize()
-            await warm_up(runtime, agents.executors.values())
-            await network.start()
-            async with seen.running():
+            async with seen.running():  # first: the skills' instructions describe the MCP tools
+                await warm_up(runtime, agents.executors.values())
+                await network.start()
                 yield
         finally:
             runtime.stop_all()

@@ -3,7 +3,7 @@ the dashboard and the MCP server, built together because they watch the same tas
 
 `observe(manager)` wraps the agent manager so every task is seen; `routes()` are `/metrics`,
 `/dashboard/...` and `/mcp`; `running()` is the part of the app's lifespan they need (the MCP
-session manager's task group).
+session manager's task group, the connections to the `--mcp-server` servers).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from starlette.routing import BaseRoute, Route
 from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.config import NodeConfig
 from node.mcp.server import build_mcp_server
+from node.mcp.tools import skill_tools
 from node.server.dashboard import Dashboard
 from node.server.metrics import NodeMetrics, RejectionCounter
 from node.server.observer import ObservedManager, TaskObserver
@@ -57,7 +58,8 @@ class Observability:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        async with self.mcp.session_manager.run():
+        """The MCP session manager, and the `--mcp-server` tools for the skills while it runs."""
+        async with self.mcp.session_manager.run(), skill_tools(self.runtime, self.config.mcp_servers):
             yield
 
     def _metrics_state(self) -> tuple[dict, dict[str, int], int]:
