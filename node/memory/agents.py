@@ -398,10 +398,11 @@ class AgentManager:
         key = getattr(error, "block_key", None)
         if key is None:
             return
-        for holder in self.store.index().holders(key):
+        holders = self.store.index().holders(key)
+        self.store.quarantine_block(key, str(error))
+        for holder in holders:
             if holder not in self._agents:
                 self._refuse(holder, error)
-        self.store.quarantine_block(key, str(error))
 
     def _checkpoint(self, agent: Agent, then: Callable[[float | BaseException], None] | None = None) -> None:
         """Plan the agent's save here (the arrays' owner) and let the writer thread commit it;

@@ -156,6 +156,41 @@ async def test_damaged_contexts_are_refused_and_kept_aside(tiny_engine, tmp_path
     assert (kept / "REASON.txt").exists() and any(kept.glob("*.json"))
 
 
+async def test_a_damaged_shared_playbook_block_is_set_aside_and_new_conversations_start_cold(
+    tiny_engine, tmp_path
+):
+    playbook = tiny_engine.encode(TEXT * 12)
+    manager = await _manager(tiny_engine, tmp_path)
+    await manager.ensure_prefix("skill", playbook, pinned=True)
+    await manager.close()
+    store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
+    block = store.blocks.path(store.path("skill")[0].key)
+    data = bytearray(block.read_bytes())
+    data[-64] ^= 0x10
+    block.write_bytes(bytes(data))
+
+    resumed = await _manager(tiny_engine, tmp_path)
+    prompt = playbook + tiny_engine.encode(" the dog", add_bos=False)
+    result = await resumed.generate("skill.ctx-1", prompt, GREEDY)
+    refused = resumed.stats()["refused_checkpoints"]
+    await resumed.close()
+    assert result.usage.cached_tokens == 0 and result.token_ids == _cold(tiny_engine, prompt).token_ids
+    assert [r["agent_id"] for r in refused] == ["skill"]
+    assert (tmp_path / "quarantine" / "blocks" / block.name).exists()
+
+
+async def test_format_1_checkpoints_are_refused_with_a_clear_message(tiny_engine, tmp_path, caplog):
+    legacy = tmp_path / "agents" / "alpha-0123"
+    legacy.mkdir(parents=True)
+    (legacy / "manifest.json").write_text(json.dumps({"format_version": 1, "agent_id": "alpha"}))
+    manager = await _manager(tiny_engine, tmp_path)
+    result = await manager.generate("alpha", tiny_engine.encode(TEXT), GREEDY)
+    await manager.close()
+    assert result.usage.cached_tokens == 0
+    assert "use format 1" in caplog.text and "no longer reads" in caplog.text
+    assert CheckpointStore(tmp_path, None).usage()["legacy_checkpoints"] == 1
+
+
 async def test_context_of_another_model_is_refused(tiny_engine, tmp_path):
     prompt = tiny_engine.encode(TEXT)
     manager = await _manager(tiny_engine, tmp_path)
