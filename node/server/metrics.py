@@ -30,6 +30,7 @@ PATH_LABELS = (
     ("/v1/models", "models"),
     ("/mcp", "mcp"),
     ("/dashboard", "dashboard"),
+    ("/metrics", "metrics"),
     ("/registry", "registry"),
 )
 

@@ -20,7 +20,7 @@ from node.mcp.server import build_mcp_server
 from node.mcp.tools import skill_tools
 from node.server.dashboard import Dashboard
 from node.server.metrics import NodeMetrics, RejectionCounter
-from node.server.observer import ObservedManager, TaskObserver
+from node.server.observer import CHAT_LABEL, ObservedManager, TaskObserver
 from node.server.usage import UsageLedger
 
 MCP_PATH = "/mcp"
@@ -65,4 +65,5 @@ class Observability:
     def _metrics_state(self) -> tuple[dict, dict[str, int], int]:
         manager = self.runtime.manager
         stats = manager.stats() if manager is not None else {}
-        return stats, self.observer.queued(), len(self.observer.tasks)
+        labels = (*self.config.skills, CHAT_LABEL)  # every label, so an empty queue reads 0
+        return stats, {label: 0 for label in labels} | self.observer.queued(), len(self.observer.tasks)
