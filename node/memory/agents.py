@@ -27,7 +27,7 @@ from pathlib import Path
 
 from node.errors import CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
 from node.memory.agent_ids import validate_agent_id
-from node.memory.checkpoint import CheckpointStore
+from node.memory.checkpoint import CheckpointStore, Restored
 from node.memory.prefix_index import BlockRef
 from node.memory.writer import CheckpointWriter
 from node.model import kv_cache
@@ -366,19 +366,36 @@ class AgentManager:
             return None
         if agent.persisted < len(agent.context.tokens):
             self._checkpoint(agent)
-        self._writer.wait()  # the path may name blocks a queued save is still writing
-        try:
-            restored = self.store.restore_path(match.path, self.engine.make_caches, lambda _: usable)
-        except CheckpointCorrupt as e:
-            self._refuse_block(e)
-            return None
+        restored = self._share_in_memory(agent.agent_id, prompt, usable, match.path)
+        if restored is None:
+            self._writer.wait()  # the path may name blocks a queued save is still writing
+            try:
+                restored = self.store.restore_path(match.path, self.engine.make_caches, lambda _: usable)
+            except CheckpointCorrupt as e:
+                self._refuse_block(e)
+                return None
         fresh = self._restored_agent(agent.agent_id, restored)
         fresh.metadata, fresh.stats.tasks = agent.metadata, agent.stats.tasks
         logger.info(
-            "agent %r starts from %d tokens stored by %r (its own cache reused %d) in %.1f ms",
+            "agent %r starts from %d tokens stored by %r (its own cache reused %d) in %.1f ms%s",
             agent.agent_id, usable, match.holder, own, restored.seconds * 1000,
+            " (shared in memory)" if restored.metadata.get("shared") else "",
         )  # fmt: skip
         return fresh
+
+    def _share_in_memory(self, agent_id: str, prompt: list[int], usable: int, path) -> Restored | None:
+        """The first `usable` prompt tokens as views of an agent in memory that holds them: no
+        disk read, and the arrays stay shared until one side writes (MLX copies on write)."""
+        started = time.perf_counter()
+        for other in self._agents.values():
+            if other.agent_id == agent_id or common_prefix_length(other.context.tokens, prompt) < usable:
+                continue
+            caches = kv_cache.prefix_views(other.context.caches, usable, self.engine.make_caches())
+            if caches is not None:
+                blocks = tuple(ref for ref in path if ref.start < usable)
+                seconds = time.perf_counter() - started
+                return Restored(list(prompt[:usable]), caches, {"shared": other.agent_id}, seconds, blocks)
+        return None
 
     def _restored_agent(self, agent_id: str, restored) -> Agent:
         agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens))

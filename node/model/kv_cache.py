@@ -156,6 +156,18 @@ def positions(cache: LayerCache, start: int, stop: int) -> tuple[mx.array, mx.ar
     return cache.keys[..., start - base : stop - base, :], cache.values[..., start - base : stop - base, :]
 
 
+def prefix_views(caches: list[LayerCache], position: int, fresh: list[LayerCache]) -> list[LayerCache] | None:
+    """`fresh` caches holding the first `position` positions of `caches` as views of their arrays
+    (no copy; every later write copies), or None where `caches` no longer hold what is needed."""
+    for source, target in zip(caches, fresh):
+        start = target.history_start(position)
+        if source.keys is None or source.base > start or source.offset < position:
+            return None
+        span = slice(start - source.base, position - source.base)
+        target.install(source.keys[..., span, :], source.values[..., span, :], start)
+    return fresh
+
+
 def resident_positions(cache: LayerCache, tokens: int) -> int:
     """How many positions a layer cache keeps in memory for a context of `tokens` positions."""
     if isinstance(cache, SlidingHistoryCache):
