@@ -35,6 +35,7 @@ THIN_SGEMM_SOURCE = Path(__file__).parent / "native" / "thin_sgemm.c"
 _bound: str | None = None
 _thin: ctypes.CDLL | None = None
 _openblas: ctypes.CDLL | None = None
+_threads = 0
 
 
 def _openblas_library() -> Path | None:
@@ -130,12 +131,22 @@ def bind_fast_blas() -> str | None:
 
 
 def set_blas_threads(threads: int) -> None:
-    """Size OpenBLAS's thread pool and the shim's few-row kernel: nodes sharing a machine must not
+    """Size OpenBLAS's thread pool, the shim's few-row kernel and the int8 kernel's pool: nodes sharing a machine must not
     oversubscribe its cores (two nodes with a thread per core each decoded 6x slower, not 2x)."""
+    global _threads
+    _threads = int(threads)
     if _openblas is not None:
-        _openblas.scipy_openblas_set_num_threads(int(threads))
+        _openblas.scipy_openblas_set_num_threads(_threads)
     if _thin is not None:
-        _thin.node_blas_set_threads(int(threads))
+        _thin.node_blas_set_threads(_threads)
+    int8 = sys.modules.get("node.model.int8_weights")  # imports mlx, so only if already loaded
+    if int8 is not None:
+        int8.set_threads(_threads)
+
+
+def blas_threads() -> int:
+    """The compute threads set by `set_blas_threads` (0: one per online CPU)."""
+    return _threads
 
 
 def thin_calls() -> int | None:

@@ -4,9 +4,11 @@ A model with a chat template (in its GGUF or tokenizer config) is instruction-tu
 conversations with it; one without is a base model and renders them as a plain document
 (`node.model.prompt_format`).
 
-On the CPU backend weights are kept in fp32 (only fp32 matmul goes through BLAS there; bf16 and
-quantized matmuls are 4-1000x slower) and the model runs through `node.model.cpu_kernels` (set
-NODE_CPU_KERNELS=0 to keep MLX's own); on Metal and CUDA the model keeps its own dtype and kernels.
+On the CPU backend weights are loaded in fp32 (only fp32 matmul goes through BLAS there; MLX's bf16
+and quantized matmuls are 4-1000x slower), then its linear layers and embeddings become int8 computed
+by node's own kernel (`node.model.int8_weights`; NODE_INT8_WEIGHTS=0 keeps fp32), and the model runs
+through `node.model.cpu_kernels` (set NODE_CPU_KERNELS=0 to keep MLX's own); on Metal and CUDA the
+model keeps its own dtype and kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from node.config import switch_on
 from node.errors import ModelSpecError
-from node.model import blas, cpu_kernels, kv_cache
+from node.model import blas, cpu_kernels, int8_weights, kv_cache
 from node.model.kv_cache import make_caches
 from node.model.prompt_format import prompt_format
 from node.model.spec import resolve_model_folder
@@ -93,6 +95,8 @@ def _kernels(model: nn.Module) -> list[str]:
     kernels = []
     if blas.thin_calls() is not None:
         kernels.append("cblas_sgemm: thin products (decode) as sgemv / few-row kernel")
+    if switch_on("INT8_WEIGHTS") and (replaced := int8_weights.quantize_model(model)):
+        kernels.append(f"int8 weights ({replaced} linear/embedding layers): {int8_weights.describe()}")
     if switch_on("CPU_KERNELS"):
         kernels += cpu_kernels.install(model)
     return kernels

@@ -1,0 +1,480 @@
+// x @ W^T with int8 weights: an MLX primitive with a CPU implementation.
+//
+// Decode on the CPU is bound by reading the weights (Gemma 3 270M in fp32 streams ~1.07 GB per
+// token), and MLX's CPU backend has no fast reduced-precision product (its bf16 and 4-bit
+// matmuls are 4x slower than fp32 BLAS). Here weights are int8 with one fp32 scale per block of
+// BLOCK consecutive inputs (W[n, k] = q[n, k] * scale[n, k / BLOCK]); activations stay fp32.
+//
+//   rows <= MAX_DIRECT_ROWS (decode steps)  -> the int8 kernel: W read once per 8 rows, the
+//                                             output columns split across a persistent pool;
+//                                             AVX-512F, AVX2+FMA or portable, picked at run time
+//   more rows (prefill)                     -> W dequantized to fp32 once per call (in parallel),
+//                                             then cblas_sgemm (OpenBLAS behind node's shim)
+//
+// node.model.int8_weights compiles this file with nanobind once per source version and loads it.
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define NODE_X86 1
+#endif
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+constexpr int BLOCK = 64;
+constexpr int MAX_KERNEL_ROWS = 8;    // rows one pass of the kernel reads W for
+constexpr int MAX_DIRECT_ROWS = 16;   // above this, dequantize and use sgemm
+constexpr long MIN_PARALLEL_WEIGHTS = 1L << 18;
+constexpr int MAX_THREADS = 64;
+
+struct Product {
+  const float* x;       // M x K, row-major
+  const int8_t* w;      // N x K
+  const float* scales;  // N x K / BLOCK
+  float* out;           // M x N
+  int M, N, K;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernels: out[m, n] for n in [n0, n1), all M (<= MAX_KERNEL_ROWS) rows.
+
+template <int M>
+void span_portable(const Product& p, int n0, int n1) {
+  const int blocks = p.K / BLOCK;
+  for (int n = n0; n < n1; n++) {
+    const int8_t* w = p.w + (size_t)n * p.K;
+    float acc[M] = {};
+    for (int b = 0; b < blocks; b++) {
+      float part[M] = {};
+      for (int k = b * BLOCK; k < (b + 1) * BLOCK; k++) {
+        const float wk = (float)w[k];
+        for (int m = 0; m < M; m++) part[m] += wk * p.x[(size_t)m * p.K + k];
+      }
+      const float s = p.scales[(size_t)n * blocks + b];
+      for (int m = 0; m < M; m++) acc[m] += part[m] * s;
+    }
+    for (int m = 0; m < M; m++) p.out[(size_t)m * p.N + n] = acc[m];
+  }
+}
+
+#ifdef NODE_X86
+// Accumulators per row: one row needs several independent FMA chains to hide their latency;
+// eight rows already have eight.
+constexpr int chains(int rows) { return rows == 1 ? 4 : rows == 2 ? 2 : 1; }
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void span_avx2(const Product& p, int n0, int n1) {
+  constexpr int U = chains(M);
+  const int blocks = p.K / BLOCK;
+  for (int n = n0; n < n1; n++) {
+    const int8_t* w = p.w + (size_t)n * p.K;
+    __m256 acc[M][U];
+    for (int m = 0; m < M; m++)
+      for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+      const __m256 scale = _mm256_set1_ps(p.scales[(size_t)n * blocks + b]);
+      for (int j = 0; j < BLOCK; j += 32) {
+        const int k = b * BLOCK + j;
+        __m256 wv[4];
+        for (int v = 0; v < 4; v++) {
+          __m128i q = _mm_loadl_epi64((const __m128i*)(w + k + 8 * v));
+          wv[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+        }
+        for (int m = 0; m < M; m++) {
+          const float* x = p.x + (size_t)m * p.K + k;
+          for (int v = 0; v < 4; v++)
+            acc[m][v % U] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + 8 * v), acc[m][v % U]);
+        }
+      }
+    }
+    for (int m = 0; m < M; m++) {
+      __m256 total = acc[m][0];
+      for (int u = 1; u < U; u++) total = _mm256_add_ps(total, acc[m][u]);
+      p.out[(size_t)m * p.N + n] = hsum256(total);
+    }
+  }
+}
+
+template <int M>
+__attribute__((target("avx512f"))) void span_avx512(const Product& p, int n0, int n1) {
+  constexpr int U = chains(M);
+  const int blocks = p.K / BLOCK;
+  for (int n = n0; n < n1; n++) {
+    const int8_t* w = p.w + (size_t)n * p.K;
+    __m512 acc[M][U];
+    for (int m = 0; m < M; m++)
+      for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+      const __m512 scale = _mm512_set1_ps(p.scales[(size_t)n * blocks + b]);
+      const int k = b * BLOCK;  // BLOCK = 4 vectors of 16
+      __m512 wv[4];
+      for (int v = 0; v < 4; v++) {
+        __m128i q = _mm_loadu_si128((const __m128i*)(w + k + 16 * v));
+        wv[v] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), scale);
+      }
+      for (int m = 0; m < M; m++) {
+        const float* x = p.x + (size_t)m * p.K + k;
+        for (int v = 0; v < 4; v++)
+          acc[m][v % U] = _mm512_fmadd_ps(wv[v], _mm512_loadu_ps(x + 16 * v), acc[m][v % U]);
+      }
+    }
+    for (int m = 0; m < M; m++) {
+      __m512 total = acc[m][0];
+      for (int u = 1; u < U; u++) total = _mm512_add_ps(total, acc[m][u]);
+      p.out[(size_t)m * p.N + n] = _mm512_reduce_add_ps(total);
+    }
+  }
+}
+#endif
+
+using SpanFn = void (*)(const Product&, int, int);
+
+#define NODE_SPAN_TABLE(fn) \
+  {nullptr, fn<1>, fn<2>, fn<3>, fn<4>, fn<5>, fn<6>, fn<7>, fn<8>}
+
+const SpanFn PORTABLE[] = NODE_SPAN_TABLE(span_portable);
+#ifdef NODE_X86
+const SpanFn AVX2[] = NODE_SPAN_TABLE(span_avx2);
+const SpanFn AVX512[] = NODE_SPAN_TABLE(span_avx512);
+#endif
+
+struct Isa {
+  const char* name;
+  const SpanFn* spans;
+  bool (*supported)();
+};
+
+bool always() { return true; }
+#ifdef NODE_X86
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+#endif
+
+const Isa ISAS[] = {
+#ifdef NODE_X86
+    {"avx512f", AVX512, has_avx512},
+    {"avx2", AVX2, has_avx2},
+#endif
+    {"portable", PORTABLE, always},
+};
+
+const Isa* best_isa() {
+  for (const Isa& isa : ISAS)
+    if (isa.supported()) return &isa;
+  return &ISAS[sizeof(ISAS) / sizeof(ISAS[0]) - 1];
+}
+
+std::atomic<const Isa*> current_isa{best_isa()};
+
+// ---------------------------------------------------------------------------------------------
+// A persistent pool: MLX calls a product ~130 times per decode step, too often to start threads
+// for each. Workers spin briefly for the next job (products of one step come microseconds apart),
+// then sleep.
+
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  int threads() const { return threads_; }
+
+  void set_threads(int threads) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int limit = threads > 0 ? threads : (int)std::max(1L, cpus);
+    threads_ = std::min(limit, MAX_THREADS);
+  }
+
+  // Runs job(part, parts) for part in [0, parts), the caller taking part 0.
+  void run(int parts, const std::function<void(int, int)>& job) {
+    parts = std::max(1, std::min(parts, threads_));
+    if (parts == 1) return job(0, 1);
+    std::lock_guard<std::mutex> serial(run_mutex_);
+    while ((int)workers_.size() < parts - 1) {
+      int index = (int)workers_.size() + 1;
+      unsigned seen = generation_.load();  // read here: the thread may start after the next job
+      workers_.emplace_back([this, index, seen] { work(index, seen); });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      parts_ = parts;
+      pending_.store(parts - 1);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    job(0, parts);
+    while (pending_.load(std::memory_order_acquire) > 0) {
+#ifdef NODE_X86
+      _mm_pause();
+#endif
+    }
+  }
+
+ private:
+  void work(int index, unsigned seen) {
+    for (;;) {
+      unsigned now = seen;
+      for (int spin = 0; spin < 20000 && (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
+#ifdef NODE_X86
+        _mm_pause();
+#endif
+      }
+      if (now == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        now = generation_.load();
+      }
+      seen = now;
+      if (stopping_) return;
+      if (index < parts_) {
+        (*job_)(index, parts_);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  int threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::atomic<unsigned> generation_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int parts_ = 0;
+  bool stopping_ = false;
+};
+
+Pool& pool() {
+  static Pool* p = [] {
+    auto* made = new Pool();  // never destroyed: workers may outlive static destruction order
+    made->set_threads(0);
+    return made;
+  }();
+  return *p;
+}
+
+int parts_for(long weights) { return weights < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
+
+void direct(const Product& p) {
+  const SpanFn* spans = current_isa.load()->spans;
+  for (int m0 = 0; m0 < p.M; m0 += MAX_KERNEL_ROWS) {
+    Product rows = p;
+    rows.M = std::min(MAX_KERNEL_ROWS, p.M - m0);
+    rows.x = p.x + (size_t)m0 * p.K;
+    rows.out = p.out + (size_t)m0 * p.N;
+    SpanFn span = spans[rows.M];
+    pool().run(parts_for((long)p.N * p.K), [&](int part, int parts) {
+      // Spans of whole 8-column groups keep threads off each other's output cache lines.
+      int groups = (p.N + 7) / 8;
+      int n0 = std::min(p.N, (int)((long)groups * part / parts) * 8);
+      int n1 = std::min(p.N, (int)((long)groups * (part + 1) / parts) * 8);
+      span(rows, n0, n1);
+    });
+  }
+}
+
+void dequantize_rows(const Product& p, float* dst, int n0, int n1) {
+  const int blocks = p.K / BLOCK;
+  for (int n = n0; n < n1; n++)
+    for (int b = 0; b < blocks; b++) {
+      const float s = p.scales[(size_t)n * blocks + b];
+      const int8_t* q = p.w + (size_t)n * p.K + b * BLOCK;
+      float* d = dst + (size_t)n * p.K + b * BLOCK;
+      for (int k = 0; k < BLOCK; k++) d[k] = (float)q[k] * s;
+    }
+}
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                         float, float*, int);
+
+sgemm_fn find_sgemm() {
+  // node's shim (loaded globally before libmlx) or whatever cblas_sgemm libmlx bound.
+  return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
+}
+
+void through_sgemm(const Product& p) {
+  static sgemm_fn sgemm = find_sgemm();
+  if (sgemm == nullptr) return direct(p);
+  std::vector<float> weights((size_t)p.N * p.K);
+  pool().run(parts_for((long)p.N * p.K), [&](int part, int parts) {
+    dequantize_rows(p, weights.data(), (int)((long)p.N * part / parts), (int)((long)p.N * (part + 1) / parts));
+  });
+  enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+  sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, p.N, p.K, 1.0f, p.x, p.K, weights.data(), p.K, 0.0f, p.out, p.N);
+}
+
+void product(const Product& p) {
+  if (p.M <= MAX_DIRECT_ROWS)
+    direct(p);
+  else
+    through_sgemm(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The MLX primitive and op.
+
+class Int8MatMul : public mx::Primitive {
+ public:
+  explicit Int8MatMul(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    const mx::array& s = inputs[2];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_input_array(s);
+    encoder.set_output_array(out);
+    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
+                      s = mx::array::unsafe_weak_copy(s), out = mx::array::unsafe_weak_copy(out)]() mutable {
+      product(Product{x.data<float>(), w.data<int8_t>(), s.data<float>(), out.data<float>(),
+                      (int)x.shape(0), (int)w.shape(0), (int)w.shape(1)});
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("int8_matmul runs on the CPU backend only");
+  }
+
+  const char* name() const override { return "NodeInt8MatMul"; }
+
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+  }
+};
+
+mx::array int8_matmul(const mx::array& x, const mx::array& weight, const mx::array& scales) {
+  if (weight.ndim() != 2 || weight.dtype() != mx::int8)
+    throw std::invalid_argument("int8_matmul: weight must be a 2-D int8 array");
+  const int N = weight.shape(0), K = weight.shape(1);
+  if (K % BLOCK != 0) throw std::invalid_argument("int8_matmul: inputs must be a multiple of BLOCK");
+  if (scales.shape() != mx::Shape{N, K / BLOCK} || scales.dtype() != mx::float32)
+    throw std::invalid_argument("int8_matmul: scales must be float32 of shape (N, K / BLOCK)");
+  if (x.ndim() < 1 || x.shape(-1) != K) throw std::invalid_argument("int8_matmul: x's last axis must be K");
+  auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = N;
+  mx::array rows = mx::contiguous(mx::reshape(mx::astype(x, mx::float32, stream), {-1, K}, stream), false, stream);
+  mx::array product_rows(
+      {rows.shape(0), N}, mx::float32, std::make_shared<Int8MatMul>(stream),
+      {rows, mx::contiguous(weight, false, stream), mx::contiguous(scales, false, stream)});
+  return mx::reshape(product_rows, out_shape, stream);
+}
+
+// Quantize a float32 (N, K) matrix now (not lazily): each block's largest magnitude maps to 127.
+std::tuple<mx::array, mx::array> quantize(mx::array weight) {
+  if (weight.ndim() != 2 || weight.shape(1) % BLOCK != 0)
+    throw std::invalid_argument("quantize: weight must be 2-D with a multiple of BLOCK columns");
+  auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  weight = mx::contiguous(mx::astype(weight, mx::float32, stream), false, stream);
+  weight.eval();
+  const int N = weight.shape(0), K = weight.shape(1), blocks = K / BLOCK;
+  mx::array q(mx::allocator::malloc((size_t)N * K), {N, K}, mx::int8);
+  mx::array scales(mx::allocator::malloc((size_t)N * blocks * sizeof(float)), {N, blocks}, mx::float32);
+  const float* w = weight.data<float>();
+  int8_t* qd = q.data<int8_t>();
+  float* sd = scales.data<float>();
+  nb::gil_scoped_release released;
+  pool().run(pool().threads(), [&](int part, int parts) {
+    for (size_t b = (size_t)N * blocks * part / parts; b < (size_t)N * blocks * (part + 1) / parts; b++) {
+      const float* src = w + b * BLOCK;
+      float largest = 0.0f;
+      for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(src[k]));
+      const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+      sd[b] = scale;
+      for (int k = 0; k < BLOCK; k++) qd[b * BLOCK + k] = (int8_t)std::nearbyint(src[k] * inverse);
+    }
+  });
+  return {q, scales};
+}
+
+std::string isa() { return current_isa.load()->name; }
+
+// For tests and benchmarks: run on a named path (if this CPU has it); returns the path in use.
+std::string use_isa(const std::string& name) {
+  for (const Isa& candidate : ISAS)
+    if (name == candidate.name) {
+      if (!candidate.supported()) throw std::invalid_argument("this CPU cannot run the " + name + " path");
+      current_isa.store(&candidate);
+    }
+  return isa();
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Isa& candidate : ISAS)
+    if (candidate.supported()) names.push_back(candidate.name);
+  return names;
+}
+
+}  // namespace
+
+NB_MODULE(_node_int8, m) {
+  nb::module_::import_("mlx.core");
+  m.doc() = "x @ W^T with int8 weights and per-block fp32 scales (CPU)";
+  m.attr("BLOCK") = BLOCK;
+  m.attr("MAX_DIRECT_ROWS") = MAX_DIRECT_ROWS;
+  m.def("int8_matmul", &int8_matmul, "x"_a, "weight"_a, "scales"_a,
+        "x @ (weight * scales per block)^T; x (..., K) float32, weight (N, K) int8, scales (N, K / BLOCK)");
+  m.def("quantize", &quantize, "weight"_a,
+        "(int8 (N, K), float32 scales (N, K / BLOCK)) of a float32 (N, K) matrix, computed now");
+  m.def("set_threads", [](int threads) { pool().set_threads(threads); }, "threads"_a,
+        "The most threads one product uses (0: one per online CPU).");
+  m.def("threads", [] { return pool().threads(); });
+  m.def("isa", &isa, "The kernel path in use (avx512f, avx2, portable).");
+  m.def("use_isa", &use_isa, "name"_a);
+  m.def("supported_isas", [] {
+    nb::list names;
+    for (auto& name : supported_isas()) names.append(name);
+    return names;
+  });
+}

@@ -1,0 +1,160 @@
+"""The int8 decode weights: the native kernel against numpy on every path this CPU can run, the
+quantizer, the layers that replace nn.Linear / nn.Embedding, and the fallback without a compiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx import nn
+
+from node.model import int8_weights
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the int8 kernel is built on Linux here")
+
+BLOCK = int8_weights.BLOCK
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = int8_weights.extension()
+    assert module is not None, int8_weights.failure()
+    yield module
+    module.use_isa(module.supported_isas()[0])
+
+
+def _reference(x: np.ndarray, q: mx.array, scales: mx.array) -> np.ndarray:
+    """x @ W^T in float64, W the matrix the int8 weights and scales stand for."""
+    w = np.array(q).astype(np.float64).reshape(q.shape[0], -1, BLOCK) * np.array(scales)[..., None]
+    return x.astype(np.float64) @ w.reshape(q.shape).T
+
+
+def _random(rng, *shape) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def test_the_best_path_for_this_cpu_is_chosen(ext):
+    supported = ext.supported_isas()
+    assert supported[-1] == "portable"
+    assert ext.isa() == supported[0]
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = cpuinfo.read()
+    assert ("avx512f" in supported) == (" avx512f" in flags)
+    assert ("avx2" in supported) == (" avx2" in flags and " fma" in flags)
+
+
+def test_quantize_maps_each_block_to_127(ext):
+    rng = np.random.default_rng(1)
+    w = _random(rng, 37, 3 * BLOCK)
+    w[3, :BLOCK] = 0.0  # an all-zero block keeps scale 0
+    q, scales = ext.quantize(mx.array(w))
+    q, scales = np.array(q), np.array(scales)
+    assert q.dtype == np.int8 and scales.shape == (37, 3)
+    blocks = w.reshape(37, 3, BLOCK)
+    np.testing.assert_allclose(scales, np.abs(blocks).max(-1) / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127 and not q[3, :BLOCK].any()
+    restored = q.reshape(37, 3, BLOCK) * scales[..., None]
+    assert np.all(np.abs(restored - blocks) <= scales[..., None] * 0.5 + 1e-7)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
+@pytest.mark.parametrize("outputs,inputs", [(13, BLOCK), (200, 5 * BLOCK), (1030, 10 * BLOCK)])
+def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
+    rng = np.random.default_rng(rows * 1000 + outputs)
+    q, scales = ext.quantize(mx.array(_random(rng, outputs, inputs)))
+    x = _random(rng, rows, inputs)
+    expected = _reference(x, q, scales)
+    for isa in ext.supported_isas():
+        assert ext.use_isa(isa) == isa
+        got = np.array(ext.int8_matmul(mx.array(x), q, scales))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.sqrt(inputs), err_msg=isa)
+
+
+def test_kernel_splits_large_products_across_threads(ext):
+    """Past MIN_PARALLEL_WEIGHTS the columns are split across the pool (1 and 2 threads agree)."""
+    rng = np.random.default_rng(7)
+    q, scales = ext.quantize(mx.array(_random(rng, 2053, 640)))
+    x = _random(rng, 3, 640)
+    expected = _reference(x, q, scales)
+    threads = ext.threads()
+    try:
+        for count in (1, 2, 3):
+            ext.set_threads(count)
+            got = np.array(ext.int8_matmul(mx.array(x), q, scales))
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-2)
+    finally:
+        ext.set_threads(threads)
+
+
+def test_leading_axes_and_strided_inputs(ext):
+    rng = np.random.default_rng(3)
+    q, scales = ext.quantize(mx.array(_random(rng, 96, 2 * BLOCK)))
+    x = mx.array(_random(rng, 2 * BLOCK, 2, 3)).transpose(1, 2, 0)  # not row-contiguous
+    got = np.array(ext.int8_matmul(x, q, scales))
+    assert got.shape == (2, 3, 96)
+    np.testing.assert_allclose(
+        got, _reference(np.array(x).reshape(6, -1), q, scales).reshape(2, 3, 96), atol=1e-3
+    )
+
+
+def test_bad_shapes_are_refused(ext):
+    q, scales = ext.quantize(mx.zeros((8, BLOCK)))
+    with pytest.raises(ValueError):
+        ext.int8_matmul(mx.zeros((1, BLOCK + 1)), q, scales)
+    with pytest.raises(ValueError):
+        ext.quantize(mx.zeros((8, BLOCK + 3)))
+
+
+def test_layers_replace_linear_and_embedding(ext):
+    rng = np.random.default_rng(5)
+    model = nn.Sequential(nn.Embedding(300, 2 * BLOCK), nn.Linear(2 * BLOCK, 3 * BLOCK, bias=False))
+    model.layers[0].weight = mx.array(_random(rng, 300, 2 * BLOCK))
+    model.layers[1].weight = mx.array(_random(rng, 3 * BLOCK, 2 * BLOCK))
+    fp32_embedding, fp32_linear = np.array(model.layers[0].weight), np.array(model.layers[1].weight)
+    assert int8_weights.quantize_model(model) == 2
+    embedding, linear = model.layers
+    assert isinstance(embedding, int8_weights.Int8Embedding) and isinstance(linear, int8_weights.Int8Linear)
+    assert {v.dtype for k, v in model.parameters()["layers"][1].items()} == {mx.int8, mx.float32}
+    assert model.layers[1].weight.dtype == mx.int8  # the fp32 matrix is gone, not kept beside it
+    ids = mx.array([[0, 299, 17]])
+    rows = np.array(embedding(ids))
+    np.testing.assert_allclose(
+        rows, np.array(int8_weights.dequantize(embedding.weight, embedding.scales))[[0, 299, 17]][None]
+    )
+    np.testing.assert_allclose(rows[0], fp32_embedding[[0, 299, 17]], atol=np.abs(fp32_embedding).max() / 127)
+    x = _random(rng, 4, 2 * BLOCK)
+    np.testing.assert_allclose(np.array(linear(mx.array(x))), x @ fp32_linear.T, rtol=0.05, atol=0.3)
+    np.testing.assert_allclose(
+        np.array(embedding.as_linear(mx.array(x))),
+        _reference(x, embedding.weight, embedding.scales),
+        atol=1e-3,
+    )
+
+
+def test_without_a_compiler_the_node_keeps_fp32(tmp_path):
+    """No C++ compiler on PATH and nothing built yet: a warning and fp32 weights, not a failure."""
+    code = (
+        "import node.model; from node.model import int8_weights as w; "
+        "print(w.extension() is None, w.failure())"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("CXX", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("True no C++ compiler found"), result.stdout
+    assert "int8 decode weights unavailable, keeping fp32" in result.stderr
+
+
+def test_tiny_engine_runs_on_int8_layers(tiny_engine):
+    """Layers whose inputs are a multiple of BLOCK become int8; the others keep fp32 and all run."""
+    kinds = {type(m).__name__ for _, m in tiny_engine.model.named_modules()}
+    assert "Int8Linear" in kinds
+    assert any("int8 weights" in k for k in tiny_engine.info.kernels)
+    logits = tiny_engine.model(mx.array([tiny_engine.encode("the cat")]))
+    assert np.isfinite(np.array(logits)).all()
