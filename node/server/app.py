@@ -57,6 +57,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
             await stores.initialize()
             async with seen.running():  # first: the skills' instructions describe the MCP tools
                 await warm_up(runtime, agents.executors.values())
+                await seen.warmed_up()
                 await network.start()
                 yield
         finally:

@@ -34,7 +34,6 @@ from node.errors import NodeError
 from node.network.registry import REGISTRY_PATH
 from node.server.guards import BodyTooLarge, has_key, read_body
 from node.server.observer import TaskObserver
-from node.server.usage import MIN_RATE_TOKENS
 
 logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -172,7 +171,7 @@ class Dashboard:
                 "tokens": disk.get("tokens", 0),
             },
             "saved": {
-                **self.observer.ledger.summary(fallback_rate=self._start_up_rate()),
+                **self.observer.ledger.summary(),
                 "in_memory_now": {
                     "prefill_tokens_avoided": stats.get("prefill_tokens_avoided", 0),
                     "seconds_saved": stats.get("seconds_saved", 0.0),
@@ -182,13 +181,6 @@ class Dashboard:
             "tasks": [task.as_dict() for task in list(self.observer.tasks.values())],
             "network": await self.members(),
         }
-
-    def _start_up_rate(self) -> float:
-        """Seconds per prefilled token of the skills' base agents prefilled at start-up."""
-        bases = self.runtime.base_contexts.values()
-        prefilled = [b for b in bases if b.tokens - b.restored_tokens >= MIN_RATE_TOKENS]
-        tokens = sum(b.tokens - b.restored_tokens for b in prefilled)
-        return sum(b.seconds for b in prefilled) / tokens if tokens else 0.0
 
     async def members(self) -> list[dict]:
         """This node, the registry's members and `--peer` nodes with their skills (cached briefly)."""

@@ -8,6 +8,7 @@ session manager's task group, the connections to the `--mcp-server` servers).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -61,6 +62,12 @@ class Observability:
         """The MCP session manager, and the `--mcp-server` tools for the skills while it runs."""
         async with self.mcp.session_manager.run(), skill_tools(self.runtime, self.config.mcp_servers):
             yield
+
+    async def warmed_up(self) -> None:
+        """Keep the skills' start-up prefill as a measurement of this machine's prefill rate."""
+        for base in list(self.runtime.base_contexts.values()):
+            prefilled = base.tokens - base.restored_tokens
+            await asyncio.to_thread(self.observer.ledger.record_prefill, prefilled, base.seconds)
 
     def _metrics_state(self) -> tuple[dict, dict[str, int], int]:
         manager = self.runtime.manager

@@ -4,8 +4,8 @@
 totals per day in memory (read back from the file at start-up), so the dashboard can say what the
 caches saved today and since the file began. Seconds saved are estimated the way the agent manager
 does it: the prompt tokens served from cache times the node's measured prefill seconds per token
-(from tasks that prefilled at least `MIN_RATE_TOKENS`, else from the skills' start-up prefill),
-minus the time spent restoring.
+(from tasks that prefilled at least `MIN_RATE_TOKENS`, and from the skills' playbooks prefilled at
+start-up, both kept in the file), minus the time spent restoring.
 """
 
 from __future__ import annotations
@@ -94,32 +94,42 @@ class UsageLedger:
     @classmethod
     def open(cls, cache_dir: Path) -> UsageLedger:
         ledger = cls(Path(cache_dir) / LEDGER_FILE)
-        for usage in ledger._read():
-            ledger._add(usage)
+        ledger._load()
         return ledger
 
     def record(self, usage: TaskUsage) -> None:
         """Count `usage` and append it to the file (blocking: call it off the event loop)."""
         with self._lock:
             self._add(usage)
-            if self.path is None:
-                return
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(asdict(usage)) + "\n")
-            except OSError as e:
-                logger.warning("usage ledger %s: not written: %s", self.path, e)
+            self._append(asdict(usage))
+
+    def _append(self, line: dict) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as e:
+            logger.warning("usage ledger %s: not written: %s", self.path, e)
+
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """A prefill measured outside a task (the skills' playbooks at start-up), kept for the rate
+        (blocking: call it off the event loop)."""
+        if tokens < MIN_RATE_TOKENS or seconds <= 0:
+            return
+        with self._lock:
+            self._add_rate(tokens, seconds)
+            self._append({"at": time.time(), "prefill_tokens": tokens, "prefill_s": seconds})
 
     def seconds_per_token(self) -> float:
         return self._rate_s / self._rate_tokens if self._rate_tokens else 0.0
 
-    def summary(self, today: str | None = None, fallback_rate: float = 0.0) -> dict:
-        """{"today": {...}, "overall": {...}, "days": N, "seconds_per_prefill_token": x}; until a
-        recorded task has measured the prefill rate, `fallback_rate` (e.g. from start-up) serves."""
+    def summary(self, today: str | None = None) -> dict:
+        """{"today": {...}, "overall": {...}, "days": N, "seconds_per_prefill_token": x}."""
         today = today or time.strftime("%Y-%m-%d")
         with self._lock:
-            rate = self.seconds_per_token() or fallback_rate
+            rate = self.seconds_per_token()
             overall = DayTotals()
             for totals in self._days.values():
                 overall.merge(totals)
@@ -133,16 +143,20 @@ class UsageLedger:
     def _add(self, usage: TaskUsage) -> None:
         self._days.setdefault(usage.day, DayTotals()).add(usage)
         if usage.prefilled_tokens >= MIN_RATE_TOKENS and usage.prefill_s > 0:
-            self._rate_tokens += usage.prefilled_tokens
-            self._rate_s += usage.prefill_s
+            self._add_rate(usage.prefilled_tokens, usage.prefill_s)
 
-    def _read(self) -> list[TaskUsage]:
+    def _add_rate(self, tokens: int, seconds: float) -> None:
+        self._rate_tokens, self._rate_s = self._rate_tokens + tokens, self._rate_s + seconds
+
+    def _load(self) -> None:
         if self.path is None or not self.path.exists():
-            return []
-        found = []
+            return
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                found.append(TaskUsage(**json.loads(line)))
-            except (ValueError, TypeError):
+                data = json.loads(line)
+                if "prefill_tokens" in data:
+                    self._add_rate(int(data["prefill_tokens"]), float(data["prefill_s"]))
+                else:
+                    self._add(TaskUsage(**data))
+            except (ValueError, TypeError, KeyError):
                 continue  # a line cut short by a crash: the rest still counts
-        return found

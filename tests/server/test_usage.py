@@ -53,9 +53,15 @@ def test_the_file_is_read_back_and_a_cut_line_is_skipped(tmp_path):
     assert json.loads(lines[0])["agent_id"] == "a"
 
 
-def test_a_fallback_rate_serves_until_a_task_measures_one(tmp_path):
-    ledger = UsageLedger(None)
+def test_a_prefill_measured_at_start_up_sets_the_rate_and_is_kept(tmp_path):
+    ledger = UsageLedger.open(tmp_path)
     ledger.record(task(time.time(), "a", cached=1000, prefilled=5, prefill_s=0.1))
+    assert ledger.summary()["today"]["seconds_saved"] == 0.0  # no rate measured yet
 
-    assert ledger.summary(fallback_rate=0.002)["today"]["seconds_saved"] == 2.0
-    assert ledger.summary()["today"]["seconds_saved"] == 0.0
+    ledger.record_prefill(1374, 2.748)  # a skill's playbook: 2 ms per token
+    ledger.record_prefill(20, 1.0)  # too short to measure anything
+
+    for reading in (ledger, UsageLedger.open(tmp_path)):
+        assert reading.summary()["seconds_per_prefill_token"] == 0.002
+        assert reading.summary()["today"]["seconds_saved"] == 2.0
+        assert reading.summary()["today"]["tasks"] == 1
