@@ -1,7 +1,8 @@
 """A scripted fake of the agent manager and its engine, for the API layers' unit tests.
 
-The fake keeps one token list per agent and reuses the longest common prefix, forks by copying a
-base agent's tokens, and replies with a fixed script, word by word, like the real manager's stream.
+The fake keeps one token list per agent and reuses the longest common prefix; an agent it has not
+seen starts from the longest prefix any agent holds (as the real manager's block tree does); it
+replies with a fixed script, word by word, like the real manager's stream.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from types import SimpleNamespace
 
 from node.errors import WorkerDead
 from node.runtime.events import Completion, PrefillProgress, TextDelta, Usage
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 class FakeEngine:
@@ -34,7 +39,7 @@ class FakeManager:
     def __init__(self, script: str = "Hello there, friend. Bye", fail_after: int | None = None) -> None:
         self.engine = FakeEngine()
         self.worker = SimpleNamespace(run=self._run)
-        self.store = SimpleNamespace(list_agents=list, fork=self._fork)
+        self.store = SimpleNamespace(list_agents=list)
         self.script = script.split(" ")
         self.scripts: list[str] = []  # replies for the next calls, in order, before `script`
         self.fail_after = fail_after
@@ -46,9 +51,8 @@ class FakeManager:
     async def stream(self, agent_id, prompt, params, *, base_agent=None, metadata=None, cancel=None):
         self.calls.append({"agent_id": agent_id, "prompt": prompt, "params": params, "metadata": metadata})
         await self.release.wait()
-        old = self.contexts.get(agent_id, [])
-        cached = next((i for i, (a, b) in enumerate(zip(old, prompt)) if a != b), min(len(old), len(prompt)))
-        cached = min(cached, len(prompt) - 1)
+        held = [self.contexts[agent_id]] if agent_id in self.contexts else list(self.contexts.values())
+        cached = min(max((_shared(old, prompt) for old in held), default=0), len(prompt) - 1)
         yield PrefillProgress(done=1, total=2)
         text, finish, stop_sequence = "", "length", None
         script = self.scripts.pop(0).split(" ") if self.scripts else self.script
@@ -73,9 +77,6 @@ class FakeManager:
 
     async def _run(self, fn, *args):
         return fn(*args)
-
-    def _fork(self, base: str, agent_id: str) -> None:
-        self.contexts[agent_id] = list(self.contexts[base])
 
     async def tokens(self, agent_id: str) -> list[int]:
         return list(self.contexts.get(agent_id, []))
