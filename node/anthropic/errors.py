@@ -10,7 +10,7 @@ import logging
 
 from starlette.responses import JSONResponse
 
-from node.errors import NodeError, PromptTooLong, WorkerDead
+from node.errors import DiskBudgetExceeded, MemoryBudgetExceeded, NodeError, PromptTooLong, WorkerDead
 from node.server.guards import BodyTooLarge, Overloaded, Refused, Unauthorized
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,12 @@ def api_error_from(error: BaseException) -> ApiError:
     if isinstance(error, Refused):
         status, error_type = _REFUSALS.get(type(error), (error.status, "invalid_request_error"))
         return ApiError(status, error_type, error.message)
+    if isinstance(error, MemoryBudgetExceeded):
+        return ApiError(529, "overloaded_error", f"the node's memory is full: {error}; retry later")
     if isinstance(error, PromptTooLong):
         return invalid_request(f"prompt is too long: {error}")
+    if isinstance(error, DiskBudgetExceeded):
+        return invalid_request(f"the conversation cannot be stored: {error}")
     if isinstance(error, WorkerDead):
         return ApiError(500, "api_error", f"the model worker is not running: {error}")
     if isinstance(error, NodeError):
