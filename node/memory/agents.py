@@ -438,6 +438,9 @@ class AgentManager:
         def committed(result: float | BaseException) -> None:
             if not isinstance(result, BaseException):
                 agent.stats.checkpoint_s = planned_s + result
+                shown = self._snapshot.get("agents", {}).get(agent.agent_id)
+                if shown is not None:  # the snapshot was taken at planning time
+                    shown["checkpoint_s"] = round(agent.stats.checkpoint_s, 4)
             if then is not None:
                 then(result)
 
