@@ -2,6 +2,7 @@
 
     python -m node.bench.worker load --model SPEC
     python -m node.bench.worker restore --model SPEC --cache-dir DIR --agents a,b --decode N
+    python -m node.bench.worker greedy --model SPEC --prompt-tokens P --decode N
 
 Each prints one JSON object on its last stdout line. `restore` loads the model first (not timed),
 then for each agent times only `CheckpointStore.restore` (which evaluates the restored arrays),
@@ -65,6 +66,34 @@ def restore(args: argparse.Namespace) -> dict:
     return {"load_s": round(engine.info.load_s, 3), "agents": agents}
 
 
+def greedy(args: argparse.Namespace) -> dict:
+    """Prefill a P-token corpus prompt, then decode N tokens greedily (the weights the env selects)."""
+    from node.bench import corpus
+    from node.model.engine import Engine
+    from node.runtime.generation import CachedContext, SamplingParams, generate
+
+    engine = Engine.load(args.model, _progress)
+    prompt = corpus.tokens(engine, args.prompt_tokens)
+    generate(
+        engine, CachedContext(engine.make_caches()), prompt[:32], SamplingParams(max_tokens=4)
+    )  # warm-up
+    completion = generate(
+        engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=args.decode)
+    )
+    usage = completion.usage
+    steps = max(usage.generated_tokens - 1, 0)
+    return {
+        "load_s": round(engine.info.load_s, 3),
+        "kernels": engine.info.kernels,
+        "prefill_s": round(usage.prefill_s, 3),
+        "decode_tok_s": round(steps / usage.generate_s, 3) if steps and usage.generate_s else None,
+        "token_ids": list(completion.token_ids),
+    }
+
+
+COMMANDS = {"load": load, "restore": restore, "greedy": greedy}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m node.bench.worker")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     restore_parser.add_argument("--cache-dir", required=True)
     restore_parser.add_argument("--agents", required=True)
     restore_parser.add_argument("--decode", type=int, default=16)
-    for p in (load_parser, restore_parser):
+    greedy_parser = sub.add_parser("greedy")
+    greedy_parser.add_argument("--prompt-tokens", type=int, default=512)
+    greedy_parser.add_argument("--decode", type=int, default=200)
+    for p in (load_parser, restore_parser, greedy_parser):
         p.add_argument("--model", default="default")
     args = parser.parse_args(argv)
-    result = load(args) if args.command == "load" else restore(args)
+    result = COMMANDS[args.command](args)
     print(json.dumps(result), flush=True)
     from node.cli.main import exit_without_mlx_teardown
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -133,6 +134,22 @@ def test_layers_replace_linear_and_embedding(ext):
         _reference(x, embedding.weight, embedding.scales),
         atol=1e-3,
     )
+
+
+def test_kernels_without_mlx_on_every_path(tmp_path):
+    """The kernels alone (tests/model/native/int8_kernel_check.cpp) against a float64 reference,
+    on every path the CPU supports: also what checks the AVX-512 path on a machine that has it."""
+    compiler = int8_weights._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = Path(__file__).parent / "native" / "int8_kernel_check.cpp"
+    binary = tmp_path / "int8_kernel_check"
+    build = [compiler, "-O2", "-std=gnu++20", "-pthread", str(source), "-o", str(binary)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300)
+    result = subprocess.run([str(binary)], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout
+    for isa in int8_weights.extension().supported_isas():
+        assert f"path {isa} checked" in result.stdout
 
 
 def test_without_a_compiler_the_node_keeps_fp32(tmp_path):

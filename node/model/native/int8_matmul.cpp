@@ -34,6 +34,7 @@
 #define NODE_X86 1
 #endif
 
+#ifndef NODE_INT8_KERNELS_ONLY  // defined by tests that check the kernels without MLX
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -48,6 +49,7 @@
 namespace mx = mlx::core;
 namespace nb = nanobind;
 using namespace nb::literals;
+#endif
 
 namespace {
 
@@ -354,8 +356,13 @@ void product(const Product& p) {
     through_sgemm(p);
 }
 
+}  // namespace
+
+#ifndef NODE_INT8_KERNELS_ONLY
 // ---------------------------------------------------------------------------------------------
 // The MLX primitive and op.
+
+namespace {
 
 class Int8MatMul : public mx::Primitive {
  public:
@@ -478,3 +485,4 @@ NB_MODULE(_node_int8, m) {
     return names;
   });
 }
+#endif  // NODE_INT8_KERNELS_ONLY

@@ -1,0 +1,47 @@
+// The int8 kernels without MLX: every path this CPU supports against a float64 reference.
+// Built and run by tests/model/test_int8_weights.py; also runnable by hand on another machine
+// (an AVX-512 one) with: g++ -O2 -std=gnu++20 -pthread int8_kernel_check.cpp && ./a.out
+#define NODE_INT8_KERNELS_ONLY
+#include "../../../node/model/native/int8_matmul.cpp"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+int main() {
+  std::mt19937 rng(42);
+  std::normal_distribution<float> normal;
+  const int rows[] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 40};
+  const int shapes[][2] = {{13, 64}, {200, 320}, {1030, 640}, {2053, 640}};
+  int checked = 0, failures = 0;
+  for (const Isa& isa : ISAS) {
+    if (!isa.supported()) continue;
+    current_isa.store(&isa);
+    for (auto& shape : shapes)
+      for (int M : rows) {
+        const int N = shape[0], K = shape[1], blocks = K / BLOCK;
+        std::vector<int8_t> q((size_t)N * K);
+        std::vector<float> scales((size_t)N * blocks), x((size_t)M * K), out((size_t)M * N);
+        for (auto& v : q) v = (int8_t)(rng() % 255 - 127);
+        for (auto& v : scales) v = std::fabs(normal(rng)) / 127.0f;
+        for (auto& v : x) v = normal(rng);
+        product(Product{x.data(), q.data(), scales.data(), out.data(), M, N, K});
+        double worst = 0.0;
+        for (int m = 0; m < M; m++)
+          for (int n = 0; n < N; n++) {
+            double expected = 0.0;
+            for (int k = 0; k < K; k++)
+              expected += (double)x[(size_t)m * K + k] * q[(size_t)n * K + k] * scales[(size_t)n * blocks + k / BLOCK];
+            worst = std::max(worst, std::fabs(expected - out[(size_t)m * N + n]) / (1.0 + std::fabs(expected)));
+          }
+        checked++;
+        if (worst > 1e-4) {
+          failures++;
+          std::printf("FAIL %s M=%d N=%d K=%d relative error %g\n", isa.name, M, N, K, worst);
+        }
+      }
+    std::printf("path %s checked\n", isa.name);
+  }
+  std::printf("%d products checked, %d failed\n", checked, failures);
+  return failures ? 1 : 0;
+}
