@@ -42,6 +42,7 @@ KEY_COOKIE = "node_api_key"
 MIN_INTERVAL_S = 0.3
 HEARTBEAT_S = 2.0
 MEMBERS_TTL_S = 5.0
+LISTING_TTL_S = 1.0  # the contexts' listing reads the checkpoint folder: at most once a second
 LOOKUP_TIMEOUT_S = 2.0
 
 
@@ -58,6 +59,7 @@ class Dashboard:
         self.executors = executors
         self.observer = observer
         self._members: tuple[float, list[dict]] = (0.0, [])
+        self._listing: tuple[float, dict, list[dict]] = (0.0, {}, [])
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -151,8 +153,7 @@ class Dashboard:
         }
         if manager is None:
             return {"node": node}
-        skills = self.config.skills
-        stats, rows = await asyncio.to_thread(lambda: (manager.stats(), contexts(manager, skills)))
+        stats, rows = await self._listed(manager)
         node["model"] = stats.get("model")
         disk = stats.get("on_disk") or {}
         return {
@@ -181,6 +182,15 @@ class Dashboard:
             "tasks": [task.as_dict() for task in list(self.observer.tasks.values())],
             "network": await self.members(),
         }
+
+    async def _listed(self, manager) -> tuple[dict, list[dict]]:
+        """The manager's stats and the contexts, read again once `LISTING_TTL_S` has passed."""
+        read_at, stats, rows = self._listing
+        if time.monotonic() - read_at >= LISTING_TTL_S:
+            skills = self.config.skills
+            stats, rows = await asyncio.to_thread(lambda: (manager.stats(), contexts(manager, skills)))
+            self._listing = (time.monotonic(), stats, rows)
+        return stats, rows
 
     async def members(self) -> list[dict]:
         """This node, the registry's members and `--peer` nodes with their skills (cached briefly)."""
