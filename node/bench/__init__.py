@@ -37,6 +37,13 @@ def add_parser(commands, add_model_flags) -> None:
     )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument(
+        "--synthetic",
+        default=None,
+        metavar="SHAPE",
+        help="instead: restore vs recompute on a random-weight model of this shape, built on the "
+        "machine (gemma3-12b; tiny for a dry run): node.bench.gpu_restore, for GPUs",
+    )
+    p.add_argument(
         "--work-dir",
         default=None,
         help="where checkpoints are written (default: a temporary folder, removed)",
@@ -45,6 +52,12 @@ def add_parser(commands, add_model_flags) -> None:
 
 
 def run(args: argparse.Namespace, config, progress) -> int:
+    if args.synthetic:
+        from node.bench import gpu_restore
+
+        json_path = "bench_results/gpu_restore.json" if args.json == DEFAULT_JSON else args.json
+        extra = ["--work-dir", args.work_dir] if args.work_dir else []
+        return gpu_restore.main(["--synthetic", args.synthetic, "--json", json_path, *extra])
     from node.bench.runner import run_from_args
 
     return run_from_args(args, config, progress)

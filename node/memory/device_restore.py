@@ -39,7 +39,7 @@ import numpy as np
 from node.errors import CheckpointCorrupt, CheckpointError
 from node.memory.checkpoint_format import tensor_digest
 
-READ_THREADS = 16
+READ_THREADS = 32  # more reads in flight than cores: a cold restore waits on the disk's queue
 _NUMPY = {"F16": np.float16, "U16": np.uint16, "I8": np.int8, "I32": np.int32, "F32": np.float32}
 _STORED_AS = {"float16": mx.float16, "bfloat16": mx.bfloat16, "int8": mx.int8}
 
@@ -198,56 +198,60 @@ def _read_into(read: Read, target: np.ndarray, verify: bool) -> int:
 
 
 class Staging:
-    """Host memory owned by MLX, reused across restores: reads land in it through a numpy view and
+    """Host memory owned by MLX, reused across restores: reads land in it through numpy views and
     device kernels read it from there, so no host-side copy remains between the file and the GPU
-    (on CUDA, MLX's host-visible memory). Grown on demand, never shrunk; one restore at a time
-    (restores run on the one thread that owns MLX)."""
+    (on CUDA, MLX's host-visible memory). One slot per tensor of a restore (MLX sizes are int32),
+    each grown on demand, never shrunk; one restore at a time (restores run on the thread that
+    owns MLX)."""
 
     def __init__(self) -> None:
-        self.array: mx.array | None = None
-        self.view: np.ndarray | None = None
+        self.slots: list[tuple[mx.array, np.ndarray]] = []
 
-    def take(self, nbytes: int) -> tuple[mx.array, np.ndarray]:
-        if self.array is None or self.array.size < nbytes:
-            self.array = self.view = None
-            self.array = mx.zeros((max(nbytes, 1),), mx.uint8, stream=mx.cpu)
-            mx.eval(self.array)
-            self.view = np.array(self.array, copy=False)
-        return self.array, self.view
+    def take(self, slot: int, nbytes: int) -> tuple[mx.array, np.ndarray]:
+        while len(self.slots) <= slot:
+            self.slots.append((None, None))
+        array, view = self.slots[slot]
+        if array is None or array.size < nbytes:
+            self.slots[slot] = (None, None)
+            array = mx.zeros((max(nbytes, 1),), mx.uint8, stream=mx.cpu)
+            mx.eval(array)
+            view = np.array(array, copy=False)
+            self.slots[slot] = (array, view)
+        return array, view
 
 
 STAGING = Staging()
 
 
 class _Landing:
-    """Where a restore's reads land: fresh numpy buffers ("copy": mx.array copies each) or one
-    staging area ("staging": device kernels read the reads in place)."""
+    """Where a restore's reads land: fresh numpy buffers ("copy": mx.array copies each) or the
+    staging slots ("staging": device kernels read the reads in place)."""
 
-    def __init__(self, mode: str, total: int) -> None:
+    def __init__(self, mode: str) -> None:
         if mode not in ("copy", "staging"):
             raise ValueError(f"unknown landing {mode!r}")
-        self.mode, self.used = mode, 0
-        self.array, self.view = STAGING.take(total) if mode == "staging" else (None, None)
+        self.mode, self.slot = mode, 0
 
-    def buffer(self, rows: int, row_bytes: int) -> tuple[np.ndarray, int]:
+    def buffer(self, rows: int, row_bytes: int) -> tuple[np.ndarray, mx.array | None]:
         if self.mode == "copy":
-            return np.empty((rows, row_bytes), np.uint8), -1
-        offset, self.used = self.used, self.used + rows * row_bytes
-        return self.view[offset : self.used].reshape(rows, row_bytes), offset
+            return np.empty((rows, row_bytes), np.uint8), None
+        array, view = STAGING.take(self.slot, rows * row_bytes)
+        self.slot += 1
+        return view[: rows * row_bytes].reshape(rows, row_bytes), array
 
-    def device(self, host: np.ndarray, offset: int) -> mx.array:
-        if self.mode == "copy":
+    def device(self, host: np.ndarray, staged: mx.array | None) -> mx.array:
+        if staged is None:
             return mx.array(host)
-        return self.array[offset : offset + host.size].reshape(host.shape)
+        return staged[: host.size].reshape(host.shape)
 
 
 def _submit(pool, landing: _Landing, reads: tuple[Read, ...], rows: int, row_bytes: int, verify: bool):
-    host, offset = landing.buffer(rows, row_bytes)
+    host, staged = landing.buffer(rows, row_bytes)
     futures, row = [], 0
     for read in reads:
         futures.append(pool.submit(_read_into, read, host[row : row + read.keep], verify))
         row += read.keep
-    return host, offset, futures
+    return host, staged, futures
 
 
 def _read_tensor(pool, landing: _Landing, plan: TensorPlan, verify: bool):
@@ -277,8 +281,8 @@ def _to_device(
 
 
 def _device_tensor(landing: _Landing, plan: TensorPlan, io, dtype: mx.Dtype) -> mx.array:
-    (host, offset, _), scales = io
-    data = landing.device(host, offset)
+    (host, staged, _), scales = io
+    data = landing.device(host, staged)
     scale = landing.device(scales[0], scales[1]) if scales else None
     return _to_device(plan, data, scale, dtype, owned=landing.mode == "copy")
 
@@ -299,7 +303,7 @@ def load_planned(
     """Fill `caches` from `plan`; reads overlap the device work of the layers before them."""
     phases = Phases()
     started = time.perf_counter()
-    where = _Landing(landing, plan.nbytes)
+    where = _Landing(landing)
     with ThreadPoolExecutor(max_workers=threads) as pool:
         pending = [
             (_read_tensor(pool, where, k, verify), _read_tensor(pool, where, v, verify))
