@@ -59,6 +59,7 @@ class McpTools:
         self.urls = urls
         self.headers = headers or {}
         self.specs: tuple[ToolSpec, ...] = ()
+        self.servers: dict[str, str] = {}  # tool name -> the URL of the server offering it
         self._owners: dict[str, Client] = {}
         self._stack = AsyncExitStack()
 
@@ -76,7 +77,7 @@ class McpTools:
                 if tool.name in self._owners:
                     logger.warning("MCP tool %r of %s hidden by an earlier server's", tool.name, url)
                     continue
-                self._owners[tool.name] = client
+                self._owners[tool.name], self.servers[tool.name] = client, url
                 specs.append(ToolSpec(tool.name, tool.description or "", dict(tool.input_schema or {})))
             logger.info("MCP server %s: tools %s", url, ", ".join(t.name for t in listed) or "(none)")
         self.specs = tuple(specs)

@@ -181,7 +181,18 @@ class Dashboard:
             "contexts": rows,
             "tasks": [task.as_dict() for task in list(self.observer.tasks.values())],
             "network": await self.members(),
+            "mcp_tools": self._mcp_tools(),
         }
+
+    def _mcp_tools(self) -> list[dict]:
+        """The `--mcp-server` tools the skills may call."""
+        tools = self.runtime.tools
+        if tools is None:
+            return []
+        return [
+            {"name": s.name, "description": s.description, "server": tools.servers[s.name]}
+            for s in tools.specs
+        ]
 
     async def _listed(self, manager) -> tuple[dict, list[dict]]:
         """The manager's stats and the contexts, read again once `LISTING_TTL_S` has passed."""

@@ -7,9 +7,11 @@ HTTP; the skill connects to it with the SDK's client, as `--mcp-server URL` make
 
 from __future__ import annotations
 
-import asyncio
+import threading
+import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import uvicorn
 from mcp.server.mcpserver import MCPServer
@@ -19,7 +21,7 @@ from node.a2a.skill_calls import ask_skill
 from node.config import NodeConfig
 from node.mcp.tools import McpServerUnavailable, skill_tools
 from skills import TechnicalAnalysisExecutor
-from tests.a2a_node import poll_until
+from tests.a2a_node import start_tiny_node
 from tests.anthropic.fakes import FakeEngine, FakeManager
 from tests.conftest import free_port
 
@@ -46,8 +48,8 @@ class ScriptedManager(FakeManager):
 
 
 @pytest.fixture
-async def tool_server():
-    """An MCP server with one tool, `add`, that records its calls."""
+def tool_server():
+    """An MCP server with one tool, `add`, that records its calls (uvicorn on its own thread)."""
     calls = []
     server = MCPServer("calculator")
 
@@ -58,11 +60,15 @@ async def tool_server():
 
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(server.streamable_http_app(), port=port, log_level="warning"))
-    serving = asyncio.create_task(http.serve())
-    await poll_until(lambda: asyncio.sleep(0, http.started), timeout_s=30)
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not http.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the MCP tool server did not start"
+        time.sleep(0.05)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}/mcp", calls=calls)
     http.should_exit = True
-    await serving
+    thread.join(timeout=30)
 
 
 async def test_a_scripted_tool_call_goes_to_the_mcp_server_and_its_result_back_to_the_model(tool_server):
@@ -89,3 +95,20 @@ async def test_an_unreachable_mcp_server_stops_the_start_with_its_url():
     with pytest.raises(McpServerUnavailable, match=url):
         async with skill_tools(runtime, (url,)):
             pass
+
+
+def test_serve_with_mcp_server_lists_its_tools_and_answers(tool_server, tiny_gguf, tmp_path):
+    node = start_tiny_node(
+        tiny_gguf, tmp_path, "--skills", "technical_analysis", "--mcp-server", tool_server.url
+    )
+    try:
+        state = httpx.get(f"{node.url}/dashboard/state", timeout=30).json()
+        assert state["mcp_tools"] == [
+            {"name": "add", "description": "Add two integers.", "server": tool_server.url}
+        ]
+        asked = {"skill": "technical_analysis", "question": "What is 2 + 3?"}
+        answer = httpx.post(f"{node.url}/dashboard/ask", json=asked, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["cachedTokens"] > 0  # the base prefix, tools described, was cached
+    finally:
+        node.stop()

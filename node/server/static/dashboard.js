@@ -94,6 +94,12 @@ function renderMember(row, m) {
   cell(row, m.via);
 }
 
+function renderTool(row, t) {
+  cell(row, t.name, "mono");
+  cell(row, short(t.description, 60));
+  cell(row, t.server, "mono");
+}
+
 let skillsShown = "";
 
 function render(state) {
@@ -124,6 +130,8 @@ function render(state) {
   fillTable("contexts", state.contexts, renderContext);
   $("context-count").textContent = state.contexts.length;
   fillTable("network", state.network, renderMember);
+  fillTable("mcp-tools", state.mcp_tools, renderTool);
+  $("mcp-tools-empty").hidden = state.mcp_tools.length > 0;
 }
 
 function connect() {
