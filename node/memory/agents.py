@@ -98,6 +98,7 @@ class AgentManager:
         self._snapshot: dict = {"agents": {}}
         self._prefill_rate = PrefillRate()
         self._refused: list[dict] = []
+        self.remote = None  # the shared block store's tier (`node.memory.sync.RemoteTier`), if any
 
     @classmethod
     async def start(
@@ -109,6 +110,7 @@ class AgentManager:
         memory_budget_bytes: int = 4 << 30,
         disk_budget_bytes: int | None = None,
         kv_storage: str = "float16",
+        block_store: str | None = None,
     ) -> AgentManager:
         """Open the cache folder for serving (an exclusive lock: `CacheLocked` if another process
         has it), clean up after a crash and index the stored contexts, off the event loop."""
@@ -116,7 +118,19 @@ class AgentManager:
             Path(cache_dir), engine.info.fingerprint, storage=kv_storage, disk_budget_bytes=disk_budget_bytes
         )
         await asyncio.to_thread(store.open_for_serving)
-        return cls(engine, store, max_agents, memory_budget_bytes)
+        manager = cls(engine, store, max_agents, memory_budget_bytes)
+        if block_store is not None:
+            manager.share_through(block_store)
+        return manager
+
+    def share_through(self, block_store: str) -> None:
+        """Upload committed contexts to `block_store` (s3://BUCKET/PREFIX) and pull newer ones
+        from it before use (`node.memory.sync`)."""
+        from node.memory.remote_store import ObjectStore
+        from node.memory.sync import RemoteTier
+
+        self.remote = RemoteTier(self.store, ObjectStore(block_store))
+        self.store.on_commit = self.remote.enqueue
 
     # ---- public API ----------------------------------------------------------------------
     async def stream(
@@ -150,6 +164,7 @@ class AgentManager:
         done: Future = Future()
         done.add_done_callback(lambda _: emit(_DONE))
         async with self._lock(agent_id):
+            await self._pull(agent_id)
             started = self._worker.submit(
                 self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done
             )
@@ -193,6 +208,7 @@ class AgentManager:
         agent = self._agents.get(agent_id)
         if agent is not None:
             return dict(agent.metadata)
+        await self._pull(agent_id)
         try:
             manifest = await asyncio.to_thread(self.store.manifest, agent_id)
         except CheckpointError:
@@ -210,9 +226,17 @@ class AgentManager:
         async with self._lock(agent_id):
             return await self._worker.run(self._delete, agent_id)
 
+    async def _pull(self, agent_id: str) -> None:
+        """A context not in memory: take the shared store's version first if it is newer (a turn
+        another node ran), off the event loop and off the model thread."""
+        if self.remote is not None and agent_id not in self._agents:
+            await asyncio.to_thread(self._writer.wait, agent_id)
+            await asyncio.to_thread(self.remote.pull, agent_id)
+
     def stats(self) -> dict:
         return {
             **self._snapshot,
+            "block_store": None if self.remote is None else self.remote.status(),
             "on_disk": self.store.summary(),
             "checkpoint_writer": self._writer.stats(),
             "refused_checkpoints": list(self._refused),
@@ -231,6 +255,8 @@ class AgentManager:
         await self._worker.run(self._save_all)
         self._worker.close()
         await asyncio.to_thread(self._writer.close)
+        if self.remote is not None:
+            await asyncio.to_thread(self.remote.close)
         self.store.close()
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
@@ -316,18 +342,19 @@ class AgentManager:
     def _acquire(self, agent_id: str, prompt: list[int]) -> tuple[Agent, float]:
         """The agent, holding the longest prefix of `prompt` it can get: its own history (in
         memory or on disk), or the longest prefix stored anywhere when that is clearly longer."""
-        agent = self._agents.get(agent_id)
+        agent, restore_s = self._agents.get(agent_id), 0.0
         if agent is None or self._needs_disk_rewind(agent, prompt):
             self._writer.wait(agent_id)
             agent = self._restore(agent_id, prompt) or self._fresh(agent_id)
-            self._agents[agent_id] = agent
-        own = reusable_prefix(agent.context, prompt)
+            restore_s = agent.stats.restore_s
         if not agent.busy:
-            agent = self._from_tree(agent, prompt, own) or agent
-            self._agents[agent_id] = agent
+            better = self._from_tree(agent, prompt, reusable_prefix(agent.context, prompt))
+            if better is not None:
+                agent, restore_s = better, better.stats.restore_s
+        self._agents[agent_id] = agent
         self._agents.move_to_end(agent_id)
         agent.stats.last_used = time.time()
-        return agent, agent.stats.restore_s if agent.stats.tasks == 0 or own == 0 else 0.0
+        return agent, restore_s
 
     def _needs_disk_rewind(self, agent: Agent, prompt: list[int]) -> bool:
         position = reusable_prefix(agent.context, prompt)
