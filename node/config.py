@@ -90,6 +90,11 @@ class NodeConfig:
         flag="--disk-budget",
     )
     kv_storage: str = _setting("float16", "KV blocks on disk: float16, bfloat16 or int8 (half the bytes)")
+    block_store: str | None = _setting(
+        None,
+        "s3://BUCKET/PREFIX: share KV blocks and contexts with other nodes through S3-compatible storage "
+        "(endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION)",
+    )
     threads: int = _setting(
         None, "compute threads (default: the cores this process may use)", default_factory=available_cores
     )
@@ -146,6 +151,8 @@ class NodeConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.kv_storage not in KV_STORAGES:
             raise ConfigError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, not {self.kv_storage!r}")
+        if self.block_store is not None and not self.block_store.startswith("s3://"):
+            raise ConfigError(f"block_store must be s3://BUCKET/PREFIX, not {self.block_store!r}")
         if self.disk_budget_bytes is not None and self.disk_budget_bytes <= 0:
             raise ConfigError("disk_budget_bytes must be positive")
         if self.peer_timeout_s <= 0 or self.heartbeat_s <= 0:

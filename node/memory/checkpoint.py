@@ -94,6 +94,9 @@ class CheckpointStore:
         self.blocks = BlockStore(self.root)
         (self.root / "contexts").mkdir(parents=True, exist_ok=True)
         self.is_live: Callable[[str], bool] = lambda agent_id: False
+        # Called with each manifest once committed (on the writer thread): the shared block store's
+        # write-back (`node.memory.sync`) queues it for upload there.
+        self.on_commit: Callable[[dict], None] | None = None
         self._index: PrefixIndex | None = None
         self._sizes: dict[str, int] = {}
         self._used: dict[str, float] = {}
@@ -340,6 +343,8 @@ class CheckpointStore:
                 with self._guard:
                     self._sizes[block.ref.key] = self.blocks.path(block.ref.key).stat().st_size
         self._write_manifest(plan.agent_id, plan.manifest)
+        if self.on_commit is not None:
+            self.on_commit(plan.manifest)
         self._delete_blocks(plan.orphans)
         try:
             self.enforce_budget(keep=plan.agent_id)
@@ -378,6 +383,21 @@ class CheckpointStore:
                     continue
                 self._sizes.pop(key, None)
             self.blocks.delete(key)
+
+    def adopt(self, manifest: dict) -> None:
+        """Take a newer version of a context written elsewhere (the shared block store), whose
+        blocks are on this disk already: its manifest replaces ours and the index follows."""
+        agent_id = manifest["agent_id"]
+        self._check_manifest(agent_id, manifest)
+        missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.exists(ref["key"])]
+        if missing:
+            raise CheckpointCorrupt(f"context {agent_id!r} names blocks not on disk: {missing[:3]}")
+        self._write_manifest(agent_id, {k: v for k, v in manifest.items() if k != "version"})
+        with self._guard:
+            self.index()
+            for ref in manifest["blocks"]:
+                self._sizes[ref["key"]] = self._block_size(ref["key"])
+            self._index_manifest(manifest)
 
     # ---- budget and garbage --------------------------------------------------------------
     def bytes_stored(self) -> int:

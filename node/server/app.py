@@ -102,6 +102,7 @@ async def start_manager(config: NodeConfig, progress=logger.info):
         memory_budget_bytes=config.memory_budget_bytes,
         disk_budget_bytes=config.disk_budget_bytes or disk_budget_for(config.cache_dir),
         kv_storage=config.kv_storage,
+        block_store=config.block_store,
     )
 
 
@@ -146,6 +147,11 @@ def _health(runtime: SkillRuntime):
             "running_tasks": len(runtime.running),
             "base_contexts": {skill: asdict(base) for skill, base in runtime.base_contexts.items()},
         }
+        if manager is not None and manager.remote is not None:
+            # the shared block store: unreachable -> this node serves from its own disk and retries
+            body["block_store"] = manager.remote.status()
+            if body["block_store"]["reachable"] is False:
+                body["status"] = "degraded"
         return JSONResponse(body, status_code=200 if manager is not None else 503)
 
     return health
