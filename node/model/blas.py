@@ -92,6 +92,19 @@ def build_thin_sgemm(cache_dir: Path | None = None) -> Path | None:
     return target
 
 
+def _cuda_build_installed() -> bool:
+    """MLX's CUDA build (`mlx-cuda-12`/`-13`) is installed (asked before mlx is imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    for name in ("mlx-cuda-13", "mlx-cuda-12"):
+        try:
+            distribution(name)
+            return True
+        except PackageNotFoundError:
+            continue
+    return False
+
+
 def bind_fast_blas() -> str | None:
     """Load the thin-product shim and OpenBLAS on Linux; return OpenBLAS's path, or None where
     it is not needed (macOS: Accelerate) or cannot be bound (warned once).
@@ -106,6 +119,9 @@ def bind_fast_blas() -> str | None:
             "mlx was imported before node.model bound the fast BLAS: CPU matmul runs on the reference "
             "BLAS, 30-70x slower. Import node.model (or anything under node.runtime/node.memory) first."
         )
+        return None
+    if _cuda_build_installed():
+        logger.debug("MLX's CUDA build is installed: the model runs on the GPU, no CPU BLAS to bind")
         return None
     library = _openblas_library()
     if library is None:
