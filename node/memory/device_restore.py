@@ -25,6 +25,7 @@ Nothing here needs a GPU: on the CPU backend it is a parallel restore (caches in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -38,6 +39,7 @@ import numpy as np
 
 from node.errors import CheckpointCorrupt, CheckpointError
 from node.memory.checkpoint_format import tensor_digest
+from node.memory.prefix_index import BlockRef
 
 READ_THREADS = 32  # more reads in flight than cores: a cold restore waits on the disk's queue
 _NUMPY = {"F16": np.float16, "U16": np.uint16, "I8": np.int8, "I32": np.int32, "F32": np.float32}
@@ -77,6 +79,7 @@ class RestorePlan:
     tokens: list[int]
     layers: list[tuple[TensorPlan, TensorPlan]]
     metadata: dict
+    blocks: tuple[BlockRef, ...] = ()  # the stored path behind `tokens`
 
     @property
     def nbytes(self) -> int:
@@ -163,7 +166,13 @@ def plan_restore(store, agent_id: str, caches: list, position=None) -> RestorePl
         raise CheckpointCorrupt(
             f"context of {agent_id!r} has {manifest['layers']} layers, model has {len(caches)}"
         )
-    blocks = [(ref, _Block(store.blocks.path(ref["key"]), ref["key"])) for ref in manifest["blocks"]]
+    plan = plan_path(store, [BlockRef.from_dict(ref) for ref in manifest["blocks"]], caches, position)
+    return dataclasses.replace(plan, metadata=manifest.get("metadata") or {})
+
+
+def plan_path(store, path: list[BlockRef], caches: list, position=None) -> RestorePlan:
+    """What to read for `caches` from a path of blocks (`CheckpointStore.restore_path`'s input)."""
+    blocks = [(ref.as_dict(), _Block(store.blocks.path(ref.key), ref.key)) for ref in path]
     tokens = [t for ref, block in blocks for t in block.tokens()[: ref["length"]].tolist()]
     stop = len(tokens) if position is None else min(position(tokens), len(tokens))
     layers = []
@@ -172,7 +181,8 @@ def plan_restore(store, agent_id: str, caches: list, position=None) -> RestorePl
         layers.append(
             (_tensor_plan(blocks, f"k.{i}", first, stop), _tensor_plan(blocks, f"v.{i}", first, stop))
         )
-    return RestorePlan(tokens[:stop], layers, manifest.get("metadata") or {})
+    used = tuple(ref for ref in path if ref.start < stop)
+    return RestorePlan(tokens[:stop], layers, {}, used)
 
 
 def _read_into(read: Read, target: np.ndarray, verify: bool) -> int:
@@ -333,23 +343,53 @@ def restore(
     threads: int = READ_THREADS,
     verify: bool = True,
     landing: str = "copy",
-):
-    """`CheckpointStore.restore`'s contract (same tokens, metadata, cache layout), caches in `dtype`
-    (the model's), read in parallel; returns (tokens, caches, metadata, seconds, phases)."""
+) -> DeviceRestored:
+    """`CheckpointStore.restore`'s contract (same tokens, metadata, blocks, cache layout), caches
+    in `dtype` (the model's), read in parallel."""
+    return _load(
+        lambda caches: plan_restore(store, agent_id, caches, position),
+        make_caches,
+        dtype,
+        threads,
+        verify,
+        landing,
+    )
+
+
+def restore_path(
+    store,
+    path: list[BlockRef],
+    make_caches,
+    dtype: mx.Dtype,
+    position=None,
+    threads: int = READ_THREADS,
+    verify: bool = True,
+    landing: str = "copy",
+) -> DeviceRestored:
+    """`CheckpointStore.restore_path`'s contract, read as `restore` reads."""
+    return _load(
+        lambda caches: plan_path(store, path, caches, position), make_caches, dtype, threads, verify, landing
+    )
+
+
+def _load(plan_for, make_caches, dtype, threads, verify, landing) -> DeviceRestored:
     started = time.perf_counter()
     caches = make_caches()
-    plan = plan_restore(store, agent_id, caches, position)
+    plan = plan_for(caches)
     planned = time.perf_counter()
     phases = load_planned(plan, caches, dtype, threads, verify, landing)
     phases.plan_s = planned - started
     phases.total_s = time.perf_counter() - started
-    return DeviceRestored(plan.tokens, caches, plan.metadata, phases.total_s, phases)
+    return DeviceRestored(plan.tokens, caches, plan.metadata, phases.total_s, plan.blocks, phases)
 
 
 @dataclass(frozen=True)
 class DeviceRestored:
+    """`checkpoint.Restored`'s fields, plus where the time went."""
+
     tokens: list[int]
     caches: list
     metadata: dict
     seconds: float
+    blocks: tuple[BlockRef, ...]
     phases: Phases

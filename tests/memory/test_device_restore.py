@@ -27,6 +27,7 @@ def filled():
 
 def _same(reference, restored) -> None:
     assert restored.tokens == reference.tokens and restored.metadata == reference.metadata
+    assert restored.blocks == reference.blocks
     for a, b in zip(reference.caches, restored.caches, strict=True):
         assert (a.offset, a.base) == (b.offset, b.base)
         assert mx.array_equal(a.keys, b.keys).item() and mx.array_equal(a.values, b.values).item()
@@ -87,3 +88,16 @@ def test_a_damaged_tensor_is_refused(filled, tmp_path):
         handle.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(CheckpointCorrupt):
         device_restore.restore(store, "a", lambda: kv_cache.make_caches(model), mx.float32)
+
+
+def test_restore_path_matches_the_store(filled, tmp_path):
+    model, caches, tokens = filled
+    store = CheckpointStore(tmp_path, "fp")
+    store.save("a", tokens, caches, 0, {})
+    path = store.path("a")
+    reference = store.restore_path(path, lambda: kv_cache.make_caches(model), lambda t: 400)
+    restored = device_restore.restore_path(
+        store, path, lambda: kv_cache.make_caches(model), mx.float32, lambda t: 400, landing="staging"
+    )
+    _same(reference, restored)
+    assert len(restored.blocks) == 2
