@@ -91,6 +91,15 @@ def test_kernel_splits_large_products_across_threads(ext):
         ext.set_threads(threads)
 
 
+def test_prefill_sized_products_go_through_sgemm_in_tiles(ext):
+    """Past MAX_DIRECT_ROWS rows W is dequantized (in tiles when large) and multiplied by sgemm."""
+    rng = np.random.default_rng(11)
+    q, scales = ext.quantize(mx.array(_random(rng, 8200, 640)))  # 5.2M weights: two tiles
+    x = _random(rng, ext.MAX_DIRECT_ROWS + 1, 640)
+    got = np.array(ext.int8_matmul(mx.array(x), q, scales))
+    np.testing.assert_allclose(got, _reference(x, q, scales), rtol=1e-4, atol=1e-2)
+
+
 def test_leading_axes_and_strided_inputs(ext):
     rng = np.random.default_rng(3)
     q, scales = ext.quantize(mx.array(_random(rng, 96, 2 * BLOCK)))

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -338,15 +339,37 @@ sgemm_fn find_sgemm() {
   return (sgemm_fn)dlsym(RTLD_DEFAULT, "cblas_sgemm");
 }
 
+// A prefill chunk multiplies hundreds of rows by every matrix: dequantizing W once per call costs
+// little beside the product. W goes in tiles of at most TILE_FLOATS (a Gemma layer's matrices fit
+// one; an lm_head does not), through one buffer per thread that is never zeroed.
+constexpr size_t TILE_FLOATS = 1 << 22;
+
+float* scratch(size_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t capacity = 0;
+  if (floats > capacity) {
+    buffer.reset(new float[floats]);
+    capacity = floats;
+  }
+  return buffer.get();
+}
+
 void through_sgemm(const Product& p) {
   static sgemm_fn sgemm = find_sgemm();
   if (sgemm == nullptr) return direct(p);
-  std::vector<float> weights((size_t)p.N * p.K);
-  pool().run(parts_for((long)p.N * p.K), [&](int part, int parts) {
-    dequantize_rows(p, weights.data(), (int)((long)p.N * part / parts), (int)((long)p.N * (part + 1) / parts));
-  });
+  const int tile_rows = (int)std::max<size_t>(1, std::min<size_t>(p.N, TILE_FLOATS / p.K));
+  float* weights = scratch((size_t)tile_rows * p.K);
   enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
-  sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, p.N, p.K, 1.0f, p.x, p.K, weights.data(), p.K, 0.0f, p.out, p.N);
+  for (int n0 = 0; n0 < p.N; n0 += tile_rows) {
+    const int rows = std::min(tile_rows, p.N - n0);
+    Product tile = p;
+    tile.w = p.w + (size_t)n0 * p.K;
+    tile.scales = p.scales + (size_t)n0 * (p.K / BLOCK);
+    pool().run(parts_for((long)rows * p.K), [&](int part, int parts) {
+      dequantize_rows(tile, weights, (int)((long)rows * part / parts), (int)((long)rows * (part + 1) / parts));
+    });
+    sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, rows, p.K, 1.0f, p.x, p.K, weights, p.K, 0.0f, p.out + n0, p.N);
+  }
 }
 
 void product(const Product& p) {
