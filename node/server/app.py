@@ -85,6 +85,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.runtime = runtime
     app.state.network = network
+    app.state.observability = seen
     return app
 
 

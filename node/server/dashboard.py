@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,7 @@ STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 KEY_COOKIE = "node_api_key"
 MIN_INTERVAL_S = 0.3
 HEARTBEAT_S = 2.0
+STOP_POLL_S = 0.5  # how soon an event stream ends once the server is stopping
 MEMBERS_TTL_S = 5.0
 LISTING_TTL_S = 1.0  # the contexts' listing reads the checkpoint folder: at most once a second
 LOOKUP_TIMEOUT_S = 2.0
@@ -53,8 +55,10 @@ class Dashboard:
         runtime: SkillRuntime,
         executors: dict[str, SkillExecutor],
         observer: TaskObserver,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
+        self.stopping = stopping
         self.runtime = runtime
         self.executors = executors
         self.observer = observer
@@ -109,9 +113,13 @@ class Dashboard:
 
     async def events(self, request: Request) -> Response:
         async def stream():
-            version = -1
-            while True:
-                version = await self.observer.changed(version, HEARTBEAT_S)
+            # Ends when the server stops: an open stream would hold its graceful shutdown.
+            version, sent_at = -1, 0.0
+            while not self.stopping():
+                current = await self.observer.changed(version, STOP_POLL_S)
+                if current == version and time.monotonic() - sent_at < HEARTBEAT_S:
+                    continue
+                version, sent_at = current, time.monotonic()
                 yield f"event: state\ndata: {json.dumps(await self.state())}\n\n"
                 await asyncio.sleep(MIN_INTERVAL_S)  # a burst of changes (one per token) is one event
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Route
@@ -36,7 +36,8 @@ class Observability:
         self.metrics = NodeMetrics()
         self.observer = TaskObserver(self.metrics, UsageLedger.open(config.cache_dir))
         self.metrics.state = self._metrics_state
-        self.dashboard = Dashboard(config, runtime, executors, self.observer)
+        self.stopping: Callable[[], bool] = lambda: False  # serve() sets it: uvicorn is stopping
+        self.dashboard = Dashboard(config, runtime, executors, self.observer, lambda: self.stopping())
         self.mcp = build_mcp_server(runtime, executors)
         mcp_app = self.mcp.streamable_http_app(streamable_http_path=MCP_PATH, host=config.host)
         self._mcp_routes = [r for r in mcp_app.routes if isinstance(r, Route) and r.path == MCP_PATH]

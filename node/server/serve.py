@@ -48,6 +48,7 @@ async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
         )
+        app.state.observability.stopping = lambda: server.should_exit  # the dashboard's streams end
         progress(f"serving {', '.join(config.skills)} at {config.base_url} (cache {config.cache_dir})")
         await server.serve()
         return 0 if server.started else 1

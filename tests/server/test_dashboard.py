@@ -11,11 +11,13 @@ import os
 import re
 import shutil
 import sys
+import time
 
 import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from node.server.serve import GRACEFUL_SHUTDOWN_S
 from tests.a2a_node import start_tiny_node
 
 KEY = "dashboard-test-key"
@@ -113,3 +115,15 @@ def test_metrics_after_a_task_and_a_refused_request(node):
     assert float(samples['node_cache_bytes{where="disk"}']) > 0
     assert float(samples['node_cache_bytes{where="memory"}']) > 0
     assert samples["node_tasks_running"] == "0.0"
+
+
+def test_an_open_event_stream_does_not_hold_the_shutdown(tiny_gguf, tmp_path):
+    node = start_tiny_node(tiny_gguf, tmp_path, "--skills", "technical_analysis")
+    with httpx.stream("GET", f"{node.url}/dashboard/events", timeout=30) as events:
+        lines = events.iter_lines()
+        assert next(lines) == "event: state"
+        started = time.monotonic()
+        assert node.stop() == 0
+        stopped_s = time.monotonic() - started
+    assert stopped_s < GRACEFUL_SHUTDOWN_S, stopped_s
+    assert "timeout graceful shutdown exceeded" not in node.log()
