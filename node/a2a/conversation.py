@@ -6,6 +6,10 @@ agent's checkpoint metadata and are re-rendered with the chat template every tur
 prompt of turn N+1 extends the tokens of turn N and the agent's cache serves all of it but the new
 user message. A new conversation starts from the skill's base agent, whose cache holds only the
 rendered system prompt.
+
+A conversation that outgrows the model's context drops its oldest turns (`fitted`): the turn that
+does so says how many in its task metadata (`droppedTurns`), and the shorter history is what the
+checkpoint keeps from then on.
 """
 
 from __future__ import annotations
@@ -63,6 +67,15 @@ class Conversation:
         if reply is not None:
             messages.append({"role": "assistant", "content": reply})
         return {**extra, "messages": messages}
+
+    def fitted(self, engine, system_prompt: str, user_text: str, budget: int) -> tuple[Conversation, int]:
+        """This conversation less its oldest turns, so that its prompt and `budget` generated
+        tokens fit the model's context -> (conversation, turns dropped)."""
+        limit = engine.context_limit - budget
+        fitted = self
+        while fitted.messages and len(engine.encode_chat(fitted.prompt(system_prompt, user_text))) > limit:
+            fitted = Conversation(fitted.messages[2:])
+        return fitted, self.turns - fitted.turns
 
     @property
     def turns(self) -> int:

@@ -71,6 +71,7 @@ class SkillRuntime:
     async def drain(self, timeout_s: float = DRAIN_S) -> None:
         """Wait (up to `timeout_s`) until every running task has written its terminal state."""
         deadline = time.monotonic() + timeout_s
+        logger.info("shutdown: %d tasks running", len(self.running))
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.running:
@@ -175,13 +176,17 @@ class SkillExecutor(AgentExecutor):
 
     # ---- one turn ------------------------------------------------------------------------
     async def _run_turn(self, request: TurnRequest, updater: TaskUpdater, stop: threading.Event) -> None:
-        completion = await self.answer(request, TaskOutput(updater), stop)
+        out = TaskOutput(updater)
+        completion = await self.answer(request, out, stop)
         if completion.finish_reason == "cancelled" or stop.is_set():
             if self.runtime.shutting_down:  # stopped by the shutdown, not by cancel()
+                logger.info("task %s: stopped by the shutdown", request.task_id)
                 await updater.failed(updater.new_agent_message([Part(text=SHUTDOWN_REASON)]))
             return  # cancel() has written CANCELED
         usage = a2a_usage(completion.usage)
         metadata = {"skill": self.skill_id, "finishReason": completion.finish_reason, "usage": usage}
+        if out.dropped_turns:  # the conversation outgrew the context: its oldest turns are gone
+            metadata["droppedTurns"] = out.dropped_turns
         await updater.update_status(TaskState.TASK_STATE_COMPLETED, metadata=metadata)
 
     async def answer(self, request: TurnRequest, out: TaskOutput, stop: threading.Event):
@@ -197,6 +202,10 @@ class SkillExecutor(AgentExecutor):
         from node.runtime.events import Completion
 
         conversation = Conversation.from_metadata(await manager.metadata(agent_id))
+        budget = self.sampling(request, manager.engine.prompt_format).max_tokens
+        conversation, out.dropped_turns = await asyncio.to_thread(
+            conversation.fitted, manager.engine, self.instructions(manager.engine), request.text, budget
+        )
         messages = conversation.prompt(self.instructions(manager.engine), request.text)
         extra = {"skill": self.skill_id, "context_id": request.context_id}
 
@@ -309,6 +318,7 @@ class TaskOutput:
         self._pending: str | None = None
         self._pending_since = 0.0
         self._sent = 0
+        self.dropped_turns = 0  # the oldest turns left out so that the prompt fits the context
 
     async def write(self, text: str) -> None:
         if not text:

@@ -4,12 +4,17 @@
 protocol's errors (JSON-RPC -32602/-32005, HTTP 400/415) instead of a failed task or a 500: a part
 whose media type the agent's card does not list in `defaultInputModes` is the specification's
 `ContentTypeNotSupportedError`.
+Admission: with a `gate` (the node's, shared with the chat APIs), a message that would start
+generating takes a slot first, released by the executor when its task ends; a full gate answers
+`InternalError` with `data.reason = OVERLOADED` (JSON-RPC -32603; HTTP+JSON 429 with Retry-After,
+`node.a2a.http_json`) before any task exists.
 `SkillRouter` is the executor of the node's main endpoint: message metadata `skill` picks the
 skill, the default skill takes the rest.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from a2a.server.agent_execution import AgentExecutor, RequestContext
@@ -17,10 +22,13 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.types import AgentCard, Message, Part, SendMessageRequest, Task
-from a2a.utils.errors import ContentTypeNotSupportedError, InvalidParamsError
+from a2a.utils.errors import ContentTypeNotSupportedError, InternalError, InvalidParamsError
 from google.protobuf.json_format import MessageToDict
 
+from node.server.guards import Overloaded, RequestGate
+
 SKILL_KEY = "skill"
+OVERLOADED_REASON = "OVERLOADED"
 
 
 def requested_skill(message: Message, request_metadata: Mapping | None = None) -> str | None:
@@ -75,23 +83,67 @@ class NodeRequestHandler(DefaultRequestHandler):
     the card's `defaultInputModes` are the media types its messages may carry."""
 
     def __init__(
-        self, *, agent_card: AgentCard, skills: tuple[str, ...], needs_text: bool = True, **kwargs
+        self,
+        *,
+        agent_card: AgentCard,
+        skills: tuple[str, ...],
+        needs_text: bool = True,
+        gate: RequestGate | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(agent_card=agent_card, **kwargs)
         self.skills = skills
         self.needs_text = needs_text
+        self.gate = gate
         self.input_modes = tuple(agent_card.default_input_modes)
 
     async def on_message_send(self, params: SendMessageRequest, context: ServerCallContext) -> Message | Task:
         self.check(params)
-        return await super().on_message_send(params, context)
+        self.admit(params)
+        try:
+            return await super().on_message_send(params, context)
+        except BaseException:
+            self.release(params)
+            raise
 
     async def on_message_send_stream(
         self, params: SendMessageRequest, context: ServerCallContext
     ) -> AsyncGenerator[Event, None]:
         self.check(params)
-        async for event in super().on_message_send_stream(params, context):
-            yield event
+        self.admit(params)
+        try:
+            async for event in super().on_message_send_stream(params, context):
+                yield event
+        except Exception:
+            self.release(params)
+            raise
+
+    def admit(self, params: SendMessageRequest) -> None:
+        """Take a gate slot for the task this message starts (the executor releases it)."""
+        if self.gate is None:
+            return
+        try:
+            self.gate.reserve(params.message.message_id)
+        except Overloaded as e:
+            data = {"reason": OVERLOADED_REASON, "retryAfterSeconds": e.retry_after_s}
+            raise InternalError(message=f"overloaded: {e.message}", data=data) from e
+
+    def release(self, params: SendMessageRequest) -> None:
+        if self.gate is not None:
+            self.gate.release(params.message.message_id)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) until every task this handler runs has stored its last event.
+
+        At shutdown the executors write a terminal state; the SDK's `aclose` force-closes active
+        tasks, which would drop events still queued, so the app waits here first. (The SDK has no
+        public way to ask; its registry's active tasks say `is_finished`.)"""
+        registry = self._active_task_registry
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(not task.is_finished for task in list(registry._active_tasks.values())):
+            if asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
 
     def check(self, params: SendMessageRequest) -> None:
         if not params.HasField("message"):

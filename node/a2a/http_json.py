@@ -6,6 +6,8 @@
 - Status: the specification's error table maps `ContentTypeNotSupportedError` to 415 Unsupported
   Media Type; the SDK's mapping answers 400. The error body (`google.rpc.Status` with the
   `CONTENT_TYPE_NOT_SUPPORTED` reason) already says which error it is, so its code becomes 415.
+- Overload: the node's full admission gate (`node.a2a.handler`, an `InternalError` whose data says
+  `OVERLOADED`) is 429 Too Many Requests with `Retry-After`, which HTTP clients retry, not a 500.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 JSON_MEDIA_TYPE = "application/json"
 UNSUPPORTED_MEDIA_TYPE = 415
 CONTENT_TYPE_REASON = "CONTENT_TYPE_NOT_SUPPORTED"
+TOO_MANY_REQUESTS = 429
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -31,6 +34,9 @@ def as_specified(endpoint: Endpoint) -> Endpoint:
         response = await endpoint(request)
         if response.status_code == 400 and _reason(response) == CONTENT_TYPE_REASON:
             response = _with_status(response, UNSUPPORTED_MEDIA_TYPE)
+        elif response.status_code == 500 and (retry_after := _overloaded(response)) is not None:
+            response = _with_status(response, TOO_MANY_REQUESTS)
+            response.headers["retry-after"] = str(retry_after)
         if response.headers.get("content-type", "").startswith(A2A_JSON_MEDIA_TYPE):
             response.headers["content-type"] = JSON_MEDIA_TYPE
         return response
@@ -46,6 +52,19 @@ def _reason(response: Response) -> str | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return next((d.get("reason") for d in details if isinstance(d, dict) and d.get("reason")), None)
+
+
+def _overloaded(response: Response) -> object | None:
+    """The Retry-After seconds of an overload error body, None for any other response."""
+    try:
+        details = json.loads(getattr(response, "body", b""))["error"].get("details") or []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    for detail in details:
+        metadata = detail.get("metadata") if isinstance(detail, dict) else None
+        if isinstance(metadata, dict) and metadata.get("reason") == "OVERLOADED":
+            return metadata.get("retryAfterSeconds", 1)
+    return None
 
 
 def _with_status(response: Response, status: int) -> Response:

@@ -4,20 +4,20 @@ and with `conformance` on, the conformance agent at /conformance (`node.a2a.conf
 Each agent is the SDK's stack: a card, a `NodeRequestHandler` with its own task store and push
 configuration store, and the JSON-RPC and HTTP+JSON routes (v1.0 and v0.3) at the agent's path.
 HTTP+JSON responses pass through `node.a2a.http_json` (the binding's media type and statuses).
+Push notifications go through `node.a2a.push` (screened URLs, queued delivery); tasks and push
+configs are scoped to the caller that created them (the SDK's owner, `guards.caller_id`).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import formatdate
 
 import httpx
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes, create_rest_routes
-from a2a.server.tasks import (
-    BasePushNotificationSender,
-    InMemoryPushNotificationConfigStore,
-)
+from a2a.server.tasks import InMemoryPushNotificationConfigStore
 from a2a.types import AgentCard
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
 from starlette.requests import Request
@@ -29,13 +29,15 @@ from node.a2a.conformance import ConformanceExecutor
 from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.a2a.handler import NodeRequestHandler, SkillRouter
 from node.a2a.http_json import Endpoint, as_specified
-from node.a2a.task_stores import TaskStores
+from node.a2a.push import QueuedPushSender, push_client, push_url_check
+from node.a2a.task_stores import RetainingTaskStore, TaskStores
 from node.config import NodeConfig
 from node.server.guards import json_only, jsonrpc_error, rest_error
 
 LEGACY_CARD_PATH = "/.well-known/agent.json"
 # Cards change only when the node restarts (and the SDK sends an ETag to revalidate against).
 CARD_CACHE_CONTROL = "public, max-age=300"
+SETTLE_S = 10.0  # at shutdown: how long the tasks' last events may take to be stored
 
 
 @dataclass
@@ -48,7 +50,9 @@ class A2AAgents:
     push_client: httpx.AsyncClient
 
     async def aclose(self) -> None:
+        await asyncio.gather(*(handler.settle(SETTLE_S) for handler in self.handlers))
         for handler in self.handlers:
+            await handler._push_sender.aclose()
             await handler.aclose()
         await self.push_client.aclose()
 
@@ -63,45 +67,59 @@ def build_agents(config: NodeConfig, runtime: SkillRuntime, stores: TaskStores |
     from skills import SKILLS
 
     stores = stores or TaskStores()
-    push_client = httpx.AsyncClient(timeout=10.0)
+    pushes = Pushes(push_client(config.allow_private_peers), push_url_check(config.allow_private_peers))
     secured = config.api_key is not None
     executors = {skill_id: SKILLS[skill_id](runtime) for skill_id in config.skills}
     handlers, skill_routes = [], []
     for skill_id, executor in executors.items():
         card = skill_card(config.base_url, skill_id, secured)
-        handler = _handler(executor, card, (skill_id,), push_client, stores)
+        handler = _handler(executor, card, (skill_id,), pushes, stores, runtime.gate)
         handlers.append(handler)
         skill_routes += _skill_agent_routes(handler, card, skill_path(skill_id))
     if config.conformance:
         card = conformance_card(config.base_url, secured)
-        handler = _handler(ConformanceExecutor(), card, (), push_client, stores, needs_text=False)
+        handler = _handler(ConformanceExecutor(), card, (), pushes, stores, needs_text=False)
         handlers.append(handler)
         skill_routes += _skill_agent_routes(handler, card, CONFORMANCE_PATH)
     router = SkillRouter(executors, default_skill(config.skills))
     card = node_card(config.base_url, config.skills, secured)
-    node = _handler(router, card, config.skills, push_client, stores)
+    node = _handler(router, card, config.skills, pushes, stores, runtime.gate)
     handlers.append(node)
     # The node's HTTP+JSON routes end with a catch-all `/{tenant}` mount: they must come last.
-    return A2AAgents(skill_routes + _agent_routes(node, card), handlers, executors, push_client)
+    return A2AAgents(skill_routes + _agent_routes(node, card), handlers, executors, pushes.client)
+
+
+@dataclass(frozen=True)
+class Pushes:
+    """What every agent's push sender shares: the client and the URL check."""
+
+    client: httpx.AsyncClient
+    url_allowed: Callable
 
 
 def _handler(
     executor,
     card: AgentCard,
     skills: tuple[str, ...],
-    push_client: httpx.AsyncClient,
+    pushes: Pushes,
     stores: TaskStores,
+    gate=None,
     needs_text: bool = True,
 ) -> NodeRequestHandler:
     push_configs = InMemoryPushNotificationConfigStore()
+    task_stores = stores.handler_stores()
+    if isinstance(task_stores["task_store"], RetainingTaskStore):
+        task_stores["task_store"].push_configs = push_configs
     return NodeRequestHandler(
         agent_executor=executor,
-        **stores.handler_stores(),
+        **task_stores,
         agent_card=card,
         push_config_store=push_configs,
-        push_sender=BasePushNotificationSender(push_client, push_configs),
+        push_sender=QueuedPushSender(pushes.client, push_configs, pushes.url_allowed),
+        push_url_validator=pushes.url_allowed,
         skills=skills,
         needs_text=needs_text,
+        gate=gate,
     )
 
 

@@ -14,6 +14,7 @@ never rewind each other, is `node.memory.sessions`'s; stop reasons are `node.ant
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -29,7 +30,7 @@ from node.anthropic.models import model_id, model_list, model_object, wants_anth
 from node.anthropic.prompt import render_prompt
 from node.anthropic.request import parse_messages_request
 from node.anthropic.responses import message_body, message_events, message_id, message_shell
-from node.server.guards import GatedStream, read_body, require_key
+from node.server.guards import GatedStream, Overloaded, caller_id, read_body, require_json, require_key
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,18 @@ def anthropic_routes(chat: ChatService) -> list[Route]:
 
 
 async def read_json(request: Request, limit: int, invalid: Callable[[str], Exception]) -> object:
+    """The body as JSON: declared as JSON, within `limit`, valid UTF-8 text throughout (a lone
+    surrogate escape such as "\\ud800" is refused here, not deep in the tokenizer)."""
+    require_json(request.headers)
     body = await read_body(request, limit)
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = json.loads(body)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise invalid("the request body holds a lone surrogate (\\ud800-\\udfff): not valid text") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise invalid(f"the request body is not valid JSON: {e}") from e
+    return value
 
 
 class MessagesApi:
@@ -69,7 +77,10 @@ class MessagesApi:
                 require_key(request.headers, self.chat.config.api_key)
                 response = await handler(request)
             except Exception as e:  # noqa: BLE001 - the edge: every failure becomes an API error
-                return error_response(api_error_from(e), headers)
+                error = api_error_from(e)
+                if error.status == Overloaded.status:
+                    headers["retry-after"] = str(Overloaded.retry_after_s)
+                return error_response(error, headers)
             response.headers.update(headers)
             return response
 
@@ -79,7 +90,7 @@ class MessagesApi:
     async def create(self, request: Request) -> Response:
         body = await read_json(request, self.chat.config.max_message_bytes, invalid_request)
         parsed = parse_messages_request(body, request.headers)
-        prompt = self.chat.prompt(parsed)
+        prompt = self.chat.prompt(parsed, caller_id(request.headers))
         msg_id, gate = message_id(), self.chat.gate
         gate.enter()
         if parsed.stream:
@@ -95,7 +106,12 @@ class MessagesApi:
     async def count_tokens(self, request: Request) -> Response:
         body = await read_json(request, self.chat.config.max_message_bytes, invalid_request)
         parsed = parse_messages_request(body, request.headers, require_max_tokens=False)
-        return JSONResponse({"input_tokens": len(render_prompt(self.chat.manager.engine, parsed).tokens)})
+        self.chat.gate.enter()  # tokenizing a large prompt costs the node too
+        try:
+            tokens = await asyncio.to_thread(render_prompt, self.chat.manager.engine, parsed)
+        finally:
+            self.chat.gate.leave()
+        return JSONResponse({"input_tokens": len(tokens.tokens)})
 
     async def list_models(self, request: Request) -> Response:
         return JSONResponse(model_list(self.chat.manager.engine, wants_anthropic_shape(request.headers)))

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from node.anthropic.errors import ApiError, invalid_request
 from node.anthropic.prompt import Prompt, render_prompt
 from node.anthropic.request import ChatRequest, ToolCall
 from node.anthropic.tools import CallWatcher
+from node.memory.agent_ids import derived_agent_id
 from node.memory.sessions import ConversationIndex
 from node.runtime.events import Completion, PrefillProgress, TextDelta
 from node.server.guards import RequestGate
 
 MAX_PENDING = 16
+ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -46,10 +48,10 @@ class ChatService:
     """The manager (or a callable returning it, None while the node starts), the config, the
     admission gate every API shares, and the conversation index."""
 
-    def __init__(self, manager, config, max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, manager, config, max_pending: int = MAX_PENDING, gate: RequestGate | None = None) -> None:
         self._manager = manager
         self.config = config
-        self.gate = RequestGate(max_pending)
+        self.gate = gate or RequestGate(max_pending)
         self._index: ConversationIndex | None = None
 
     @property
@@ -65,9 +67,12 @@ class ChatService:
             self._index = ConversationIndex(self.manager)
         return self._index
 
-    def prompt(self, request: ChatRequest) -> Prompt:
-        """The rendered prompt, refused when it and the turn's output budget exceed the context."""
+    def prompt(self, request: ChatRequest, caller: str = ANONYMOUS) -> Prompt:
+        """The rendered prompt, refused when it and the turn's output budget exceed the context;
+        its family is the caller's own (`family_for`)."""
         prompt = render_prompt(self.manager.engine, request)
+        family_id = self.family_for(prompt.family_id, caller)
+        prompt = replace(prompt, family_id=family_id, private=family_id != prompt.family_id)
         limit = self.manager.engine.context_limit
         budget = self.max_tokens(request)
         if len(prompt.tokens) + budget > limit:
@@ -76,6 +81,17 @@ class ChatService:
             )
         return prompt
 
+    def family_for(self, family_id: str, caller: str) -> str:
+        """Callers with different keys get different families, so one cannot learn through
+        `cache_read_input_tokens` how much of its prompt another's conversation holds (prefix
+        probing); `share_cache_across_keys` makes reuse across keys a choice. Callers without a
+        key are indistinguishable and share. (The agent manager may still restore a longer prefix
+        stored by anyone; a private family's usage then counts only what its own conversations
+        held, `turn`, so the figure says nothing about others.)"""
+        if caller == ANONYMOUS or self.config.share_cache_across_keys:
+            return family_id
+        return derived_agent_id(f"{family_id}.k", caller)
+
     def max_tokens(self, request: ChatRequest) -> int:
         return min(request.max_tokens, self.config.max_tokens)
 
@@ -83,6 +99,7 @@ class ChatService:
         """`TextDelta`s (tool calls held back), `PrefillProgress`, and finally the `Reply`."""
         params = self._sampling(request)
         index = self.index
+        own = await index.shared(prompt.family_id, prompt.tokens) if prompt.private else None
         agent_id = await index.choose(prompt.family_id, prompt.tokens, request.session_id)
         watcher, cancel = CallWatcher(prompt.tools, bool(request.tools)), threading.Event()
         completion, held = None, None
@@ -118,9 +135,11 @@ class ChatService:
                 held = list(prompt.tokens) + list(completion.token_ids)
         finally:
             index.release(prompt.family_id, agent_id, held, len(prompt.tokens))
-        yield self._reply(request, params.max_tokens, watcher, completion)
+        yield self._reply(request, params.max_tokens, watcher, completion, own)
 
-    def _reply(self, request: ChatRequest, budget: int, watcher: CallWatcher, completion) -> Reply:
+    def _reply(
+        self, request: ChatRequest, budget: int, watcher: CallWatcher, completion, own: int | None = None
+    ) -> Reply:
         parsed = watcher.tools.parse(completion.text) if watcher.enabled else None
         calls = parsed.calls if parsed is not None else ()
         finish = completion.finish_reason
@@ -134,7 +153,7 @@ class ChatService:
             stop_reason="tool_use" if calls else reason,
             stop_sequence=completion.stop_sequence if reason == "stop_sequence" and not calls else None,
             prompt_tokens=usage.prompt_tokens,
-            cached_tokens=usage.cached_tokens,
+            cached_tokens=usage.cached_tokens if own is None else min(usage.cached_tokens, own),
             output_tokens=usage.generated_tokens,
             output_cap=None if calls else cap,
         )

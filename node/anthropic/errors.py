@@ -11,7 +11,7 @@ import logging
 from starlette.responses import JSONResponse
 
 from node.errors import DiskBudgetExceeded, MemoryBudgetExceeded, NodeError, PromptTooLong, WorkerDead
-from node.server.guards import BodyTooLarge, Overloaded, Refused, Unauthorized
+from node.server.guards import BodyTooLarge, NotJson, Overloaded, Refused, Unauthorized
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ _REFUSALS = {
     Unauthorized: (401, "authentication_error"),
     BodyTooLarge: (413, "request_too_large"),
     Overloaded: (529, "overloaded_error"),
+    NotJson: (415, "invalid_request_error"),
 }
 
 

@@ -25,6 +25,7 @@ class Prompt:
     family_id: str
     tokens: list[int]
     tools: ToolFormat
+    private: bool = False  # the family is the caller's own: usage counts only its own cache
 
 
 def agent_id_for(system: str) -> str:

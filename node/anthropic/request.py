@@ -260,12 +260,26 @@ def _unit_float(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+
+
+def checked_stops(values: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """At most MAX_STOP_SEQUENCES of at most MAX_STOP_CHARS each: every stop costs a search per
+    generated token."""
+    if len(values) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in values):
+        raise invalid_request(
+            f"{name}: at most {MAX_STOP_SEQUENCES} sequences of at most {MAX_STOP_CHARS} characters"
+        )
+    return values
+
+
 def _stop_sequences(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
         raise invalid_request("stop_sequences: expected a list of non-empty strings")
-    return tuple(value)
+    return checked_stops(tuple(value), "stop_sequences")
 
 
 def _flag(body: dict, name: str) -> bool:

@@ -112,6 +112,7 @@ def run_eval(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
 
 def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -> int:
     from node import bench
+    from node.bench import load
     from node.cli import cache_commands, mcp_command
 
     handlers = {
@@ -120,6 +121,7 @@ def dispatch(args: argparse.Namespace, config: NodeConfig, progress: Progress) -
         "serve": run_serve,
         "mcp": mcp_command.run,
         "bench": bench.run,
+        "load": load.run,
         "eval": run_eval,
     }
     return handlers[args.command](args, config, progress)

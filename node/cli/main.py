@@ -8,6 +8,7 @@ import os
 import sys
 
 from node import bench
+from node.bench import load
 from node.cli import cache_commands, mcp_command
 from node.cli.flags import add_model_flags, add_setting_flags, config_from_args
 from node.config import ALL_SKILLS
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(commands)
     _eval_parser(commands)
     mcp_command.add_parser(commands)
+    load.add_parser(commands)
     bench.add_parser(commands, add_model_flags)
     return parser
 

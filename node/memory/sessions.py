@@ -78,6 +78,12 @@ class ConversationIndex:
             )  # fmt: skip
             return choice.agent_id
 
+    async def shared(self, family_id: str, prompt: list[int]) -> int:
+        """The longest prefix of `prompt` that the family's own conversations hold."""
+        async with self._lock:
+            family = await self._family(family_id)
+            return max((c.shared(prompt) for c in family.values()), default=0)
+
     def release(self, family_id: str, agent_id: str, tokens: list[int] | None, prompt_tokens: int) -> None:
         """The request on `agent_id` ended; `tokens` is what its cache now holds (None: unknown)."""
         conversation = self._families.get(family_id, {}).get(agent_id)

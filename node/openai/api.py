@@ -20,11 +20,11 @@ from starlette.routing import Route
 
 from node.anthropic.api import SSE_HEADERS, read_json
 from node.anthropic.chat import ChatService
-from node.anthropic.errors import invalid_request
+from node.anthropic.errors import api_error_from, invalid_request
 from node.openai.errors import error_response
 from node.openai.request import parse_completions_request
 from node.openai.responses import completion_body, completion_chunks, completion_id
-from node.server.guards import GatedStream, require_key
+from node.server.guards import GatedStream, Overloaded, caller_id, require_key
 
 
 def openai_routes(chat: ChatService) -> list[Route]:
@@ -41,6 +41,8 @@ class CompletionsApi:
             require_key(request.headers, self.chat.config.api_key)
             response = await self._create(request)
         except Exception as e:  # noqa: BLE001 - the edge: every failure becomes an API error
+            if api_error_from(e).status == Overloaded.status:
+                headers["retry-after"] = str(Overloaded.retry_after_s)
             return error_response(e, headers)
         response.headers.update(headers)
         return response
@@ -49,7 +51,7 @@ class CompletionsApi:
         body = await read_json(request, self.chat.config.max_message_bytes, invalid_request)
         parsed = parse_completions_request(body, request.headers)
         chat_request = parsed.chat
-        prompt = self.chat.prompt(chat_request)
+        prompt = self.chat.prompt(chat_request, caller_id(request.headers))
         cid, gate = completion_id(), self.chat.gate
         gate.enter()
         items = self.chat.turn(chat_request, prompt, "openai")

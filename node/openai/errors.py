@@ -10,9 +10,9 @@ from starlette.responses import JSONResponse
 
 from node.anthropic.errors import ApiError, api_error_from
 
-# Anthropic error type -> (HTTP status, OpenAI type, OpenAI code)
+# Anthropic error type -> (HTTP status, None: the mapped one; OpenAI type, OpenAI code)
 _SHAPES = {
-    "invalid_request_error": (400, "invalid_request_error", None),
+    "invalid_request_error": (None, "invalid_request_error", None),
     "authentication_error": (401, "invalid_request_error", "invalid_api_key"),
     "not_found_error": (404, "invalid_request_error", "model_not_found"),
     "request_too_large": (413, "invalid_request_error", "request_too_large"),
@@ -23,6 +23,7 @@ _SHAPES = {
 def openai_error(error: BaseException) -> tuple[int, dict]:
     mapped: ApiError = api_error_from(error)
     status, kind, code = _SHAPES.get(mapped.error_type, (mapped.status, "server_error", None))
+    status = status or mapped.status
     return status, {"error": {"message": mapped.message, "type": kind, "param": None, "code": code}}
 
 

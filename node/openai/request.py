@@ -22,6 +22,7 @@ from node.anthropic.request import (
     ToolResult,
     ToolSpec,
     Turn,
+    checked_stops,
     content_parts,
     join,
     merge_turn,
@@ -166,4 +167,4 @@ def _stop(value: object) -> tuple[str, ...]:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values):
         raise invalid_request("stop: expected a string or a list of strings")
-    return tuple(values)
+    return checked_stops(tuple(values), "stop")

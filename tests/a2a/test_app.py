@@ -20,7 +20,7 @@ GET_TASK = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "no
 def secured():
     app = create_app(NodeConfig(port=9999, api_key=KEY, skills=("coordination", "technical_analysis")))
     transport = httpx.ASGITransport(app=app)
-    return httpx.AsyncClient(transport=transport, base_url="http://node", headers={"A2A-Version": "1.0"})
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost", headers={"A2A-Version": "1.0"})
 
 
 async def test_cards_stay_public_and_declare_the_scheme(secured):
@@ -65,7 +65,7 @@ async def test_calls_with_the_key_pass(secured):
 
 async def test_without_a_key_nothing_is_refused():
     app = create_app(NodeConfig(port=9999))
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
         response = await http.post("/", json=GET_TASK, headers={"A2A-Version": "1.0"})
         card = (await http.get("/.well-known/agent-card.json")).json()
     assert response.json()["error"]["code"] == -32001
@@ -76,7 +76,7 @@ async def test_without_a_key_nothing_is_refused():
 def plain():
     app = create_app(NodeConfig(port=9999, skills=("coordination", "technical_analysis")))
     transport = httpx.ASGITransport(app=app)
-    return httpx.AsyncClient(transport=transport, base_url="http://node", headers={"A2A-Version": "1.0"})
+    return httpx.AsyncClient(transport=transport, base_url="http://localhost", headers={"A2A-Version": "1.0"})
 
 
 V03_FIELDS = {"url", "preferredTransport", "protocolVersion", "additionalInterfaces"}

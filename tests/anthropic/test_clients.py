@@ -19,7 +19,7 @@ CALL = '```tool_code\n{"name": "read", "input": {"path": "a.txt"}}\n```'
 
 def http(manager, **settings) -> httpx.AsyncClient:
     app = make_app(manager, **settings)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
 
 
 async def post_claude_code(client, run: str, session: str, messages: list[dict]) -> list[tuple[str, dict]]:

@@ -17,6 +17,8 @@ from starlette.applications import Starlette
 from node.anthropic.api import anthropic_routes
 from node.anthropic.chat import ChatService
 from node.anthropic.prompt import agent_id_for
+from node.memory.agent_ids import derived_agent_id
+from node.server.guards import caller_id
 from node.anthropic.responses import with_timer
 from node.config import NodeConfig
 from tests.anthropic.fakes import FakeManager
@@ -29,8 +31,8 @@ def make_app(manager, *, max_tokens=64, max_pending=16, **settings) -> Starlette
 
 def make_client(manager, *, key="k", **settings):
     app = make_app(manager, **settings)
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node")
-    return anthropic.AsyncAnthropic(api_key=key, base_url="http://node", http_client=http, max_retries=0)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
+    return anthropic.AsyncAnthropic(api_key=key, base_url="http://localhost", http_client=http, max_retries=0)
 
 
 @pytest.fixture
@@ -53,7 +55,9 @@ async def test_create_returns_an_anthropic_message(manager):
     assert message.content[0].text == "Hello there, friend."
     assert message.stop_reason == "max_tokens" and message.stop_sequence is None
     call = manager.calls[0]
-    assert call["agent_id"] == agent_id_for("Be brief.\n\nBe kind.")
+    # The family is the system prompt's, scoped to the caller's key (test_security: prefix probing).
+    family = agent_id_for("Be brief.\n\nBe kind.")
+    assert call["agent_id"] == derived_agent_id(f"{family}.k", caller_id({"x-api-key": "k"}))
     assert call["params"].max_tokens == 3
     rendered = "".join(chr(t) for t in call["prompt"][1:])
     assert rendered == "<system>Be brief.\n\nBe kind.</><user>Hi</><model>"
@@ -119,7 +123,7 @@ async def test_stream_helper_assembles_text_and_usage(manager):
 
 async def test_sse_event_order_and_pings(manager):
     app = make_app(manager)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
         body = {
             "model": "m",
             "max_tokens": 2,

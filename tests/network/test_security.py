@@ -96,7 +96,7 @@ async def serving(*apps: tuple[int, Starlette]):
         yield
     finally:
         for server in servers:
-            server.should_exit = True
+            server.should_exit = server.force_exit = True  # a hanging request must not hold the test
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -24,8 +24,8 @@ TOOLS = [{"type": "function", "function": {"name": "read", "parameters": {"type"
 def make_client(manager, *, key="k", max_pending=16, **settings) -> openai.AsyncOpenAI:
     chat = ChatService(manager, NodeConfig(max_tokens=64, **settings), max_pending)
     app = Starlette(routes=[*openai_routes(chat), *anthropic_routes(chat)])
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node")
-    return openai.AsyncOpenAI(api_key=key, base_url="http://node/v1", http_client=http, max_retries=0)
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
+    return openai.AsyncOpenAI(api_key=key, base_url="http://localhost/v1", http_client=http, max_retries=0)
 
 
 @pytest.fixture
@@ -88,8 +88,11 @@ async def test_tool_calls_non_stream_and_stream(manager):
 
 
 async def test_same_conversation_from_both_apis_shares_the_cache(manager):
-    await make_client(manager).chat.completions.create(model="m", messages=user("Hi"), max_tokens=8)
-    again = await anthropic_client(manager).messages.create(
+    # (Two apps here, each with its own conversation index, as if two nodes shared one manager: the
+    # families are scoped to the key unless sharing is allowed, tests/server/test_security.py.)
+    shared = {"share_cache_across_keys": True}
+    await make_client(manager, **shared).chat.completions.create(model="m", messages=user("Hi"), max_tokens=8)
+    again = await anthropic_client(manager, **shared).messages.create(
         model="m", max_tokens=8, system="Be brief.", messages=[{"role": "user", "content": "Hi there"}]
     )
     assert manager.calls[0]["agent_id"].split(".")[0] == manager.calls[1]["agent_id"].split(".")[0]
