@@ -55,18 +55,21 @@ class CollectedOutput:
 async def ask_skill(
     runtime: SkillRuntime, executor: SkillExecutor, question: str, context_id: str | None = None
 ) -> SkillAnswer:
-    """One turn of `context_id`'s conversation with the skill (a new conversation when None)."""
+    """One turn of `context_id`'s conversation with the skill (a new conversation when None),
+    counted against the node's admission limit like every request."""
     if not question.strip():
         raise SkillCallError("the question is empty")
     context_id = context_id or str(uuid.uuid4())
     if len(context_id) > MAX_CONTEXT_ID_CHARS:
         raise SkillCallError(f"context id longer than {MAX_CONTEXT_ID_CHARS} characters")
     task_id = f"direct-{uuid.uuid4()}"
+    runtime.gate.enter()  # the node's admission limit, shared with every API (raises Overloaded)
     out, stop = CollectedOutput(), runtime.running.setdefault(task_id, threading.Event())
     try:
         completion = await executor.answer(TurnRequest(task_id, context_id, question, {}), out, stop)
     finally:
         runtime.running.pop(task_id, None)
+        runtime.gate.leave()
     return SkillAnswer(
         executor.skill_id,
         context_id,

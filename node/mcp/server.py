@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from node.a2a.executor import SkillExecutor, SkillRuntime
 from node.a2a.skill_calls import SkillCallError, ask_skill, contexts, conversation
+from node.server.guards import Overloaded
 
 SERVER_NAME = "persistent-agent-node"
 INSTRUCTIONS = (
@@ -58,6 +59,8 @@ def _skill_tool(runtime: SkillRuntime, executor: SkillExecutor):
             answer = await ask_skill(runtime, executor, question, context_id)
         except SkillCallError as e:
             raise ToolError(str(e)) from e
+        except Overloaded as e:
+            raise ToolError(f"overloaded: {e.message}") from e
         return SkillReply(
             skill=answer.skill,
             context_id=answer.context_id,

@@ -33,7 +33,7 @@ from node.a2a.skill_calls import SkillCallError, ask_skill, contexts, find_execu
 from node.config import NodeConfig
 from node.errors import NodeError
 from node.network.registry import REGISTRY_PATH
-from node.server.guards import BodyTooLarge, has_key, read_body
+from node.server.guards import BodyTooLarge, Overloaded, has_key, read_body
 from node.server.observer import TaskObserver
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ class Dashboard:
             )
         except BodyTooLarge as e:
             return JSONResponse({"error": e.message}, status_code=413)
+        except Overloaded as e:
+            return JSONResponse({"error": e.message}, status_code=503, headers={"Retry-After": "2"})
         except (ValueError, AttributeError, SkillCallError) as e:
             return JSONResponse({"error": str(e)}, status_code=400)
         except NodeError as e:
