@@ -14,9 +14,10 @@ from collections.abc import Callable
 from node.cli.flags import add_setting_flags
 from node.config import NodeConfig
 
+# What the skills and their agents need: the same settings as `serve`, without the HTTP server's.
 SETTINGS_USED = (
-    *("skills", "model", "cache_dir", "max_tokens", "max_agents", "memory_budget_bytes", "threads"),
-    "mcp_servers",
+    *("skills", "model", "cache_dir", "max_tokens", "max_agents", "threads"),
+    *("memory_budget_bytes", "disk_budget_bytes", "kv_storage", "block_store", "mcp_servers"),
 )
 
 
