@@ -140,9 +140,7 @@ class ObjectStore:
         key = self._versions_prefix(agent_id) + f"{version:012d}.json"
         body = json.dumps({**manifest, "version": version}).encode()
         try:
-            self._call(
-                self._client.put_object, Bucket=self.url.bucket, Key=key, Body=body, IfNoneMatch="*"
-            )
+            self._call(self._client.put_object, Bucket=self.url.bucket, Key=key, Body=body, IfNoneMatch="*")
         except _Conflict:
             return False
         return True
@@ -173,7 +171,7 @@ class ObjectStore:
     def _head(self, key: str) -> bool:
         try:
             self._client.head_object(Bucket=self.url.bucket, Key=key)
-        except Exception as e:  # noqa: BLE001 - sorted below
+        except Exception as e:
             if _code(e) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise

@@ -85,10 +85,14 @@ class RemoteTier:
     # ---- write-back ----------------------------------------------------------------------
     def enqueue(self, manifest: dict) -> None:
         """Queue a committed manifest for upload (called on the checkpoint writer's thread)."""
-        size = sum(self._local_size(ref["key"]) for ref in manifest["blocks"] if ref["key"] not in self._uploaded)
+        size = sum(
+            self._local_size(ref["key"]) for ref in manifest["blocks"] if ref["key"] not in self._uploaded
+        )
         with self._changed:
             self._changed.wait_for(
-                lambda: self._pending_bytes() <= self.max_pending_bytes or self._closing or not self.reachable,
+                lambda: (
+                    self._pending_bytes() <= self.max_pending_bytes or self._closing or not self.reachable
+                ),
                 timeout=None,
             )
             self._pending.pop(manifest["agent_id"], None)

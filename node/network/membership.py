@@ -33,6 +33,7 @@ class Membership:
         self.http = http
         self.registered = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.hot_contexts = list  # agent ids this node holds in memory (the registry routes to it)
 
     def registration(self) -> dict:
         url = self.config.base_url
@@ -41,6 +42,7 @@ class Membership:
             "card_url": url + AGENT_CARD_WELL_KNOWN_PATH,
             "skills": list(self.config.skills),
             "ttl_s": MISSED_BEATS * self.config.heartbeat_s,
+            "contexts": list(self.hot_contexts()),
         }
 
     async def start(self) -> None:

@@ -112,14 +112,33 @@ class PeerDirectory:
         self.http = http
         self._cards: dict[str, tuple[float, tuple[str, ...]]] = {}
 
-    async def candidates(self, skill: str) -> list[str]:
+    async def candidates(self, skill: str, context_id: str | None = None) -> list[str]:
+        """Nodes for `skill`; with `context_id`, the node holding that conversation hot first."""
         found = await self._from_registry(skill)
         for peer in self.config.peers:
             if skill in await self._card_skills(peer):
                 found.append(peer)
         me = self.config.base_url
         found = [url for url in dict.fromkeys(u.rstrip("/") for u in found) if url != me]
-        return found + ([me] if skill in self.config.skills else [])
+        found += [me] if skill in self.config.skills else []
+        holder = await self._holder(skill, context_id) if context_id else None
+        return sorted(found, key=lambda url: url != holder)
+
+    async def _holder(self, skill: str, context_id: str) -> str | None:
+        """The live node holding this conversation of `skill` in memory (the registry knows)."""
+        from node.a2a.conversation import conversation_agent_id
+        from node.network.context_holders import ask_registry
+
+        if self.config.registry_url is None:
+            return None
+        try:
+            found = await ask_registry(
+                self.http, self.config.registry_url, conversation_agent_id(skill, context_id), skill
+            )
+        except (httpx.HTTPError, ValueError) as e:
+            logger.info("registry %s: no holder for a context of %s: %s", self.config.registry_url, skill, e)
+            return None
+        return found.get("holder") if found.get("alive") else None
 
     async def _from_registry(self, skill: str) -> list[str]:
         if self.config.registry_url is None:
@@ -218,7 +237,7 @@ class Delegator:
     async def run(self, skill: str, question: str, context_id: str, metadata: dict) -> SubtaskResult:
         attempts: list[Attempt] = []
         deadline = time.monotonic() + self.deadline_s
-        for url in (await self.directory.candidates(skill))[: self.max_attempts]:
+        for url in (await self.directory.candidates(skill, context_id))[: self.max_attempts]:
             started, left = time.monotonic(), deadline - time.monotonic()
             if left <= 0:
                 attempts.append(Attempt(url, "timeout", 0.0, f"the sub-task's {self.deadline_s:g} s are spent"))

@@ -33,6 +33,7 @@ from starlette.routing import Route
 
 from node.config import NodeConfig
 from node.errors import InvalidRegistration
+from node.network.context_holders import ContextHolders, registry_routes
 from node.network.outbound import origin, outbound_client
 from node.network.registry_store import RegistryStore
 from node.server.guards import BodyTooLarge, Unauthorized, has_key, read_body, require_json
@@ -52,12 +53,14 @@ class Registry:
         self.max_body_bytes = config.max_message_bytes
         self.write_key = config.network_key or config.api_key
         self._verified: dict[tuple[str, str, tuple[str, ...]], float] = {}
+        self.contexts = ContextHolders(store)  # which member holds which context hot
         self._http: httpx.AsyncClient | None = None
         self._sweeper: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._http = outbound_client(self.config, CARD_TIMEOUT_S)
         await self.store.initialize()
+        await self.contexts.initialize()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="registry-sweeper")
         logger.info("registry: members in %s", self.store.backend)
 
@@ -71,7 +74,14 @@ class Registry:
         await self.store.close()
 
     def routes(self) -> list[Route]:
-        return [Route(REGISTRY_PATH, self._endpoint, methods=["GET", "POST", "DELETE"])]
+        return [
+            Route(REGISTRY_PATH, self._endpoint, methods=["GET", "POST", "DELETE"]),
+            *registry_routes(self.contexts, self._may_read),
+        ]
+
+    def _may_read(self, request: Request) -> bool:
+        readers = (self.config.network_key, self.config.api_key)
+        return not any(readers) or any(key and has_key(request.headers, key) for key in readers)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -84,12 +94,10 @@ class Registry:
 
     async def _endpoint(self, request: Request) -> JSONResponse:
         handlers = {"GET": self._list, "POST": self._register, "DELETE": self._leave}
-        readers = (self.config.network_key, self.config.api_key)
-        allowed = (
-            has_key(request.headers, self.write_key)
-            if request.method != "GET"
-            else not any(readers) or any(key and has_key(request.headers, key) for key in readers)
-        )
+        if request.method == "GET":
+            allowed = self._may_read(request)
+        else:
+            allowed = has_key(request.headers, self.write_key)
         if not allowed:
             logger.info("registry: refused %s from %s: no network key", request.method, _client(request))
             return JSONResponse({"error": "missing or invalid network key"}, status_code=Unauthorized.status)
@@ -110,6 +118,8 @@ class Registry:
         except (InvalidRegistration, ValueError) as e:
             return JSONResponse({"error": f"bad registration: {e}"}, status_code=400)
         member = await self.store.register(url, card_url, skills, ttl_s)
+        if "contexts" in body and isinstance(body["contexts"], list):
+            await self.contexts.report(url, body["contexts"])
         if member.registered_at == member.last_seen:
             logger.info("registry: %s joined with %s", url, ", ".join(skills))
         return JSONResponse({"backend": self.store.backend, "member": member.as_dict()})

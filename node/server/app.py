@@ -45,6 +45,8 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
     stores = TaskStores(config.database_url, config.max_tasks)
     agents = build_agents(config, runtime, stores)
     network = runtime.network = Network(config)
+    # the agents held in memory, reported to the registry so follow-ups come back here (issue 16)
+    network.hot_contexts = lambda: list(runtime.manager.stats()["agents"]) if runtime.manager else []
     seen = Observability(config, runtime, agents.executors)  # metrics, dashboard, MCP
     runtime.manager = seen.observe(runtime.manager)
 

@@ -24,7 +24,9 @@ from tests.seaweedfs import s3_environment, seaweedfs, weed_unusable
 
 pytestmark = [
     pytest.mark.skipif(weed_unusable() is not None, reason=str(weed_unusable())),
-    pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL binaries absent (apt-get install postgresql)"),
+    pytest.mark.skipif(
+        postgres_bin() is None, reason="PostgreSQL binaries absent (apt-get install postgresql)"
+    ),
 ]
 SKILL = "technical_analysis"
 TURN = "Explain how a write-ahead log keeps a database consistent after a crash, step by step. " * 10
@@ -74,6 +76,16 @@ async def _written_back(http, node) -> dict:
     return await poll_until(probe, timeout_s=60)
 
 
+async def _routed(http, asked, context_id: str, expected: str) -> dict:
+    """Poll GET /contexts/{id} on `asked` until it routes to `expected` (heartbeats carry holders)."""
+
+    async def probe():
+        found = (await http.get(f"{asked.url}/contexts/{context_id}", params={"skill": SKILL})).json()
+        return found if found.get("route_to") == expected else None
+
+    return await poll_until(probe, timeout_s=30)
+
+
 def _kill(node) -> None:
     node.proc.kill()
     node.proc.wait()
@@ -88,7 +100,9 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
         first = await _turn(http, n1, context_id)
         second = await _turn(http, n1, context_id)
         await _written_back(http, n1)
+        hot = await _routed(http, n2, context_id, n1.url)  # N1 holds it: follow-ups go there
         _kill(n1)
+        failed_over = await _routed(http, n2, context_id, n2.url)  # N1 expired: any live node
         cold = await _turn(http, n2, str(uuid.uuid4()))  # a new conversation: the playbook only
         third = await _turn(http, n2, context_id)
         health = (await http.get(f"{n2.url}/health")).json()
@@ -96,6 +110,7 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
         n3 = start("n3", "--join", n2.url)
         fourth = await _turn(http, n3, context_id)
         joined = (await http.get(f"{n3.url}/health")).json()["block_store"]
+        after = await _routed(http, n3, context_id, n3.url)  # the registry follows the last holder
     print(
         f"\nfailover figures: turn 2 on N1 prompt {second['promptTokens']} tokens; turn 3 on N2: prompt "
         f"{third['promptTokens']}, cached {third['cachedTokens']}, prefilled {third['prefilledTokens']}, "
@@ -111,6 +126,9 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
     assert health["block_store"]["last_pull"]["tokens"] >= second["promptTokens"]
     assert fourth["cachedTokens"] >= third["promptTokens"]
     assert joined["reachable"] is True
+    assert hot["holder"] == n1.url and hot["alive"]
+    assert failed_over["holder"] == n1.url and not failed_over["alive"] and n1.url not in failed_over["members"]
+    assert after["holder"] == n3.url and after["alive"]
 
 
 def test_the_store_holds_every_version_whole(shared):

@@ -64,7 +64,9 @@ async def test_a_context_run_on_one_node_resumes_on_another_from_the_store(tiny_
     assert status["last_pull"]["tokens"] == len(history) and status["downloaded_blocks"] >= 1
 
 
-async def test_nodes_sharing_a_playbook_store_its_blocks_once_and_versions_only_grow(tiny_engine, tmp_path, bucket):
+async def test_nodes_sharing_a_playbook_store_its_blocks_once_and_versions_only_grow(
+    tiny_engine, tmp_path, bucket
+):
     playbook = tiny_engine.encode(TEXT * 30)
     for name in ("a", "b", "c"):
         node = await _node(tiny_engine, tmp_path / name, bucket)
@@ -88,7 +90,9 @@ async def test_an_older_state_never_replaces_a_newer_one(tiny_engine, tmp_path, 
     assert remote.latest_manifest("beta")["updated"] == 100.0
 
 
-async def test_an_unreachable_store_leaves_serving_local_and_uploads_later(tiny_engine, tmp_path, weed, bucket):
+async def test_an_unreachable_store_leaves_serving_local_and_uploads_later(
+    tiny_engine, tmp_path, weed, bucket
+):
     node = await _node(tiny_engine, tmp_path / "one", bucket)
     weed.stop()
     try:
