@@ -17,7 +17,8 @@ from node.bench.workbench import Bench
 HOW_TO_ENABLE = (
     "llama-cpp-python is not installed; enable the peer with `pip install 'persistent-agent-node[peer]'` "
     '(on x86 CPUs without -march=native support build it as: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON '
-    '-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python)'
+    '-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" pip install llama-cpp-python; '
+    "on CPUs without AVX-512 use -DGGML_AVX512=OFF)"
 )
 
 
