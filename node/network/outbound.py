@@ -3,7 +3,7 @@ here, which enforces three rules no caller can forget:
 
 - credentials by destination: the network key goes to the registry's origin only, a peer's key
   (`--peer-key URL=KEY`) to that peer's origin only; the node's own inbound `--api-key` never
-  leaves it;
+  leaves it (it goes to the node's own URL only, where the coordinator may delegate to itself);
 - destinations: a host that resolves to a private, link-local, shared, reserved, multicast or
   unspecified address (cloud metadata at 169.254.169.254, internal services) is refused unless
   `--allow-private-peers`; loopback is allowed (local networks and the demo run there);
@@ -80,6 +80,8 @@ def peer_credentials(config: NodeConfig) -> dict[str, str]:
     for entry in config.peer_keys:
         url, _, key = entry.partition("=")
         keys[origin(url)] = key
+    if config.api_key:  # the node delegates to itself like to any peer: its key goes to itself only
+        keys[origin(config.base_url)] = config.api_key
     return keys
 
 

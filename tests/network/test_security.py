@@ -137,6 +137,13 @@ async def test_the_inbound_key_is_never_sent_and_each_origin_gets_only_its_own_k
     assert set(stranger.authorizations()) == {""}
 
 
+def test_the_node_sends_its_own_key_to_itself_only():
+    from node.network.outbound import origin, peer_credentials
+
+    config = NodeConfig(port=8123, api_key=INBOUND_KEY, peers=("http://10.0.0.9:8000",))
+    assert peer_credentials(config) == {origin("http://127.0.0.1:8123"): INBOUND_KEY}
+
+
 # ---- scenario 2: membership needs the network key, the card vouches, no private URLs ---------
 @contextlib.asynccontextmanager
 async def registry_node(tmp_path, **settings):
