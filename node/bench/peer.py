@@ -130,8 +130,8 @@ async def run(bench: Bench) -> Outcome:
     notes = [
         f"llama.cpp {cold['threads']} threads, model load {cold['load_s']:.2f} s; same token ids on both sides",
         (
-            "llama.cpp's state file (llama_state_save_file) holds f16 K/V (ours: the model's fp32) "
-            "and is not fsynced (ours is)"
+            "llama.cpp's state file (llama_state_save_file) holds f16 K/V, as our blocks do; it is not "
+            "fsynced (ours are) and holds no digests (ours are checked on every read)"
         ),
     ]
     if not ours:

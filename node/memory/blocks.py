@@ -1,14 +1,13 @@
 """Content-addressed KV block files (layout in `checkpoint_format`): write once, read verified.
 
-Blocks are written with safetensors and read through `mmap` with a small header parser, so a
-restore decodes each row it needs straight from the page cache into the caches' final layout: no
-intermediate copy, and only the tensors (layers) and rows a restore needs are touched.
+Blocks are written with safetensors and read with `pread` and a small header parser: a restore
+reads only the tensors (layers) it needs into one reused buffer, checks their digests and decodes
+them straight into the caches' final layout.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 import time
@@ -39,70 +38,96 @@ def temporary_name(name: str) -> str:
     return f".{name}.{os.getpid()}.{time.time_ns()}.tmp"
 
 
-class BlockFile:
-    """One block opened for reading (mmap-backed); tensors are verified on first access."""
+class Scratch:
+    """A reusable read buffer: reading tensors into it touches no fresh memory (page faults on new
+    allocations and on mmapped files cost more than the copy from the page cache itself)."""
 
-    def __init__(self, path: Path, key: str) -> None:
-        self.path, self.key = path, key
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+
+    def get(self, nbytes: int) -> memoryview:
+        if len(self._buffer) < nbytes:
+            self._buffer = bytearray(max(nbytes, 2 * len(self._buffer)))
+        return memoryview(self._buffer)[:nbytes]
+
+
+class BlockFile:
+    """One block opened for reading; every tensor read is checked against its digest.
+
+    `tensor` reads into `scratch` when given (the array is valid until the next read), else into
+    new memory.
+    """
+
+    def __init__(self, path: Path, key: str, scratch: Scratch | None = None) -> None:
+        self.path, self.key, self._scratch = path, key, scratch
         try:
-            with path.open("rb") as handle:
-                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            (size,) = struct.unpack("<Q", self._map[:8])
-            header = json.loads(bytes(self._map[8 : 8 + size]))
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise _corrupt(key, f"block {key} is unreadable: {e}") from e
+        try:
+            (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, size, 8))
             self._offset = 8 + size
             self.meta = json.loads(header.pop("__metadata__")["node"])
             self._entries = header
         except (OSError, ValueError, KeyError, struct.error) as e:
+            os.close(self._fd)
             raise _corrupt(key, f"block {key} is unreadable: {e}") from e
         if self.meta.get("key") != key:
+            os.close(self._fd)
             raise _corrupt(key, f"block file {path.name} holds block {self.meta.get('key')!r}")
-        self._verified: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
-        self._verified.clear()
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view; the map closes when it is released
-            pass
+        os.close(self._fd)
 
     @property
     def length(self) -> int:
         return int(self.meta["length"])
 
-    def tensor(self, name: str) -> np.ndarray:
-        found = self._verified.get(name)
-        if found is not None:
-            return found
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def _entry(self, name: str) -> dict:
         entry = self._entries.get(name)
         if entry is None:
             raise _corrupt(self.key, f"block {self.key} has no tensor {name}")
+        return entry
+
+    def tensor(self, name: str, *, fresh: bool = False) -> np.ndarray:
+        entry = self._entry(name)
         start, stop = entry["data_offsets"]
+        nbytes = stop - start
+        buffer = memoryview(bytearray(nbytes)) if fresh or self._scratch is None else self._scratch.get(nbytes)
         try:
+            read = os.preadv(self._fd, [buffer], self._offset + start)
             dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
-            count = (stop - start) // dtype.itemsize
-            array = np.frombuffer(self._map, dtype, count, self._offset + start).reshape(entry["shape"])
-        except (KeyError, ValueError, TypeError) as e:
+            if read != nbytes:
+                raise ValueError(f"{read} of {nbytes} bytes")
+            array = np.frombuffer(buffer, dtype).reshape(entry["shape"])
+        except (OSError, KeyError, ValueError, TypeError) as e:
             raise _corrupt(self.key, f"block {self.key} tensor {name} is unreadable: {e}") from e
         if tensor_digest(array) != self.meta["digests"].get(name):
             raise _corrupt(self.key, f"block {self.key} tensor {name} fails its digest")
-        self._verified[name] = array
         return array
 
     def tokens(self) -> np.ndarray:
-        return np.array(self.tensor("tokens"), dtype=np.int64)
+        return np.array(self.tensor("tokens", fresh=True), dtype=np.int64)
+
+    def verify(self) -> None:
+        for name in self.meta["digests"]:
+            self.tensor(name)
 
     def decode_rows(self, name: str, lo: int, hi: int, out: np.ndarray) -> None:
         """Rows [lo, hi) of K/V tensor `name` ("k.3") decoded to fp32 into `out` (hi - lo rows)."""
         stored = self.meta["dtypes"][name]
         arrays = {"": self.tensor(name)[lo:hi]}
         if stored == "int8":
-            arrays[".scale"] = self.tensor(f"{name}.scale")[lo:hi]
+            arrays[".scale"] = self.tensor(f"{name}.scale", fresh=True)[lo:hi]
         decode_into(out, stored, arrays)
 
     def raw_rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         """fp32 rows of tensor `name` (for rewriting a block's prefix into a new block)."""
-        first = self.tensor(name)
-        out = np.empty((hi - lo, *first.shape[1:]), np.float32)
+        out = np.empty((hi - lo, *self.shape(name)[1:]), np.float32)
         self.decode_rows(name, lo, hi, out)
         return out
 
@@ -117,11 +142,11 @@ class BlockStore:
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
 
-    def open(self, key: str) -> BlockFile:
+    def open(self, key: str, scratch: Scratch | None = None) -> BlockFile:
         path = self.path(key)
         if not path.exists():
             raise _corrupt(key, f"block {key} is missing")
-        return BlockFile(path, key)
+        return BlockFile(path, key, scratch)
 
     def write(
         self,
@@ -196,6 +221,7 @@ class OpenBlocks:
 
     def __init__(self, store: BlockStore) -> None:
         self.store = store
+        self.scratch = Scratch()
         self._files: dict[str, BlockFile] = {}
 
     def __enter__(self) -> Self:
@@ -209,5 +235,5 @@ class OpenBlocks:
     def __getitem__(self, key: str) -> BlockFile:
         block = self._files.get(key)
         if block is None:
-            block = self._files[key] = self.store.open(key)
+            block = self._files[key] = self.store.open(key, self.scratch)
         return block

@@ -546,9 +546,7 @@ class CheckpointStore:
             raise CheckpointError(f"agent {agent_id!r} has no checkpoint")
         with OpenBlocks(self.blocks) as files:
             for ref in path:
-                block = files[ref.key]
-                for name in block.meta["digests"]:
-                    block.tensor(name)
+                files[ref.key].verify()
 
     # ---- housekeeping --------------------------------------------------------------------
     def _manifest_or_none(self, agent_id: str) -> dict | None:
@@ -645,8 +643,7 @@ def _gather(files: OpenBlocks, path: tuple[BlockRef, ...], name: str, start: int
     pieces = [(ref, lo, hi) for ref, lo, hi in pieces if lo < hi]
     if sum(hi - lo for _, lo, hi in pieces) != stop - start:
         raise CheckpointCorrupt(f"the stored path does not cover positions {start}-{stop}")
-    first = files[pieces[0][0].key].tensor(name)
-    heads, dim = first.shape[1], first.shape[2]
+    _, heads, dim = files[pieces[0][0].key].shape(name)
     target = mx.zeros((1, heads, stop - start, dim), mx.float32)
     mx.eval(target)
     token_major = np.asarray(memoryview(target))[0].transpose(1, 0, 2)
