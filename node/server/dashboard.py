@@ -8,8 +8,9 @@
 - `POST /dashboard/ask` `{"skill", "question", "context_id"?}`: one turn with a skill.
 
 With an API key set, every dashboard request needs it: as a header like the other APIs, or as the
-cookie that `GET /dashboard?key=...` sets (a browser cannot add headers to a page or an
-EventSource). The guards leave `/dashboard` to this module (`SELF_CHECKING_PREFIXES`).
+cookie that logging in sets (a browser cannot add headers to a page or an EventSource): without it
+`/dashboard` answers with a form that posts the key to `/dashboard/login`. The guards leave
+`/dashboard` to this module (`SELF_CHECKING_PREFIXES`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import httpx
 from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 KEY_COOKIE = "node_api_key"
+LOGIN_MAX_BYTES = 4096
 MIN_INTERVAL_S = 0.3
 HEARTBEAT_S = 2.0
 STOP_POLL_S = 0.5  # how soon an event stream ends once the server is stopping
@@ -72,30 +75,37 @@ class Dashboard:
             Route("/dashboard/events", self._guarded(self.events), methods=["GET"]),
             Route("/dashboard/ask", self._guarded(self.ask), methods=["POST"]),
             Route("/dashboard/static/{name}", self._guarded(self.static), methods=["GET"]),
+            Route("/dashboard/login", self.login, methods=["POST"]),
         ]
 
     # ---- the key ---------------------------------------------------------------------------
     def _guarded(self, endpoint):
         async def guarded(request: Request) -> Response:
             key = self.config.api_key
-            offered = request.query_params.get("key")
-            if key is not None and offered is not None and request.url.path == "/dashboard":
-                return self._login(offered, key)
             if key is None or has_key(request.headers, key) or _same(request.cookies.get(KEY_COOKIE), key):
                 return await endpoint(request)
+            if request.url.path == "/dashboard":  # a browser: the page asks for the key
+                return FileResponse(STATIC / "login.html", status_code=401, media_type="text/html")
             return JSONResponse(
-                {"error": "missing or invalid API key: open /dashboard?key=KEY, or send the key header"},
+                {"error": "missing or invalid API key: log in at /dashboard, or send the key header"},
                 status_code=401,
             )
 
         return guarded
 
-    @staticmethod
-    def _login(offered: str, key: str) -> Response:
-        if not _same(offered, key):
-            return JSONResponse({"error": "invalid API key"}, status_code=401)
-        response = RedirectResponse("/dashboard", status_code=303)  # the key leaves the address bar
-        response.set_cookie(KEY_COOKIE, offered, httponly=True, samesite="strict", path="/dashboard")
+    async def login(self, request: Request) -> Response:
+        """The login form's POST (a form field, not the URL: access logs record URLs)."""
+        key = self.config.api_key
+        try:
+            form = parse_qs((await read_body(request, LOGIN_MAX_BYTES)).decode("utf-8", "replace"))
+        except BodyTooLarge as e:
+            return JSONResponse({"error": e.message}, status_code=413)
+        offered = (form.get("key") or [""])[0]
+        if key is not None and not _same(offered, key):
+            return FileResponse(STATIC / "login.html", status_code=401, media_type="text/html")
+        response = RedirectResponse("/dashboard", status_code=303)
+        if key is not None:
+            response.set_cookie(KEY_COOKIE, offered, httponly=True, samesite="strict", path="/dashboard")
         return response
 
     # ---- endpoints -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The dashboard in a real browser (Debian's Chromium driven by Playwright), and /metrics.
 
-A real node process on the tiny model, behind an API key. The browser logs in with `?key=`, asks a
+A real node process on the tiny model, behind an API key. The browser logs in with the key, asks a
 skill through the page's box, and then watches: the context is listed, the time saved shows, and
 while a follow-up runs the live-task table shows it, fed by the page's server-sent events.
 """
@@ -59,10 +59,13 @@ def test_dashboard_lists_the_context_and_follows_a_running_task(node):
         # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start.
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        assert page.goto(f"{node.url}/dashboard").status == 401  # the key is required
-
-        page.goto(f"{node.url}/dashboard?key={KEY}")  # sets the cookie, drops the key from the URL
-        assert page.url == f"{node.url}/dashboard"
+        assert page.goto(f"{node.url}/dashboard").status == 401  # the key is required: a form asks
+        page.fill("#key", "not-the-key")
+        page.click("#login")
+        expect(page.locator("#key")).to_be_visible()  # refused: the form again
+        page.fill("#key", KEY)
+        page.click("#login")  # posts the key (not in a URL), sets the cookie, redirects
+        page.wait_for_url(f"{node.url}/dashboard")
         expect(page.locator("#live")).to_have_text("live")
         expect(page.locator("#network tbody tr")).to_contain_text(node.url)
 
