@@ -2,7 +2,7 @@
 this machine, and what became of it.
 
 Each client loops until the time is up, sending in turn an A2A `SendMessage` (JSON-RPC, blocking,
-a new conversation or the client's last one continued), an Anthropic `/v1/messages` request and the
+to an analysis skill, a new conversation or the client's last one continued), an Anthropic `/v1/messages` request and the
 same streamed. Every generation asks for `max_tokens` tokens at most. A refusal (429, 529, 503 or
 A2A's OVERLOADED) is counted as rejected and the client waits the Retry-After it was given (at most
 `MAX_BACKOFF_S`). The report: completed, rejected, errors (5xx counted apart), tasks that did not
@@ -28,6 +28,9 @@ from node.errors import ConfigError
 
 MAX_BACKOFF_S = 1.0
 REQUEST_TIMEOUT_S = 300.0
+# The analysis skills: a coordination task delegates to peers, here the node itself, whose
+# sub-tasks need gate slots of their own (measure coordination with the demo instead).
+SKILLS = ("technical_analysis", "business_analysis")
 TERMINAL = {"TASK_STATE_COMPLETED", "TASK_STATE_FAILED", "TASK_STATE_CANCELED", "TASK_STATE_REJECTED"}
 
 
@@ -166,7 +169,7 @@ class Client:
             "messageId": str(uuid.uuid4()),
             "role": "ROLE_USER",
             "parts": [{"text": f"Turn {self.turn}: should we cache the product database?"}],
-            "metadata": {"max_tokens": self.max_tokens},
+            "metadata": {"max_tokens": self.max_tokens, "skill": SKILLS[self.turn % len(SKILLS)]},
         }
         if self.context_id:
             message["contextId"] = self.context_id
@@ -178,9 +181,8 @@ class Client:
             return COUNTED
         answer = response.json()
         if "error" in answer:
-            data = answer["error"].get("data") or {}
-            if isinstance(data, dict) and data.get("reason") == "OVERLOADED":
-                return float(data.get("retryAfterSeconds", 1))
+            if (retry := overloaded(answer["error"])) is not None:
+                return retry
             self.tally.error(f"a2a: {answer['error']}")
             return COUNTED
         task = answer["result"]["task"]
@@ -222,6 +224,16 @@ class Client:
             self.tally.error(f"messages stream ended without message_stop: {text[-200:]}")
             return COUNTED
         return OK
+
+
+def overloaded(error: dict) -> float | None:
+    """The Retry-After of an A2A OVERLOADED error (its ErrorInfo metadata), None for others."""
+    details = error.get("data") or []
+    for detail in details if isinstance(details, list) else [details]:
+        metadata = detail.get("metadata", detail) if isinstance(detail, dict) else {}
+        if isinstance(metadata, dict) and metadata.get("reason") == "OVERLOADED":
+            return float(metadata.get("retryAfterSeconds", 1))
+    return None
 
 
 OK = "ok"  # a request's outcomes: OK, COUNTED (an error, in the tally), or a refusal's Retry-After
