@@ -25,6 +25,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.core as mx
+
 from node.errors import CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
 from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore, Restored
@@ -373,7 +375,7 @@ class AgentManager:
         try:
             if not self.store.exists(agent_id):
                 return None
-            restored = self.store.restore(agent_id, self.engine.make_caches, self._limit(prompt))
+            restored = self._read_stored(agent_id, None, self._limit(prompt))
         except CheckpointError as e:
             self._refuse(agent_id, e)
             return None
@@ -397,7 +399,7 @@ class AgentManager:
         if restored is None:
             self._writer.wait()  # the path may name blocks a queued save is still writing
             try:
-                restored = self.store.restore_path(match.path, self.engine.make_caches, lambda _: usable)
+                restored = self._read_stored(None, match.path, lambda _: usable)
             except CheckpointCorrupt as e:
                 self._refuse_block(e)
                 return None
@@ -423,6 +425,22 @@ class AgentManager:
                 seconds = time.perf_counter() - started
                 return Restored(list(prompt[:usable]), caches, {"shared": other.agent_id}, seconds, blocks)
         return None
+
+    def _read_stored(self, agent_id: str | None, path, position):
+        """A context (`agent_id`) or a path of blocks read back into caches. On the CPU the store
+        decodes into fp32 caches (measured fastest there); on a GPU `device_restore` reads in
+        parallel and converts on the device, in the model's dtype."""
+        make = self.engine.make_caches
+        if self.engine.info.backend == "cpu":
+            if agent_id is not None:
+                return self.store.restore(agent_id, make, position)
+            return self.store.restore_path(path, make, position)
+        from node.memory import device_restore
+
+        dtype = getattr(mx, self.engine.info.dtype.rsplit(".", 1)[-1])  # "mlx.core.bfloat16" or "float32"
+        if agent_id is not None:
+            return device_restore.restore(self.store, agent_id, make, dtype, position, landing="staging")
+        return device_restore.restore_path(self.store, list(path), make, dtype, position, landing="staging")
 
     def _restored_agent(self, agent_id: str, restored) -> Agent:
         agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens))
