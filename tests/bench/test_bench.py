@@ -29,7 +29,7 @@ TINY = Profile(
 SCENARIOS = (
     ("runtime", "single", "resume", "context", "multi_agent")
     + (("peer",) if peer.llama_cpp_installed() else ())
-    + ("batched",)
+    + ("batched", "weights")
 )
 COMMON = {
     "id",
@@ -173,3 +173,27 @@ def test_cli_lists_scenarios_and_refuses_unknown_ones():
         check=False,
     )
     assert bad.returncode == 2 and "unknown scenario" in bad.stderr
+
+
+def test_weights_scenario_compares_int8_with_fp32(document):
+    """Scenario 8: both sides decoded in fresh processes; agreement counted over their tokens."""
+    results = scenario(document, "weights")["results"]
+    assert results["fp32"]["decode_tok_s"] and results["int8"]["decode_tok_s"]
+    assert any(k.startswith("int8 weights") for k in results["int8"]["kernels"])
+    assert not any(k.startswith("int8 weights") for k in results["fp32"]["kernels"])
+    agreement = results["agreement"]
+    assert agreement["compared_tokens"] == min(
+        len(results["fp32"]["token_ids"]), len(results["int8"]["token_ids"])
+    )
+    assert 0 < agreement["compared_tokens"] and 0.0 <= agreement["same_positions"] <= 1.0
+
+
+def test_agreement_counts_the_first_difference():
+    from node.bench.weights import agreement
+
+    assert agreement([1, 2, 3, 4], [1, 2, 9, 4, 5]) == {
+        "compared_tokens": 4,
+        "first_difference": 2,
+        "same_positions": 0.75,
+    }
+    assert agreement([1, 2], [1, 2])["first_difference"] is None
