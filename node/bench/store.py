@@ -61,7 +61,8 @@ def _tier(root, fingerprint: str, url: str):
 def _size_row(bench: Bench, built: dict, url: str) -> dict:
     engine, agent_id = bench.engine, built["agent_id"]
     source, uploader = _tier(bench.contexts_dir, engine.info.fingerprint, url)
-    local = min(source.restore(agent_id, engine.make_caches).seconds for _ in range(3))
+    local_runs = [source.restore(agent_id, engine.make_caches).seconds for _ in range(3)]
+    local = min(local_runs)
     started = time.perf_counter()
     uploader.enqueue(source.manifest(agent_id))
     uploader.flush()
@@ -69,18 +70,20 @@ def _size_row(bench: Bench, built: dict, url: str) -> dict:
     uploaded = uploader.status()["uploaded_bytes"]
     uploader.close()
     target, puller = _tier(bench.work_dir / f"store-pull-{built['tokens']}", engine.info.fingerprint, url)
-    started = time.perf_counter()
     pulled = puller.pull(agent_id)
-    restored = target.restore(agent_id, engine.make_caches)
-    resume_s = time.perf_counter() - started
     puller.close()
-    assert pulled is not None and len(restored.tokens) == len(source.tokens(agent_id))
+    restores = [target.restore(agent_id, engine.make_caches) for _ in range(3)]
+    assert pulled is not None and len(restores[0].tokens) == len(source.tokens(agent_id))
+    first_restore = restores[0].seconds
+    resume_s = pulled.seconds + min(r.seconds for r in restores)
     return {
         "tokens": built["tokens"],
         "prefill_s": round(built["prefill_s"], 3),
         "local_restore_s": round(local, 4),
         "store_resume_s": round(resume_s, 4),
         "pull_s": round(pulled.seconds, 4),
+        "first_local_restore_s": round(local_runs[0], 4),
+        "first_restore_after_pull_s": round(first_restore, 4),
         "bytes": pulled.bytes_downloaded,
         "upload_s": round(upload_s, 4),
         "upload_mb_s": round(uploaded / upload_s / 1e6, 1),
@@ -152,8 +155,8 @@ async def run(bench: Bench) -> Outcome:
     }
     notes = [
         (
-            f"object store {endpoint}; store resume = pull (download, digests checked, rename) + local "
-            "restore; local restore from the page cache, best of 3"
+            f"object store {endpoint}; store resume = pull (download, digests checked, rename) + the "
+            "restore of the pulled copy; restores from the page cache, best of 3 (first ones in the JSON)"
         ),
         (
             f"{shared['nodes']} nodes committed one {shared['playbook_tokens']}-token playbook: "

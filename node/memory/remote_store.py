@@ -30,6 +30,7 @@ from node.memory.agent_ids import agent_dirname
 
 CONNECT_TIMEOUT_S = 2.0
 READ_TIMEOUT_S = 30.0
+CHUNK_BYTES = 1 << 20
 
 
 class StoreUnavailable(Exception):
@@ -88,9 +89,7 @@ class ObjectStore:
             response = self._call(self._client.get_object, Bucket=self.url.bucket, Key=self.block_key(key))
         except _Missing:
             return None
-        data = self._call(response["Body"].read)
-        Path(target).write_bytes(data)
-        return len(data)
+        return self._call(_stream_into, response["Body"], Path(target))
 
     def delete_block(self, key: str) -> None:
         self._call(self._client.delete_object, Bucket=self.url.bucket, Key=self.block_key(key))
@@ -201,6 +200,14 @@ class _Missing(StoreUnavailable):
 
 class _Conflict(Exception):
     pass
+
+
+def _stream_into(body, target: Path) -> int:
+    size = 0
+    with target.open("wb") as handle:
+        for chunk in body.iter_chunks(CHUNK_BYTES):
+            size += handle.write(chunk)
+    return size
 
 
 def _code(error: Exception) -> str:

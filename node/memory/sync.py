@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 MAX_PENDING_BYTES = 1 << 30
 RETRY_S = 2.0
 KEEP_VERSIONS = 2
-DOWNLOAD_THREADS = 8
+TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB at fp16)
 CLOSE_TIMEOUT_S = 30.0
 
 
@@ -170,25 +170,27 @@ class RemoteTier:
             self._changed.notify_all()  # writers waiting on back-pressure go on
 
     def _upload(self, agent_id: str, manifest: dict) -> None:
+        """The blocks the store lacks (in parallel), then the manifest: never a version naming a
+        block the store does not hold."""
         started = time.perf_counter()
         if self.reachable is not True:
             self.remote.ensure_bucket()
-        for ref in manifest["blocks"]:
-            key = ref["key"]
-            if key in self._uploaded:
-                continue
-            path = self.store.blocks.path(key)
-            try:
-                sent = self.remote.put_block(key, path)
-            except FileNotFoundError:
-                if not self.remote.has_block(key):
-                    raise _Superseded(f"block {key} of context {agent_id!r} left the local disk") from None
-                sent = 0
-            self._uploaded.add(key)
-            self.uploaded_bytes += sent
-            self.uploaded_blocks += bool(sent)
+        keys = list(dict.fromkeys(r["key"] for r in manifest["blocks"] if r["key"] not in self._uploaded))
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            sent = list(pool.map(lambda key: self._upload_block(agent_id, key), keys))
+        self._uploaded.update(keys)
+        self.uploaded_bytes += sum(sent)
+        self.uploaded_blocks += sum(1 for size in sent if size)
         self._put_manifest(agent_id, manifest)
         self.upload_s += time.perf_counter() - started
+
+    def _upload_block(self, agent_id: str, key: str) -> int:
+        try:
+            return self.remote.put_block(key, self.store.blocks.path(key))
+        except FileNotFoundError:
+            if not self.remote.has_block(key):
+                raise _Superseded(f"block {key} of context {agent_id!r} left the local disk") from None
+            return 0
 
     def _put_manifest(self, agent_id: str, manifest: dict) -> None:
         known = self._known.get(agent_id)
@@ -237,7 +239,7 @@ class RemoteTier:
         if local is not None and float(local.get("updated") or 0) >= newest:
             return None
         keys = [ref["key"] for ref in latest["blocks"] if not self.store.blocks.exists(ref["key"])]
-        with ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
             sizes = list(pool.map(self._download, keys))
         self.store.adopt(latest)
         self._uploaded.update(ref["key"] for ref in latest["blocks"])
