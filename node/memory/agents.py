@@ -207,10 +207,10 @@ class AgentManager:
 
     async def metadata(self, agent_id: str) -> dict | None:
         validate_agent_id(agent_id)
+        await self._pull(agent_id)
         agent = self._agents.get(agent_id)
         if agent is not None:
             return dict(agent.metadata)
-        await self._pull(agent_id)
         try:
             manifest = await asyncio.to_thread(self.store.manifest, agent_id)
         except CheckpointError:
@@ -221,6 +221,7 @@ class AgentManager:
         """The token ids an agent's context holds (empty for an unknown agent)."""
         validate_agent_id(agent_id)
         async with self._lock(agent_id):
+            await self._pull(agent_id)
             return await self._worker.run(self._tokens, agent_id)
 
     async def delete(self, agent_id: str) -> bool:
@@ -229,11 +230,14 @@ class AgentManager:
             return await self._worker.run(self._delete, agent_id)
 
     async def _pull(self, agent_id: str) -> None:
-        """A context not in memory: take the shared store's version first if it is newer (a turn
-        another node ran), off the event loop and off the model thread."""
-        if self.remote is not None and agent_id not in self._agents:
-            await asyncio.to_thread(self._writer.wait, agent_id)
-            await asyncio.to_thread(self.remote.pull, agent_id)
+        """Take the shared store's version of a context first if it is newer than ours (a turn
+        another node ran), off the event loop and off the model thread; a copy in memory is then
+        stale and is dropped, so the task restores the newer one."""
+        if self.remote is None:
+            return
+        await asyncio.to_thread(self._writer.wait, agent_id)
+        if await asyncio.to_thread(self.remote.pull, agent_id) is not None and agent_id in self._agents:
+            await self._worker.run(self._agents.pop, agent_id, None)
 
     def stats(self) -> dict:
         return {

@@ -130,3 +130,26 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     CheckpointStore(tmp_path / "two", tiny_engine.info.fingerprint).verify("delta")  # its own, sound
     # the damaged object was deleted, and node two uploaded its own copy of that block
     assert remote._client.get_object(Bucket="agents", Key=remote.block_key(key))["Body"].read() != bytes(body)
+
+
+async def test_a_copy_in_memory_gives_way_to_a_newer_turn_run_elsewhere(tiny_engine, tmp_path, bucket):
+    one = await _node(tiny_engine, tmp_path / "one", bucket)
+    two = await _node(tiny_engine, tmp_path / "two", bucket)
+    try:
+        prompt = tiny_engine.encode(TEXT * 12)
+        await one.generate("eps", prompt, GREEDY, metadata={"turn": 1})  # stays in one's memory
+        await one.flush()
+        assert one.remote.flush(30)
+        history = await two.tokens("eps")  # pulled from the store
+        await two.generate(
+            "eps", history + tiny_engine.encode(" two", add_bos=False), GREEDY, metadata={"turn": 2}
+        )
+        await two.flush()
+        assert two.remote.flush(30)
+        assert await one.metadata("eps") == {"turn": 2}  # one's copy in memory was older
+        newer = await two.tokens("eps")
+        third = await one.generate("eps", newer + tiny_engine.encode(" one", add_bos=False), GREEDY)
+    finally:
+        await one.close()
+        await two.close()
+    assert third.usage.cached_tokens == len(newer)
