@@ -74,8 +74,10 @@ class LoadReport:
         rss = "-" if self.peak_rss_bytes is None else f"{self.peak_rss_bytes / 2**20:.0f} MiB"
         return [
             f"clients {self.clients}, {self.seconds:.0f} s",
-            f"completed {self.completed}, rejected (429/529/503/OVERLOADED) {self.rejected}, "
-            f"errors {self.errors} (5xx {self.server_errors}), tasks not terminal {self.not_terminal}",
+            (
+                f"completed {self.completed}, rejected (429/529/503/OVERLOADED) {self.rejected}, "
+                f"errors {self.errors} (5xx {self.server_errors}), tasks not terminal {self.not_terminal}"
+            ),
             f"latency p50 {ms(self.p50_s)}, p95 {ms(self.p95_s)}, p99 {ms(self.p99_s)}",
             f"node peak RSS {rss}",
             *(f"error: {sample}" for sample in self.error_samples),
@@ -214,7 +216,9 @@ class Client:
         return OK
 
     async def anthropic_stream(self) -> float | str:
-        async with self.http.stream("POST", self.url + "/v1/messages", json=self._messages_body(True)) as response:
+        async with self.http.stream(
+            "POST", self.url + "/v1/messages", json=self._messages_body(True)
+        ) as response:
             if (retry := self._refusal(response)) is not None:
                 return retry
             text = (await response.aread()).decode()
@@ -277,7 +281,9 @@ def add_parser(commands) -> None:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--max-tokens", dest="load_max_tokens", type=int, default=8, help="per generation")
     p.add_argument("--key", dest="load_key", default=None, help="the node's API key, if it has one")
-    p.add_argument("--json", dest="load_json", default=None, metavar="PATH", help="also write the report here")
+    p.add_argument(
+        "--json", dest="load_json", default=None, metavar="PATH", help="also write the report here"
+    )
 
 
 def run(args, config, progress) -> int:

@@ -129,7 +129,9 @@ class GuardedTransport(httpx.AsyncBaseTransport):
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_response_bytes:
             await response.aclose()
-            raise OutboundRefused(f"{request.url}: response of {length} bytes exceeds {self.max_response_bytes}")
+            raise OutboundRefused(
+                f"{request.url}: response of {length} bytes exceeds {self.max_response_bytes}"
+            )
         stream = _CappedStream(response.stream, str(request.url), self.max_response_bytes)
         return httpx.Response(
             response.status_code, headers=response.headers, stream=stream, extensions=response.extensions

@@ -34,8 +34,7 @@ from a2a.utils.error_handlers import build_rest_error_payload
 from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.datastructures import Headers
-from starlette.requests import HTTPConnection
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 

@@ -23,7 +23,7 @@ async def test_a_running_task_ends_failed_with_a_reason_at_shutdown(tiny_gguf, t
             client = await a2a_client(http, node.url)
             request = user_message("a long answer, please", max_tokens=LONG)
             request.configuration.CopyFrom(SendMessageConfiguration(return_immediately=True))
-            task_id = [r async for r in client.send_message(request)][0].task.id
+            task_id = [r async for r in client.send_message(request)][0].task.id  # noqa: RUF015 (an async generator)
 
             async def working():
                 task = await client.get_task(GetTaskRequest(id=task_id))
@@ -42,7 +42,9 @@ async def test_a_running_task_ends_failed_with_a_reason_at_shutdown(tiny_gguf, t
 
 @pytest.fixture(scope="module")
 def node(tiny_gguf, tmp_path_factory):
-    process = start_tiny_node(tiny_gguf, tmp_path_factory.mktemp("tiny-overflow"), "--skills", "technical_analysis")
+    process = start_tiny_node(
+        tiny_gguf, tmp_path_factory.mktemp("tiny-overflow"), "--skills", "technical_analysis"
+    )
     yield process
     process.stop()
 
@@ -54,7 +56,8 @@ async def test_a_conversation_past_the_context_drops_its_oldest_turns(node):
         client = await a2a_client(http, node.url)
         context_id, tasks = None, []
         for text in turns:
-            task = [r async for r in client.send_message(user_message(text, context_id, max_tokens=2))][0].task
+            responses = [r async for r in client.send_message(user_message(text, context_id, max_tokens=2))]
+            task = responses[0].task
             context_id = task.context_id
             tasks.append(task)
     states = [TaskState.Name(t.status.state) for t in tasks]

@@ -122,7 +122,9 @@ async def test_the_inbound_key_is_never_sent_and_each_origin_gets_only_its_own_k
         heartbeat_s=0.2,
     )
     network = Network(config)
-    async with serving((registry.port, registry.app()), (peer.port, peer.app()), (stranger.port, stranger.app())):
+    async with serving(
+        (registry.port, registry.app()), (peer.port, peer.app()), (stranger.port, stranger.app())
+    ):
         await network.start()
         try:
             await wait_for(lambda: any(m == "POST" for m, _, _ in registry.requests))
@@ -200,9 +202,12 @@ async def test_a_registration_is_taken_only_when_the_card_at_its_url_vouches_for
         good = await http.post(REGISTRY_PATH, json={"url": honest.url, "skills": [SKILL]})
         unlisted_skill = await http.post(REGISTRY_PATH, json={"url": honest.url, "skills": ["coordination"]})
         away = await http.post(REGISTRY_PATH, json={"url": pointing_away.url, "skills": [SKILL]})
-        nobody = await http.post(REGISTRY_PATH, json={"url": f"http://127.0.0.1:{free_port()}", "skills": [SKILL]})
+        nobody = await http.post(
+            REGISTRY_PATH, json={"url": f"http://127.0.0.1:{free_port()}", "skills": [SKILL]}
+        )
         other_card = await http.post(
-            REGISTRY_PATH, json={"url": honest.url, "card_url": pointing_away.url + "/card", "skills": [SKILL]}
+            REGISTRY_PATH,
+            json={"url": honest.url, "card_url": pointing_away.url + "/card", "skills": [SKILL]},
         )
     assert good.status_code == 200, good.text
     assert unlisted_skill.status_code == 400 and "does not list coordination" in unlisted_skill.text
@@ -215,10 +220,9 @@ async def test_a_card_pointing_elsewhere_gets_no_message():
     target = Spy()
     liar = Spy(interface_url=target.url + "/")
     config = NodeConfig(port=free_port(), skills=("coordination",), peers=(liar.url,))
-    async with serving((target.port, target.app()), (liar.port, liar.app())):
-        async with outbound_client(config) as http:
-            delegator = Delegator(PeerDirectory(config, http), PeerClient(http, timeout_s=10))
-            result = await delegator.run(SKILL, "internal secrets?", "ctx", {})
+    async with serving((target.port, target.app()), (liar.port, liar.app())), outbound_client(config) as http:
+        delegator = Delegator(PeerDirectory(config, http), PeerClient(http, timeout_s=10))
+        result = await delegator.run(SKILL, "internal secrets?", "ctx", {})
     assert result.answer is None
     assert [(a.peer, a.outcome) for a in result.attempts] == [(liar.url, "refused")]
     assert not [r for r in target.requests if r[0] == "POST"]  # the user's text never went there
@@ -252,7 +256,10 @@ def test_private_ranges_only_with_the_flag():
 
 # ---- scenario 6: a sub-task's total deadline, attempt cap, capped bodies ---------------------
 async def test_a_sub_task_has_one_deadline_and_an_attempt_cap_over_all_its_peers():
-    async with scripted_peers("slow", "slow", "slow", "slow", "slow") as peers, httpx.AsyncClient(timeout=30) as http:
+    async with (
+        scripted_peers("slow", "slow", "slow", "slow", "slow") as peers,
+        httpx.AsyncClient(timeout=30) as http,
+    ):
         config = NodeConfig(port=free_port(), skills=("coordination",), peers=tuple(peers))
         delegator = Delegator(PeerDirectory(config, http), PeerClient(http, timeout_s=2.0), deadline_s=3.0)
         started = time.monotonic()
@@ -274,5 +281,7 @@ async def test_an_endless_card_is_cut_off():
 
 def test_a_peers_malformed_usage_is_no_figures():
     assert clean_usage("lots") == {}
-    assert clean_usage({"promptTokens": "12", "cachedTokens": True, "generatedTokens": 5}) == {"generatedTokens": 5}
+    assert clean_usage({"promptTokens": "12", "cachedTokens": True, "generatedTokens": 5}) == {
+        "generatedTokens": 5
+    }
     assert clean_usage({"generatedTokens": float("nan"), "x": -1}) == {}

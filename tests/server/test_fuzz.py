@@ -25,7 +25,9 @@ ODD = st.sampled_from(["\ud800", "\udfff", "\x00", "\u202e", "\ufeff", "🧨" * 
 TEXT = st.one_of(st.text(max_size=50), ODD)
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT)
 JSON = st.recursive(
-    SCALAR, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12
+    SCALAR,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=12,
 )
 WRONG = st.one_of(JSON, SCALAR)
 
@@ -58,7 +60,12 @@ A2A = {
     "id": 1,
     "method": "SendMessage",
     "params": {
-        "message": {"messageId": "m-1", "role": "ROLE_USER", "parts": [{"text": "hi"}], "metadata": {"max_tokens": 2}}
+        "message": {
+            "messageId": "m-1",
+            "role": "ROLE_USER",
+            "parts": [{"text": "hi"}],
+            "metadata": {"max_tokens": 2},
+        }
     },
 }
 
@@ -92,16 +99,26 @@ def check(node, api: str, response: httpx.Response) -> None:
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
     database=None,
 )
 
 
 @FUZZ
-@given(body=st.one_of(near(MESSAGES), JSON), path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+@given(
+    body=st.one_of(near(MESSAGES), JSON), path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"])
+)
 def test_anthropic_api_never_fails_on_hostile_input(node, body, path):
     with httpx.Client(base_url=node.url, timeout=120) as http:
-        check(node, "anthropic", http.post(path, content=body_of(body), headers={"content-type": "application/json"}))
+        check(
+            node,
+            "anthropic",
+            http.post(path, content=body_of(body), headers={"content-type": "application/json"}),
+        )
 
 
 @FUZZ
@@ -109,9 +126,7 @@ def test_anthropic_api_never_fails_on_hostile_input(node, body, path):
     body=st.one_of(
         near(A2A),
         st.builds(lambda params: {**A2A, "params": params}, near(A2A["params"])),
-        st.builds(
-            lambda message: {**A2A, "params": {"message": message}}, near(A2A["params"]["message"])
-        ),
+        st.builds(lambda message: {**A2A, "params": {"message": message}}, near(A2A["params"]["message"])),
         JSON,
     )
 )
@@ -122,9 +137,15 @@ def test_a2a_api_never_fails_on_hostile_input(node, body):
 
 
 @FUZZ
-@given(body=st.one_of(near(A2A["params"]), JSON), path=st.sampled_from(["/message:send", "/tasks", "/tasks/x"]))
+@given(
+    body=st.one_of(near(A2A["params"]), JSON), path=st.sampled_from(["/message:send", "/tasks", "/tasks/x"])
+)
 def test_a2a_http_json_never_fails_on_hostile_input(node, body, path):
     with httpx.Client(base_url=node.url, timeout=120) as http:
         headers = {"content-type": "application/json", "A2A-Version": "1.0"}
         method = "POST" if path == "/message:send" else "GET"
-        check(node, "a2a-http-json", http.request(method, path, content=body_of(body) if method == "POST" else None, headers=headers))
+        check(
+            node,
+            "a2a-http-json",
+            http.request(method, path, content=body_of(body) if method == "POST" else None, headers=headers),
+        )
