@@ -14,6 +14,8 @@ import uvicorn
 from node.config import NodeConfig
 
 GRACEFUL_SHUTDOWN_S = 10
+MIN_CONNECTIONS = 128
+CONNECTIONS_PER_SLOT = 8
 
 
 class _Server(uvicorn.Server):
@@ -32,6 +34,12 @@ class _Server(uvicorn.Server):
                 self._captured_signals.clear()
 
 
+def connection_limit(config: NodeConfig) -> int:
+    """Open connections uvicorn serves at once: room for the gate's requests, the streams that
+    watch them (subscriptions, dashboards) and cheap calls, but not for unbounded sockets."""
+    return max(MIN_CONNECTIONS, CONNECTIONS_PER_SLOT * config.max_pending)
+
+
 async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
     from node.server.app import create_app, start_manager
 
@@ -46,6 +54,9 @@ async def serve(config: NodeConfig, progress: Callable[[str], None]) -> int:
                 port=config.port,
                 log_level="info",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                # Connections beyond this get 503 from uvicorn before any of the node's code runs
+                # (the admission gate bounds generations; this bounds sockets and idle streams).
+                limit_concurrency=connection_limit(config),
             )
         )
         app.state.observability.stopping = lambda: server.should_exit  # the dashboard's streams end

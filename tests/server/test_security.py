@@ -272,3 +272,11 @@ def test_a_second_credential_learns_nothing_from_anothers_cache(node):
     usage("alice")
     assert usage("alice").cache_read_input_tokens > 10  # alice's own conversation is cached
     assert usage("bob").cache_read_input_tokens <= 1  # bob's probe reads nothing of it (a BOS at most)
+
+
+def test_open_connections_are_bounded_too():
+    from node.config import NodeConfig
+    from node.server.serve import MIN_CONNECTIONS, connection_limit
+
+    assert connection_limit(NodeConfig(max_pending=2)) == MIN_CONNECTIONS
+    assert connection_limit(NodeConfig(max_pending=100)) == 800
