@@ -10,12 +10,25 @@ from a2a.types import GetTaskRequest, SendMessageConfiguration, TaskState
 
 from node.a2a.executor import SHUTDOWN_REASON
 from tests.a2a_node import a2a_client, http_client, metadata_of, poll_until, start_tiny_node, user_message
+from tests.conftest import free_port
+from tests.postgres_cluster import postgres_bin, postgres_cluster
 
 LONG = 20000  # tokens: minutes on the tiny model
 
 
-async def test_a_running_task_ends_failed_with_a_reason_at_shutdown(tiny_gguf, tmp_path):
-    database = f"sqlite+aiosqlite:///{tmp_path / 'tasks.sqlite'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path):
+    """The shared task store's database: SQLite, and PostgreSQL where its binaries are installed."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'tasks.sqlite'}"
+        return
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL binaries absent (apt-get install postgresql)")
+    with postgres_cluster(free_port()) as url:
+        yield url
+
+
+async def test_a_running_task_ends_failed_with_a_reason_at_shutdown(tiny_gguf, tmp_path, database):
     flags = ("--skills", "technical_analysis", "--max-tokens", str(LONG), "--database-url", database)
     node = start_tiny_node(tiny_gguf, tmp_path, *flags)
     try:
