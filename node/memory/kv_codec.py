@@ -1,8 +1,9 @@
 """KV rows in their storage dtype: fp32 -> fp16 / bf16 / int8 on save, back to fp32 on restore.
 
-Decoding runs in `native/kv_decode.c` (F16C where the CPU has it) straight into the destination,
-which a restore points at the caches' own memory: one pass over the stored bytes, no copy after.
-Without a C compiler numpy does the same, several times slower.
+Both directions of fp16 run in `native/kv_decode.c` (F16C where the CPU has it; numpy converts
+fp16 one value at a time), decoding straight into the destination, which a restore points at the
+caches' own memory: one pass over the stored bytes, no copy after. Without a C compiler numpy does
+the same, several times slower.
 """
 
 from __future__ import annotations
@@ -27,9 +28,25 @@ def encode(rows: np.ndarray, storage: str) -> tuple[str, dict[str, np.ndarray]]:
         safe = np.maximum(scale16.astype(np.float32), np.float32(1e-30))
         quantized = np.clip(np.rint(rows / safe), -127, 127).astype(np.int8)
         return "int8", {"": quantized, ".scale": scale16}
-    if storage == "float16" and np.isfinite(rows).all() and np.abs(rows).max(initial=0.0) <= _FP16_MAX:
-        return "float16", {"": rows.astype(np.float16)}
+    if storage == "float16":
+        encoded = _to_fp16(rows)
+        if encoded is not None:
+            return "float16", {"": encoded}
     return "bfloat16", {"": _to_bfloat16_bits(rows)}
+
+
+def _to_fp16(rows: np.ndarray) -> np.ndarray | None:
+    """fp32 -> fp16, or None when a value is not finite or beyond fp16's range."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    library = _library()
+    if library is None:
+        if not (np.isfinite(rows).all() and np.abs(rows).max(initial=0.0) <= _FP16_MAX):
+            return None
+        return rows.astype(np.float16)
+    out = np.empty(rows.shape, np.uint16)
+    if not library.node_kv_to_fp16(rows.ctypes.data, out.ctypes.data, rows.size):
+        return None
+    return out.view(np.float16)
 
 
 def _to_bfloat16_bits(rows: np.ndarray) -> np.ndarray:
@@ -47,6 +64,8 @@ def _library() -> ctypes.CDLL | None:
         library.node_kv_fp16_rows.argtypes = rows
         library.node_kv_bf16_rows.argtypes = rows
         library.node_kv_int8_rows.argtypes = [ctypes.c_void_p, ctypes.c_long, *rows]
+        library.node_kv_to_fp16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        library.node_kv_to_fp16.restype = ctypes.c_int
     return library
 
 

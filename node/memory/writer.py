@@ -9,6 +9,7 @@ retried before that agent's next save, so later saves, which build on it, stay c
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -20,6 +21,18 @@ from node.memory.checkpoint import CheckpointStore, SavePlan
 logger = logging.getLogger(__name__)
 _STOP = object()
 Done = Callable[[float | BaseException], None]
+
+
+WRITER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Let this thread yield the CPU to the model thread (Linux schedules threads as tasks: a
+    thread's own nice value): a checkpoint may wait a little, a decode step should not."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: same priority as the rest
+        pass
 
 
 class CheckpointWriter:
@@ -68,6 +81,7 @@ class CheckpointWriter:
         }
 
     def _loop(self) -> None:
+        _lower_priority()
         while (item := self._queue.get()) is not _STOP:
             plan, on_done = item
             result = self._commit_in_order(plan)

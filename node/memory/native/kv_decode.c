@@ -80,3 +80,47 @@ void node_kv_int8_rows(const int8_t *src, long src_stride, const uint16_t *scale
         for (long i = 0; i < width; i++) d[i] = (float)s[i] * scale;
     }
 }
+
+/* Encoding, for saves: fp32 -> fp16 (round to nearest even). Returns 0 as soon as a value is not
+ * finite or beyond fp16's range (the caller then stores bf16), 1 when all `n` were written. */
+static int to_fp16_portable(const float *src, uint16_t *dst, long n) {
+    for (long i = 0; i < n; i++) {
+        float x = src[i];
+        if (!(x <= 65504.0f && x >= -65504.0f)) return 0;
+        uint32_t bits;
+        memcpy(&bits, &x, 4);
+        uint32_t sign = (bits >> 16) & 0x8000, magnitude = bits & 0x7fffffff;
+        uint16_t h;
+        if (magnitude < 0x38800000) { /* subnormal half (or zero) */
+            float scaled = (x < 0 ? -x : x) * 16777216.0f; /* 2^24: units of the smallest subnormal */
+            uint32_t m = (uint32_t)scaled, rest = scaled - (float)m >= 0.5f;
+            h = (uint16_t)(sign | (m + rest));
+        } else {
+            uint32_t rounded = magnitude + 0x0fff + ((magnitude >> 13) & 1);
+            h = (uint16_t)(sign | ((rounded - 0x38000000) >> 13));
+        }
+        dst[i] = h;
+    }
+    return 1;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx,f16c"))) static int to_fp16_f16c(const float *src, uint16_t *dst, long n) {
+    const __m256 limit = _mm256_set1_ps(65504.0f), sign = _mm256_set1_ps(-0.0f);
+    long i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(src + i);
+        /* |x| <= 65504 is false for NaN too (ordered compare) */
+        if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, x), limit, _CMP_LE_OQ)) != 0xff) return 0;
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return to_fp16_portable(src + i, dst + i, n - i);
+}
+#endif
+
+int node_kv_to_fp16(const float *src, uint16_t *dst, long n) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx")) return to_fp16_f16c(src, dst, n);
+#endif
+    return to_fp16_portable(src, dst, n);
+}
