@@ -98,7 +98,8 @@ def resume_table(first: dict, resumed: dict, cold: dict) -> None:
             f"{_tokens(c, 'prefilledTokens'):>22}{prefill_s:>11.2f}{speedup:>11}"
         )
     out("  restored = the whole conversation so far (brief, question, answer) read from the checkpoint;")
-    out("  cold = the same brief prefilled from scratch after the skill's cached system prompt.")
+    out("  cold = the same brief in a new context, marked so that no stored conversation shares it,")
+    out("         prefilled from scratch after the skill's cached playbook.")
     first_prefill = ", ".join(f"{a} {t.usage.get('prefillSeconds', 0):.2f} s" for a, t in first.items())
     out(f"  (session 1 cold prefills of the first turn: {first_prefill})")
 

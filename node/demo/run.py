@@ -141,9 +141,10 @@ class Demo:
         for skill in QUESTIONS:  # one at a time, so the cold prefills do not share the CPU
             context_id = f"demo-cold-{skill}-{uuid.uuid4().hex[:8]}"
             self.labels[conversation_agent_id(skill, context_id)] = "cold-prefill control (1 token)"
-            cold[skill] = await self.ask(
-                skill, _first_prompt(skill), context_id, max_tokens=1, delegate=False
-            )
+            # Marked, so that no stored conversation shares the brief: stored prefixes are reused
+            # across contexts, and the control must prefill the brief itself.
+            control = f"(control run {context_id[-8:]}) {_first_prompt(skill)}"
+            cold[skill] = await self.ask(skill, control, context_id, max_tokens=1, delegate=False)
         return {t.agent: t for t in resumed}, cold
 
     async def coordinate(self) -> None:
