@@ -289,7 +289,9 @@ JSONRPC_ERRORS = [
 @pytest.mark.parametrize("case, body, headers, code", JSONRPC_ERRORS, ids=[c[0] for c in JSONRPC_ERRORS])
 async def test_jsonrpc_errors(node, case, body, headers, code):
     async with http_client(**{"A2A-Version": "1.0", **headers}) as http:
-        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+        # Raw bodies declare JSON: a body without a JSON content type is refused first (issue 17).
+        raw = {"content": body, "headers": {"content-type": "application/json"}}
+        kwargs = raw if isinstance(body, bytes) else {"json": body}
         response = await http.post(f"{node.url}/", **kwargs)
     assert response.status_code == 200, response.text
     assert response.json()["error"]["code"] == code, response.text
