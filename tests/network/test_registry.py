@@ -25,7 +25,7 @@ async def registry(tmp_path):
     app = create_app(config)
     registry = app.state.network.registry  # started by hand: the app's lifespan would load the model
     await registry.start()
-    registry.verify = _vouched  # this file tests parsing; tests/network/test_membership_security.py the card check
+    registry.verify = _vouched  # this file tests parsing; tests/network/test_security.py the card check
     try:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
