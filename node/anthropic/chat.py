@@ -48,7 +48,9 @@ class ChatService:
     """The manager (or a callable returning it, None while the node starts), the config, the
     admission gate every API shares, and the conversation index."""
 
-    def __init__(self, manager, config, max_pending: int = MAX_PENDING, gate: RequestGate | None = None) -> None:
+    def __init__(
+        self, manager, config, max_pending: int = MAX_PENDING, gate: RequestGate | None = None
+    ) -> None:
         self._manager = manager
         self.config = config
         self.gate = gate or RequestGate(max_pending)
@@ -85,9 +87,9 @@ class ChatService:
         """Callers with different keys get different families, so one cannot learn through
         `cache_read_input_tokens` how much of its prompt another's conversation holds (prefix
         probing); `share_cache_across_keys` makes reuse across keys a choice. Callers without a
-        key are indistinguishable and share. (The agent manager may still restore a longer prefix
-        stored by anyone; a private family's usage then counts only what its own conversations
-        held, `turn`, so the figure says nothing about others.)"""
+        key are indistinguishable and share. A private family's requests also carry it as their
+        `scope`, so the agent manager never starts them from another key's stored prefix (nor the
+        reverse): no figure and no timing tells one caller about another's conversations."""
         if caller == ANONYMOUS or self.config.share_cache_across_keys:
             return family_id
         return derived_agent_id(f"{family_id}.k", caller)
@@ -115,7 +117,10 @@ class ChatService:
             }
 
         try:
-            stream = self.manager.stream(agent_id, prompt.tokens, params, metadata=metadata, cancel=cancel)
+            scope = prompt.family_id if prompt.private else None  # a keyed caller's own cache
+            stream = self.manager.stream(
+                agent_id, prompt.tokens, params, metadata=metadata, cancel=cancel, scope=scope
+            )
             async for item in stream:
                 match item:
                     case TextDelta(text=delta):

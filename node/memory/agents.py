@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
@@ -83,6 +84,7 @@ class Agent:
     busy: bool = False
     stored: tuple[BlockRef, ...] = ()  # the path of blocks its checkpoint names (its last maybe in part)
     pinned: bool = False
+    scope: str | None = None  # who may start from its blocks: anyone (None) or requests of this scope
     reserved_bytes: int = 0  # growth of its caches the running task may still need
 
 
@@ -96,7 +98,8 @@ class AgentManager:
         self._writer = CheckpointWriter(store)
         store.is_live = lambda agent_id: agent_id in self._agents
         self._agents: OrderedDict[str, Agent] = OrderedDict()
-        self._locks: dict[str, asyncio.Lock] = {}
+        # A lock lives while a task holds or awaits it (no map that grows with every agent id).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._snapshot: dict = {"agents": {}}
         self._prefill_rate = PrefillRate()
         self._refused: list[dict] = []
@@ -144,11 +147,14 @@ class AgentManager:
         base_agent: str | None = None,
         metadata: dict | Callable[[Completion], dict] | None = None,
         cancel: threading.Event | None = None,
+        scope: str | None = None,
     ) -> AsyncIterator[TextDelta | PrefillProgress | Completion]:
         """Run one task for `agent_id`, yielding progress, text and finally the Completion.
 
         `base_agent` names the context this agent grows from (a skill's playbook agent); it labels
-        the task, while the cached prefix itself is found by content (`_acquire`).
+        the task, while the cached prefix itself is found by content (`_acquire`). `scope`: the
+        agent starts only from prefixes stored by contexts of no scope or of this one, and its own
+        blocks serve only those (callers with different API keys learn nothing of each other).
         """
         validate_agent_id(agent_id)
         if base_agent is not None:
@@ -168,7 +174,7 @@ class AgentManager:
         async with self._lock(agent_id):
             await self._pull(agent_id)
             started = self._worker.submit(
-                self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done
+                self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done, scope
             )
             started.add_done_callback(
                 lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
@@ -266,12 +272,17 @@ class AgentManager:
         self.store.close()
 
     def _lock(self, agent_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(agent_id, asyncio.Lock())
+        lock = self._locks.get(agent_id)
+        if lock is None:
+            lock = self._locks[agent_id] = asyncio.Lock()
+        return lock
 
     # ---- worker-thread side --------------------------------------------------------------
-    def _start_task(self, agent_id, prompt, params, metadata, should_stop, emit, done: Future) -> None:
+    def _start_task(
+        self, agent_id, prompt, params, metadata, should_stop, emit, done: Future, scope: str | None
+    ) -> None:
         """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
-        agent, restore_s = self._acquire(agent_id, prompt)
+        agent, restore_s = self._acquire(agent_id, prompt, scope)
         sequence = Sequence(
             self.engine,
             agent.context,
@@ -345,7 +356,7 @@ class AgentManager:
         self._evict(keep=agent_id)
         return cached
 
-    def _acquire(self, agent_id: str, prompt: list[int]) -> tuple[Agent, float]:
+    def _acquire(self, agent_id: str, prompt: list[int], scope: str | None = None) -> tuple[Agent, float]:
         """The agent, holding the longest prefix of `prompt` it can get: its own history (in
         memory or on disk), or the longest prefix stored anywhere when that is clearly longer."""
         agent, restore_s = self._agents.get(agent_id), 0.0
@@ -353,6 +364,7 @@ class AgentManager:
             self._writer.wait(agent_id)
             agent = self._restore(agent_id, prompt) or self._fresh(agent_id)
             restore_s = agent.stats.restore_s
+        agent.scope = scope
         if not agent.busy:
             better = self._from_tree(agent, prompt, reusable_prefix(agent.context, prompt))
             if better is not None:
@@ -393,13 +405,13 @@ class AgentManager:
     def _from_tree(self, agent: Agent, prompt: list[int], own: int) -> Agent | None:
         """The agent restarted from the longest prefix of `prompt` stored in any context, when
         that beats what its own cache can reuse by TREE_ADVANTAGE_TOKENS or more."""
-        match = self.store.longest_prefix(prompt)
+        match = self.store.longest_prefix(prompt, agent.scope)
         usable = min(match.length, len(prompt) - 1)
         if usable < own + TREE_ADVANTAGE_TOKENS:
             return None
         if agent.persisted < len(agent.context.tokens):
             self._checkpoint(agent)
-        restored = self._share_in_memory(agent.agent_id, prompt, usable, match.path)
+        restored = self._share_in_memory(agent, prompt, usable, match.path)
         if restored is None:
             self._writer.wait()  # the path may name blocks a queued save is still writing
             try:
@@ -408,7 +420,7 @@ class AgentManager:
                 self._refuse_block(e)
                 return None
         fresh = self._restored_agent(agent.agent_id, restored)
-        fresh.metadata, fresh.stats.tasks = agent.metadata, agent.stats.tasks
+        fresh.metadata, fresh.stats.tasks, fresh.scope = agent.metadata, agent.stats.tasks, agent.scope
         logger.info(
             "agent %r starts from %d tokens stored by %r (its own cache reused %d) in %.1f ms%s",
             agent.agent_id, usable, match.holder, own, restored.seconds * 1000,
@@ -416,12 +428,14 @@ class AgentManager:
         )  # fmt: skip
         return fresh
 
-    def _share_in_memory(self, agent_id: str, prompt: list[int], usable: int, path) -> Restored | None:
+    def _share_in_memory(self, agent: Agent, prompt: list[int], usable: int, path) -> Restored | None:
         """The first `usable` prompt tokens as views of an agent in memory that holds them: no
         disk read, and the arrays stay shared until one side writes (MLX copies on write)."""
         started = time.perf_counter()
         for other in self._agents.values():
-            if other.agent_id == agent_id or common_prefix_length(other.context.tokens, prompt) < usable:
+            if other is agent or other.scope not in (None, agent.scope):
+                continue
+            if common_prefix_length(other.context.tokens, prompt) < usable:
                 continue
             caches = kv_cache.prefix_views(other.context.caches, usable, self.engine.make_caches())
             if caches is not None:
@@ -478,7 +492,7 @@ class AgentManager:
         context = agent.context
         plan = self.store.plan(
             agent.agent_id, context.tokens, context.caches, agent.stored, agent.persisted, agent.metadata,
-            pinned=agent.pinned,
+            pinned=agent.pinned, scope=agent.scope,
         )  # fmt: skip
         agent.stored, agent.persisted = tuple(plan.path), len(context.tokens)
         kv_cache.compact(context.caches)

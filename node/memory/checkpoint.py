@@ -101,6 +101,7 @@ class CheckpointStore:
         self._sizes: dict[str, int] = {}
         self._used: dict[str, float] = {}
         self._pinned: set[str] = set()
+        self._scopes: dict[str, str | None] = {}  # context -> who may read its blocks (None: anyone)
         self._guard = threading.RLock()
         self._lock: FileLock | None = None
         self.evicted = 0
@@ -243,10 +244,13 @@ class CheckpointStore:
         self._used[agent_id] = float(manifest.get("used") or manifest.get("updated") or 0)
         if manifest.get("pinned"):
             self._pinned.add(agent_id)
+        self._scopes[agent_id] = manifest.get("scope")
 
-    def longest_prefix(self, prompt: list[int]) -> PrefixMatch:
+    def longest_prefix(self, prompt: list[int], scope: str | None = None) -> PrefixMatch:
+        """The longest stored prefix of `prompt` that a request of `scope` may read: contexts of
+        no scope (skills' playbooks, A2A conversations, keyless API callers) and of its own."""
         with self._guard:
-            return self.index().longest(prompt)
+            return self.index().longest(prompt, lambda context: self._scopes.get(context) in (None, scope))
 
     def path(self, agent_id: str) -> tuple[BlockRef, ...]:
         with self._guard:
@@ -263,6 +267,7 @@ class CheckpointStore:
         metadata: dict,
         *,
         pinned: bool = False,
+        scope: str | None = None,
     ) -> SavePlan:
         """The save of `tokens` (whose K/V `caches` hold from `persisted` on) on top of `stored`,
         the path that holds the first `persisted` of them."""
@@ -294,6 +299,7 @@ class CheckpointStore:
                 "updated": now,
                 "used": now,
                 "pinned": pinned,
+                "scope": scope,
                 "metadata": metadata,
                 "blocks": [ref.as_dict() for ref in path],
             }
@@ -301,6 +307,7 @@ class CheckpointStore:
             orphans = index.set_path(agent_id, path, lambda ref: fresh[ref.key].tokens.tolist())
             self._used[agent_id] = now
             (self._pinned.add if pinned else self._pinned.discard)(agent_id)
+            self._scopes[agent_id] = scope
             return SavePlan(agent_id, path, new_blocks, manifest, orphans)
 
     def _new_blocks(self, tokens, caches, path, start, persisted, carried) -> list[_NewBlock]:
@@ -593,6 +600,7 @@ class CheckpointStore:
             orphans = self.index().remove(agent_id)
             self._used.pop(agent_id, None)
             self._pinned.discard(agent_id)
+            self._scopes.pop(agent_id, None)
         self._delete_blocks(orphans)
         return existed
 

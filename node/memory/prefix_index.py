@@ -110,14 +110,17 @@ class PrefixIndex:
         if node.key in siblings:
             siblings.remove(node.key)
 
-    def longest(self, prompt: list[int]) -> PrefixMatch:
-        """The stored prefix sharing the most leading tokens with `prompt`."""
+    def longest(self, prompt: list[int], readable=lambda context: True) -> PrefixMatch:
+        """The stored prefix sharing the most leading tokens with `prompt`, among the blocks some
+        `readable(context)` holds."""
         path: list[BlockRef] = []
         position, parent = 0, None
         while position < len(prompt):
             best_key, best_shared = None, 0
             for key in self._children.get(parent, {}).get(prompt[position], ()):
                 node = self._nodes[key]
+                if not any(readable(holder) for holder in node.holders):
+                    continue
                 shared = common_prefix_length(node.tokens, prompt[position : position + len(node.tokens)])
                 if shared > best_shared:
                     best_key, best_shared = key, shared
@@ -129,5 +132,6 @@ class PrefixIndex:
             if best_shared < len(node.tokens):
                 break
             parent = best_key
-        holder = next(iter(self._nodes[path[-1].key].holders)) if path else None
+        holders = self._nodes[path[-1].key].holders if path else ()
+        holder = next((h for h in holders if readable(h)), None)
         return PrefixMatch(position, tuple(path), holder)

@@ -48,7 +48,9 @@ class FakeManager:
         self.release = asyncio.Event()
         self.release.set()
 
-    async def stream(self, agent_id, prompt, params, *, base_agent=None, metadata=None, cancel=None):
+    async def stream(
+        self, agent_id, prompt, params, *, base_agent=None, metadata=None, cancel=None, scope=None
+    ):
         self.calls.append({"agent_id": agent_id, "prompt": prompt, "params": params, "metadata": metadata})
         await self.release.wait()
         held = [self.contexts[agent_id]] if agent_id in self.contexts else list(self.contexts.values())

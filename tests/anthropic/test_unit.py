@@ -17,10 +17,10 @@ from starlette.applications import Starlette
 from node.anthropic.api import anthropic_routes
 from node.anthropic.chat import ChatService
 from node.anthropic.prompt import agent_id_for
-from node.memory.agent_ids import derived_agent_id
-from node.server.guards import caller_id
 from node.anthropic.responses import with_timer
 from node.config import NodeConfig
+from node.memory.agent_ids import derived_agent_id
+from node.server.guards import caller_id
 from tests.anthropic.fakes import FakeManager
 
 

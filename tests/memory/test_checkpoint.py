@@ -88,6 +88,20 @@ async def test_any_agent_starts_from_the_longest_prefix_stored_anywhere(tiny_eng
     assert len(shared) == -(-len(system) // BLOCK_TOKENS)  # every playbook block is stored once
 
 
+async def test_a_scoped_context_serves_its_own_scope_and_reads_public_prefixes(tiny_engine, tmp_path):
+    playbook = tiny_engine.encode(TEXT * 8)
+    secret = playbook + tiny_engine.encode(" the secret plan is the cat " * 20, add_bos=False)
+    manager = await _manager(tiny_engine, tmp_path)
+    await manager.ensure_prefix("skill", playbook, pinned=True)
+    first = await manager.generate("key-a.1", secret, GREEDY, scope="key-a")
+    probe = await manager.generate("key-b.1", secret, GREEDY, scope="key-b")
+    again = await manager.generate("key-a.2", secret, GREEDY, scope="key-a")
+    await manager.close()
+    assert first.usage.cached_tokens == len(playbook)  # the public playbook
+    assert probe.usage.cached_tokens == len(playbook)  # not key a's conversation
+    assert again.usage.cached_tokens == len(secret) - 1  # its own scope's
+
+
 async def test_interleaved_conversations_keep_their_own_histories(tiny_engine, tmp_path):
     system = tiny_engine.encode(TEXT * 10)
     manager = await _manager(tiny_engine, tmp_path)
