@@ -97,7 +97,9 @@ class BlockFile:
         entry = self._entry(name)
         start, stop = entry["data_offsets"]
         nbytes = stop - start
-        buffer = memoryview(bytearray(nbytes)) if fresh or self._scratch is None else self._scratch.get(nbytes)
+        buffer = (
+            memoryview(bytearray(nbytes)) if fresh or self._scratch is None else self._scratch.get(nbytes)
+        )
         try:
             read = os.preadv(self._fd, [buffer], self._offset + start)
             dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
