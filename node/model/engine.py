@@ -203,7 +203,9 @@ class Engine:
     def kv_memory_bytes(self, tokens: int) -> int:
         """Bytes the KV caches of one context of `tokens` positions hold in memory (sliding-window
         layers keep about a window)."""
-        return sum(self.kv_position_bytes * kv_cache.resident_positions(c, tokens) for c in self.make_caches())
+        return sum(
+            self.kv_position_bytes * kv_cache.resident_positions(c, tokens) for c in self.make_caches()
+        )
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.info)

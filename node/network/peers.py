@@ -227,7 +227,11 @@ class Delegator:
     """Runs one sub-task: the peers hosting its skill in turn, until one answers."""
 
     def __init__(
-        self, directory: PeerDirectory, client: PeerClient, deadline_s: float = 300.0, max_attempts: int = MAX_ATTEMPTS
+        self,
+        directory: PeerDirectory,
+        client: PeerClient,
+        deadline_s: float = 300.0,
+        max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
         self.directory = directory
         self.client = client
@@ -240,13 +244,19 @@ class Delegator:
         for url in (await self.directory.candidates(skill, context_id))[: self.max_attempts]:
             started, left = time.monotonic(), deadline - time.monotonic()
             if left <= 0:
-                attempts.append(Attempt(url, "timeout", 0.0, f"the sub-task's {self.deadline_s:g} s are spent"))
+                attempts.append(
+                    Attempt(url, "timeout", 0.0, f"the sub-task's {self.deadline_s:g} s are spent")
+                )
                 break
             try:
                 async with asyncio.timeout(left):
                     answer = await self.client.ask(url, skill, question, context_id, metadata)
             except (PeerFailure, TimeoutError) as e:
-                failure = e if isinstance(e, PeerFailure) else PeerFailure("timeout", "the sub-task's deadline passed")
+                failure = (
+                    e
+                    if isinstance(e, PeerFailure)
+                    else PeerFailure("timeout", "the sub-task's deadline passed")
+                )
                 logger.warning("%s at %s: %s", skill, url, failure)
                 attempts.append(Attempt(url, failure.outcome, time.monotonic() - started, failure.detail))
                 continue

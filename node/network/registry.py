@@ -131,7 +131,6 @@ class Registry:
             logger.info("registry: %s left", url)
         return JSONResponse({"removed": removed})
 
-
     async def verify(self, url: str, card_url: str, skills: tuple[str, ...]) -> None:
         """Raise InvalidRegistration unless the card at `card_url` vouches for this registration."""
         key = (url, card_url, skills)
@@ -144,7 +143,9 @@ class Registry:
             response.raise_for_status()
             card = parse_agent_card(response.json())
         except (httpx.HTTPError, ValueError, TypeError, AttributeError, ParseError) as e:
-            raise InvalidRegistration(f"no agent card at {card_url}: {str(e)[:200] or type(e).__name__}") from e
+            raise InvalidRegistration(
+                f"no agent card at {card_url}: {str(e)[:200] or type(e).__name__}"
+            ) from e
         missing = set(skills) - {skill.id for skill in card.skills}
         if missing:
             raise InvalidRegistration(f"the card at {card_url} does not list {', '.join(sorted(missing))}")

@@ -83,7 +83,9 @@ def test_the_longest_prefix_names_the_scenario():
 async def test_the_agent_is_off_unless_enabled():
     for enabled, status in ((False, 404), (True, 200)):
         app = create_app(NodeConfig(port=9999, conformance=enabled))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as http:
             card = await http.get("/conformance/.well-known/agent-card.json")
         assert card.status_code == status, card.text
     assert card.json()["supportedInterfaces"][0]["url"] == "http://127.0.0.1:9999/conformance"
