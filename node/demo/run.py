@@ -83,12 +83,14 @@ class Demo:
     def __init__(self, root: Path) -> None:
         self.root = root
         a_port = free_port()
-        # The two nodes share the machine: each gets half its cores, so their BLAS threads do not
-        # oversubscribe them (measured: 1.3-1.6 tok/s per agent oversubscribed, ~7 when divided).
-        threads = str(max(1, available_cores() // 2))
+        # The two nodes share the machine by the agents they host (A two, B one), so their compute
+        # threads do not oversubscribe it (measured: 1.3-1.6 tok/s per agent oversubscribed).
+        cores = available_cores()
+        threads_a = str(max(1, cores - cores // 3))
+        threads = str(max(1, cores // 3))
         self.a = DemoNode(
             "A", a_port, root / "node-a", root, "--skills", "technical_analysis,business_analysis",
-            "--registry", "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS), "--threads", threads,
+            "--registry", "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS), "--threads", threads_a,
         )  # fmt: skip
         self.b = DemoNode(
             "B", free_port(), root / "node-b", root, "--skills", "coordination",
