@@ -413,7 +413,8 @@ class AgentManager:
             self._checkpoint(agent)
         restored = self._share_in_memory(agent, prompt, usable, match.path)
         if restored is None:
-            self._writer.wait()  # the path may name blocks a queued save is still writing
+            if not all(self.store.blocks.exists(ref.key) for ref in match.path):
+                self._writer.wait()  # blocks a queued save is still writing (not others' saves)
             try:
                 restored = self._read_stored(None, match.path, lambda _: usable)
             except CheckpointCorrupt as e:

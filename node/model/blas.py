@@ -16,17 +16,13 @@ reference BLAS, and the node says so.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from node.config import switch_on, user_cache_dir
+from node import native
+from node.config import switch_on
 
 logger = logging.getLogger(__name__)
 
@@ -47,49 +43,9 @@ def _openblas_library() -> Path | None:
     return path if path.exists() else None
 
 
-def _compiler() -> str | None:
-    found = (shutil.which(name) for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name)
-    return next((path for path in found if path), None)
-
-
 def build_thin_sgemm(cache_dir: Path | None = None) -> Path | None:
     """Compile `thin_sgemm.c` once per source version; None when no C compiler works."""
-    source = THIN_SGEMM_SOURCE.read_bytes()
-    target = (
-        cache_dir or user_cache_dir() / "native"
-    ) / f"thin_sgemm-{hashlib.sha256(source).hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    compiler = _compiler()
-    if compiler is None:
-        logger.warning("no C compiler found (cc, gcc, clang): MLX keeps its slow reference BLAS")
-        return None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        command = [
-            compiler,
-            "-O3",
-            "-fopenmp-simd",
-            "-pthread",
-            "-shared",
-            "-fPIC",
-            "-o",
-            str(built),
-            str(THIN_SGEMM_SOURCE),
-        ]
-        try:
-            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            result = subprocess.CompletedProcess(command, -1, "", str(e))
-        if result.returncode != 0:
-            logger.warning("building %s failed: %s", THIN_SGEMM_SOURCE.name, result.stderr.strip()[-500:])
-            return None
-        os.replace(built, target)
-    for stale in target.parent.glob("thin_sgemm-*.so"):
-        if stale != target:
-            stale.unlink(missing_ok=True)  # builds of older sources (a loaded copy stays valid)
-    return target
+    return native.build(THIN_SGEMM_SOURCE, ("-fopenmp-simd", "-pthread"), cache_dir)
 
 
 def _cuda_build_installed() -> bool:
