@@ -30,7 +30,16 @@ from node.anthropic.models import model_id, model_list, model_object, wants_anth
 from node.anthropic.prompt import render_prompt
 from node.anthropic.request import parse_messages_request
 from node.anthropic.responses import message_body, message_events, message_id, message_shell
-from node.server.guards import GatedStream, Overloaded, caller_id, read_body, require_json, require_key
+from node.server.guards import (
+    LONE_SURROGATE,
+    GatedStream,
+    Overloaded,
+    caller_id,
+    holds_lone_surrogate,
+    read_body,
+    require_json,
+    require_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +59,10 @@ async def read_json(request: Request, limit: int, invalid: Callable[[str], Excep
     body = await read_body(request, limit)
     try:
         value = json.loads(body)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise invalid("the request body holds a lone surrogate (\\ud800-\\udfff): not valid text") from e
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise invalid(f"the request body is not valid JSON: {e}") from e
+    if holds_lone_surrogate(value):
+        raise invalid(LONE_SURROGATE)
     return value
 
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from a2a.server.request_handlers.response_helpers import build_error_response
 from a2a.utils.error_handlers import build_rest_error_payload
-from a2a.utils.errors import ContentTypeNotSupportedError, InvalidRequestError
+from a2a.utils.errors import A2AError, ContentTypeNotSupportedError, InvalidRequestError
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection, Request
@@ -226,31 +227,58 @@ def is_json(content_type: str) -> bool:
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def jsonrpc_error(error: ContentTypeNotSupportedError) -> Response:
+LONE_SURROGATE = "the request body holds a lone surrogate (\\ud800-\\udfff): not valid text"
+
+
+def holds_lone_surrogate(value: object) -> bool:
+    """Whether parsed JSON holds a lone surrogate (JSON may escape one, "\\ud800"; no UTF-8 text
+    can carry it, so every answer that echoes it back, even an error naming its id, would fail)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def jsonrpc_error(error: A2AError) -> Response:
     return JSONResponse(build_error_response(None, error))
 
 
-def rest_error(error: ContentTypeNotSupportedError) -> Response:
+def rest_error(error: A2AError) -> Response:
     # The spec's error table maps ContentTypeNotSupportedError to 415 (the SDK's mapping says 400).
     payload = build_rest_error_payload(error)
-    payload["error"]["code"] = UNSUPPORTED_MEDIA_TYPE
-    return JSONResponse(payload, status_code=UNSUPPORTED_MEDIA_TYPE)
+    status = UNSUPPORTED_MEDIA_TYPE if isinstance(error, ContentTypeNotSupportedError) else 400
+    payload["error"]["code"] = status
+    return JSONResponse(payload, status_code=status)
 
 
-def json_only(endpoint: Endpoint, refuse: Callable[[ContentTypeNotSupportedError], Response]) -> Endpoint:
-    """An endpoint that refuses a body declared as another media type than JSON.
+def json_only(endpoint: Endpoint, refuse: Callable[[A2AError], Response]) -> Endpoint:
+    """An endpoint that takes a body only when it is declared as JSON and holds valid text.
 
-    The SDK would parse such a body anyway (JSON-RPC: -32700 when it is not JSON; HTTP+JSON: as
-    JSON). Refusing it with ContentTypeNotSupportedError also keeps browsers' cross-origin "simple"
-    requests (`text/plain` or no type need no CORS preflight) out: a body must declare JSON."""
+    The SDK would parse a body of another declared type anyway (JSON-RPC: -32700 when it is not
+    JSON; HTTP+JSON: as JSON). Refusing it with ContentTypeNotSupportedError also keeps browsers'
+    cross-origin "simple" requests (`text/plain` or no type need no CORS preflight) out: a body must
+    declare JSON. A body escaping a lone surrogate is refused as an invalid request before the SDK
+    parses it (it would echo the surrogate in its answer and fail with a 500)."""
 
     async def checked(request: Request) -> Response:
         content_type = request.headers.get("content-type")
-        if content_type is not None and is_json(content_type):
-            return await endpoint(request)
-        return refuse(
-            ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
-        )
+        if content_type is None or not is_json(content_type):
+            return refuse(
+                ContentTypeNotSupportedError(message=f"Content-Type {content_type!r}: send application/json")
+            )
+        try:
+            body = await request.body()  # kept by the request: the SDK's endpoint reads it again
+        except A2AError as e:  # too large (BodyLimitMiddleware)
+            return refuse(e)
+        if b"\\ud" in body.lower():
+            try:
+                surrogate = holds_lone_surrogate(json.loads(body))
+            except (ValueError, RecursionError):
+                surrogate = False  # not JSON at all: the SDK answers that itself
+            if surrogate:
+                return refuse(InvalidRequestError(message=LONE_SURROGATE))
+        return await endpoint(request)
 
     return checked
 

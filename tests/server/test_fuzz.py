@@ -13,7 +13,7 @@ import os
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.a2a_node import start_tiny_node
@@ -130,6 +130,8 @@ def test_anthropic_api_never_fails_on_hostile_input(node, body, path):
         JSON,
     )
 )
+@example(body={**A2A, "jsonrpc": None, "id": "\ud800"})  # once a 500: the SDK echoed the id
+@example(body={**A2A, "params": {"message": {**A2A["params"]["message"], "messageId": "\udfff"}}})
 def test_a2a_api_never_fails_on_hostile_input(node, body):
     with httpx.Client(base_url=node.url, timeout=120) as http:
         headers = {"content-type": "application/json", "A2A-Version": "1.0"}
@@ -140,6 +142,7 @@ def test_a2a_api_never_fails_on_hostile_input(node, body):
 @given(
     body=st.one_of(near(A2A["params"]), JSON), path=st.sampled_from(["/message:send", "/tasks", "/tasks/x"])
 )
+@example(body={**A2A["params"], "\ud800": 1}, path="/message:send")
 def test_a2a_http_json_never_fails_on_hostile_input(node, body, path):
     with httpx.Client(base_url=node.url, timeout=120) as http:
         headers = {"content-type": "application/json", "A2A-Version": "1.0"}
