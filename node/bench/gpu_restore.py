@@ -151,37 +151,49 @@ def _device_restore(store, agent, h, n, verify=True, landing="copy"):
     return result.seconds, result.phases, result.caches
 
 
-def _device_copy(store, agent, h, n):
-    return _device_restore(store, agent, h, n, landing="copy")
+def _landing(name: str):
+    def run(store, agent, h, n):
+        return _device_restore(store, agent, h, n, landing=name)
+
+    return run
 
 
-def _device_staging(store, agent, h, n):
-    return _device_restore(store, agent, h, n, landing="staging")
+def device_landings() -> tuple[str, ...]:
+    """The landings this machine can run (pinned and mapped need CUDA's runtime)."""
+    from node.memory import cuda_transfer, device_restore
+
+    return device_restore.LANDINGS if cuda_transfer.available() else ("copy", "staging")
 
 
-RESTORES = (("node", _node_restore), ("copy", _device_copy), ("staging", _device_staging))
+RESTORES = (
+    ("node", _node_restore),
+    *((name, _landing(name)) for name in ("copy", "staging", "mapped", "pinned")),
+)
 
 
-def restore_rows(
-    h: Harness, store, agent: str, n: int, root: Path, labels=("node", "copy", "staging")
-) -> dict:
-    """The store's restore (warm once: it is slow) and both device restores (warm: best of 3) at
-    `n` tokens, then each cold."""
+def restore_rows(h: Harness, store, agent: str, n: int, root: Path, labels: tuple[str, ...]) -> dict:
+    """The store's restore (warm once: it is slow) and the device restores of `labels` (warm: best
+    of 3) at `n` tokens, then each cold."""
     row: dict = {"tokens": n}
     for label, run in RESTORES:
         if label not in labels:
             continue
         warm = []
+        forget_headers()  # the first warm restore parses the block headers, later ones reuse them
         for _ in range(1 if label == "node" else 3):
             seconds, extra, caches = run(store, agent, h, n)
             if label != "node" and seconds <= min(warm, default=seconds):
                 row[f"{label}_warm_plan_s"] = round(extra.plan_s, 4)
                 row[f"{label}_warm_read_wait_s"] = round(extra.read_wait_s, 4)
+                row[f"{label}_warm_device_wait_s"] = round(extra.extra.get("device_wait_s", 0), 4)
             warm.append(seconds)
             del caches
             h.free()
         row[f"{label}_warm_s"] = round(min(warm), 4)
+        if label != "node":
+            row[f"{label}_warm_first_s"] = round(warm[0], 4)
         row["cold_method"] = drop_page_cache(files_under(root))
+        forget_headers()  # as a fresh process: nothing parsed, nothing in the page cache
         seconds, extra, caches = run(store, agent, h, n)
         row[f"{label}_cold_s"] = round(seconds, 4)
         if label == "node":
@@ -193,26 +205,47 @@ def restore_rows(
             row["device_cache_dtype"] = str(caches[0].keys.dtype)
         del caches
         h.free()
-    seconds, _, caches = _device_restore(store, agent, h, n, verify=False, landing="staging")
-    row["staging_warm_noverify_s"] = round(seconds, 4)
+    fastest = min((label for label in labels if label != "node"), key=lambda label: row[f"{label}_warm_s"])
+    seconds, _, caches = _device_restore(store, agent, h, n, verify=False, landing=fastest)
+    row[f"{fastest}_warm_noverify_s"] = round(seconds, 4)
     del caches
     h.free()
     return row
 
 
-def landings_agree(h: Harness, store, agent: str, n: int) -> bool:
-    """The staging landing restores exactly what the copy landing does (checked on this device)."""
+def forget_headers() -> None:
+    from node.memory import device_restore
+
+    device_restore.HEADERS.clear()
+
+
+def landings_agree(h: Harness, store, agent: str, n: int, landings: tuple[str, ...]) -> dict[str, bool]:
+    """Each landing restores exactly what the copy landing does (checked on this device), also
+    when its slots are reused for a shorter restore."""
     mx = h.mx
-    _, _, a = _device_restore(store, agent, h, n, landing="copy")
-    _, _, b = _device_restore(store, agent, h, n, landing="staging")
-    _, _, c = _device_restore(store, agent, h, n // 2, landing="staging")  # reuses the staging area
-    same = all(
-        mx.array_equal(x.keys, y.keys).item() and mx.array_equal(x.values, y.values).item()
-        for x, y in zip(a, b)
-    )
-    del a, b, c
+    _, _, reference = _device_restore(store, agent, h, n, landing="copy")
+    _, _, half = _device_restore(store, agent, h, n // 2, landing="copy")
+    agree = {}
+    for landing in landings:
+        if landing == "copy":
+            continue
+        try:
+            _, _, a = _device_restore(store, agent, h, n, landing=landing)
+            _, _, b = _device_restore(store, agent, h, n // 2, landing=landing)  # reuses the slots
+        except Exception as e:  # noqa: BLE001 - a landing this machine cannot run is reported, not fatal
+            _log(f"landing {landing} failed: {type(e).__name__}: {e}")
+            agree[landing] = False
+            continue
+        agree[landing] = all(
+            mx.array_equal(x.keys, y.keys).item() and mx.array_equal(x.values, y.values).item()
+            for pair in ((a, reference), (b, half))
+            for x, y in zip(*pair)
+        )
+        del a, b
+        h.free()
+    del reference, half
     h.free()
-    return same
+    return agree
 
 
 def _headline(row: dict, prefill_s: float, landing: str) -> None:
@@ -225,7 +258,7 @@ def _headline(row: dict, prefill_s: float, landing: str) -> None:
     row["bytes_per_token_read"] = round(row["device_bytes_read"] / row["tokens"])
 
 
-def int8_rows(h: Harness, work: Path, tokens, caches, contexts, prefill, landing) -> dict:
+def int8_rows(h: Harness, work: Path, tokens, caches, contexts, prefill, landing, labels) -> dict:
     """The same context checkpointed with int8 KV (per position and head, fp16 scales)."""
     root = work / "store-int8"
     checkpoint = checkpoint_cost(h, root, "context", tokens, caches, "int8")
@@ -234,7 +267,7 @@ def int8_rows(h: Harness, work: Path, tokens, caches, contexts, prefill, landing
     rows = []
     for n in contexts:
         row = {
-            **restore_rows(h, store, "context", n, root, labels=("copy", "staging")),
+            **restore_rows(h, store, "context", n, root, labels),
             "prefill_s": prefill[n],
         }
         _headline(row, prefill[n], landing)
@@ -494,17 +527,21 @@ def run(args: argparse.Namespace) -> dict:
     _save(args, result)
 
     store = _store(root, args.storage)
-    result["landings_agree"] = landings_agree(h, store, "context", contexts[0])
+    landings = device_landings()
+    result["landings_agree"] = landings_agree(h, store, "context", contexts[0], landings)
+    _log(f"landings agree with the copy landing: {result['landings_agree']}")
+    correct = tuple(name for name in landings if result["landings_agree"].get(name, True))
+    labels = (("node",) if args.node_restore else ()) + correct
     restores = []
     for n in contexts:
-        restores.append({**restore_rows(h, store, "context", n, root), "prefill_s": prefill[n]})
+        restores.append({**restore_rows(h, store, "context", n, root, labels), "prefill_s": prefill[n]})
         _log(f"restore {n}: {restores[-1]}")
         _save(args, result | {"restore": restores})
-    # The node's landing: the faster one at the largest context, warm (a setting, picked once).
-    landing = min(("copy", "staging"), key=lambda label: restores[-1][f"{label}_warm_s"])
-    if not result["landings_agree"]:
-        landing = "copy"
+    # The node's landing: the fastest correct one at the largest context, warm (what
+    # device_restore.best_landing picks on this kind of machine).
+    landing = min(correct, key=lambda label: restores[-1][f"{label}_warm_s"])
     result["landing"] = landing
+    result["node_landing"] = _node_landing()
     for row in restores:
         _headline(row, prefill[row["tokens"]], landing)
         row["ttft_after_restore_s"] = round(
@@ -523,7 +560,7 @@ def run(args: argparse.Namespace) -> dict:
     result["decode"] = decode_rows(h, store, "context", args.decode_context, landing)
     _save(args, result)
     if args.int8:
-        result["int8"] = int8_rows(h, work, tokens, caches, contexts, prefill, landing)
+        result["int8"] = int8_rows(h, work, tokens, caches, contexts, prefill, landing, correct)
         _save(args, result)
     del caches, largest
     h.free()
@@ -536,6 +573,12 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def _node_landing() -> str:
+    from node.memory import device_restore
+
+    return device_restore.best_landing()
+
+
 def summary(result: dict) -> None:
     """The figures side by side, as the docs table prints them."""
     _log(f"landing: {result['landing']} (landings agree: {result['landings_agree']})")
@@ -543,7 +586,7 @@ def summary(result: dict) -> None:
          "TTFT after restore s | bytes/token read")  # fmt: skip
     for r in result["restore"]:
         _log(
-            f"{r['tokens']} | {r['prefill_s']} | {r['node_warm_s']} / {r['node_cold_s']} | {r['device_warm_s']} / "
+            f"{r['tokens']} | {r['prefill_s']} | {r.get('node_warm_s')} / {r.get('node_cold_s')} | {r['device_warm_s']} / "
             f"{r['device_cold_s']} | {r['prefill_over_device_warm']}x, {r['prefill_over_device_cold']}x | "
             f"{r['ttft_after_restore_s']} | {r['bytes_per_token_read']}"
         )
@@ -571,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-context", type=int, default=2048)
     parser.add_argument(
         "--int8", type=int, default=1, help="also checkpoint and restore with int8 KV (0: no)"
+    )
+    parser.add_argument(
+        "--node-restore", type=int, default=1, help="also time the store's host-side restore (0: no)"
     )
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--json", default="bench_results/gpu_restore.json")

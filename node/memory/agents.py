@@ -31,6 +31,7 @@ import mlx.core as mx
 from node.errors import CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
 from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore, Restored
+from node.memory.cost_model import ObservedCosts
 from node.memory.prefix_index import BlockRef
 from node.memory.writer import CheckpointWriter
 from node.model import kv_cache
@@ -102,6 +103,7 @@ class AgentManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._snapshot: dict = {"agents": {}}
         self._prefill_rate = PrefillRate()
+        self._costs = ObservedCosts()  # restore or recompute, from this node's own timings
         self._refused: list[dict] = []
         self.remote = None  # the shared block store's tier (`node.memory.sync.RemoteTier`), if any
 
@@ -391,10 +393,14 @@ class AgentManager:
         try:
             if not self.store.exists(agent_id):
                 return None
-            restored = self._read_stored(agent_id, None, self._limit(prompt))
+            restored = self._read_stored(agent_id, None, self._limit(prompt), len(prompt))
         except CheckpointError as e:
             self._refuse(agent_id, e)
             return None
+        if restored is None:  # prefilling the history is predicted faster: keep its metadata only
+            agent = self._fresh(agent_id)
+            agent.metadata = (self.store.manifest(agent_id) or {}).get("metadata") or {}
+            return agent
         agent = self._restored_agent(agent_id, restored)
         agent.metadata = restored.metadata
         logger.info(
@@ -416,9 +422,11 @@ class AgentManager:
             if not all(self.store.blocks.exists(ref.key) for ref in match.path):
                 self._writer.wait()  # blocks a queued save is still writing (not others' saves)
             try:
-                restored = self._read_stored(None, match.path, lambda _: usable)
+                restored = self._read_stored(None, match.path, lambda _: usable, len(prompt))
             except CheckpointCorrupt as e:
                 self._refuse_block(e)
+                return None
+            if restored is None:
                 return None
         fresh = self._restored_agent(agent.agent_id, restored)
         fresh.metadata, fresh.stats.tasks, fresh.scope = agent.metadata, agent.stats.tasks, agent.scope
@@ -445,10 +453,12 @@ class AgentManager:
                 return Restored(list(prompt[:usable]), caches, {"shared": other.agent_id}, seconds, blocks)
         return None
 
-    def _read_stored(self, agent_id: str | None, path, position):
-        """A context (`agent_id`) or a path of blocks read back into caches. On the CPU the store
-        decodes into fp32 caches (measured fastest there); on a GPU `device_restore` reads in
-        parallel and converts on the device, in the model's dtype."""
+    def _read_stored(self, agent_id: str | None, path, position, prompt_tokens: int):
+        """A context (`agent_id`) or a path of blocks read back into caches, or None where
+        recomputing the prompt is predicted faster. On the CPU the store decodes into fp32 caches
+        (measured fastest there, and always far faster than prefill); on a GPU `device_restore`
+        reads in parallel and converts on the device, in the model's dtype, when the node's own
+        measurements (`ObservedCosts`) say reading the stored tokens beats prefilling them."""
         make = self.engine.make_caches
         if self.engine.info.backend == "cpu":
             if agent_id is not None:
@@ -456,10 +466,24 @@ class AgentManager:
             return self.store.restore_path(path, make, position)
         from node.memory import device_restore
 
+        def accept(plan) -> bool:
+            choice = self._costs.choose(prompt_tokens, len(plan.tokens), plan.nbytes)
+            if not choice.restore:
+                logger.info(
+                    "recomputing %d stored tokens: predicted %.0f ms against %.0f ms to read them",
+                    len(plan.tokens), choice.estimated_s * 1000, choice.alternative_s * 1000,
+                )  # fmt: skip
+            return choice.restore
+
         dtype = getattr(mx, self.engine.info.dtype.rsplit(".", 1)[-1])  # "mlx.core.bfloat16" or "float32"
+        options = {"landing": device_restore.best_landing(), "accept": accept}
         if agent_id is not None:
-            return device_restore.restore(self.store, agent_id, make, dtype, position, landing="staging")
-        return device_restore.restore_path(self.store, list(path), make, dtype, position, landing="staging")
+            restored = device_restore.restore(self.store, agent_id, make, dtype, position, **options)
+        else:
+            restored = device_restore.restore_path(self.store, list(path), make, dtype, position, **options)
+        if restored is not None:
+            self._costs.observe_restore(restored.phases.bytes_read, restored.seconds)
+        return restored
 
     def _restored_agent(self, agent_id: str, restored) -> Agent:
         agent = Agent(agent_id, CachedContext(restored.caches, restored.tokens), len(restored.tokens))
@@ -518,6 +542,9 @@ class AgentManager:
         stats.prefilled_tokens += usage.prefilled_tokens
         stats.prefill_s += usage.prefill_s
         self._prefill_rate.observe(usage.prefilled_tokens, usage.prefill_s)
+        self._costs.observe_prefill(
+            usage.cached_tokens, usage.cached_tokens + usage.prefilled_tokens, usage.prefill_s
+        )
 
     def _evict(self, keep: str) -> None:
         while len(self._agents) > 1 and (

@@ -19,6 +19,7 @@ at start).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -121,3 +122,65 @@ def _least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
         return 0.0, mean_y
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var
     return slope, mean_y - slope * mean_x
+
+
+class ObservedCosts:
+    """The cost model a running node keeps from its own work: every prefill it runs (tokens from
+    `start` to `end`, seconds) and every restore (bytes read, seconds). Until it has seen prefills
+    of two lengths and restores of two sizes it restores (what a node without it does); from then
+    on `choose` uses the model fitted to the latest samples. A recomputed prefix is a prefill
+    sample too, so the model keeps learning whichever path it picks."""
+
+    SAMPLES = 64
+    MIN_PREFILL_TOKENS = 128  # shorter prefills measure dispatch, not the model
+
+    def __init__(self) -> None:
+        self.prefills: deque[tuple[int, int, float]] = deque(maxlen=self.SAMPLES)
+        self.restores: deque[tuple[int, float]] = deque(maxlen=self.SAMPLES)
+        self._model: CostModel | None = None
+
+    def observe_prefill(self, start: int, end: int, seconds: float) -> None:
+        if end - start >= self.MIN_PREFILL_TOKENS and seconds > 0:
+            self.prefills.append((start, end, seconds))
+            self._model = None
+
+    def observe_restore(self, nbytes: int, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.restores.append((nbytes, seconds))
+            self._model = None
+
+    def model(self) -> CostModel | None:
+        if self._model is None and self._calibrated():
+            a, b = _fit_prefill_spans(list(self.prefills))
+            fixed, bandwidth = _fit_line(list(self.restores))
+            least = min(end - start for start, end, _ in self.prefills)
+            self._model = CostModel(a, b, fixed, bandwidth, fixed, bandwidth, least)
+        return self._model
+
+    def choose(self, prompt_tokens: int, stored_tokens: int, stored_bytes: int) -> Choice:
+        model = self.model()
+        if model is None:
+            return Choice(True, stored_tokens, 0.0, 0.0)
+        return model.choose(prompt_tokens, stored_tokens, stored_bytes)
+
+    def _calibrated(self) -> bool:
+        lengths = {end - start for start, end, _ in self.prefills}
+        sizes = {nbytes for nbytes, _ in self.restores}
+        return len(lengths) >= 2 and len(sizes) >= 2
+
+
+def _fit_prefill_spans(samples: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """Least squares of seconds = a*(e - s) + b*(e^2 - s^2) over (s, e, seconds), a and b >= 0."""
+    xs = [(e - s, e * e - s * s) for s, e, _ in samples]
+    ys = [seconds for _, _, seconds in samples]
+    s11 = sum(x1 * x1 for x1, _ in xs)
+    s12 = sum(x1 * x2 for x1, x2 in xs)
+    s22 = sum(x2 * x2 for _, x2 in xs)
+    t1 = sum(x1 * y for (x1, _), y in zip(xs, ys))
+    t2 = sum(x2 * y for (_, x2), y in zip(xs, ys))
+    det = s11 * s22 - s12 * s12
+    if det > 0:
+        a, b = (t1 * s22 - t2 * s12) / det, (s11 * t2 - s12 * t1) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    return sum(ys) / sum(x1 for x1, _ in xs), 0.0  # tokens alone

@@ -25,10 +25,12 @@ Nothing here needs a GPU: on the CPU backend it is a parallel restore (caches in
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from node.memory.checkpoint_format import tensor_digest
 from node.memory.prefix_index import BlockRef
 
 READ_THREADS = 32  # more reads in flight than cores: a cold restore waits on the disk's queue
+HEADER_THREADS = 8
 _NUMPY = {"F16": np.float16, "U16": np.uint16, "I8": np.int8, "I32": np.int32, "F32": np.float32}
 _STORED_AS = {"float16": mx.float16, "bfloat16": mx.bfloat16, "int8": mx.int8}
 
@@ -99,7 +102,8 @@ class Phases:
 
 
 class _Block:
-    """A block file's header: where each tensor lies, its stored dtype and digest."""
+    """A block file's header: where each tensor lies, its stored dtype and digest, and its verified
+    token ids."""
 
     def __init__(self, path: Path, key: str) -> None:
         try:
@@ -113,6 +117,7 @@ class _Block:
         if self.meta.get("key") != key:
             raise CheckpointCorrupt(f"block file {path.name} holds block {self.meta.get('key')!r}")
         self.entries = header
+        self.token_ids = self._tokens()
 
     def read(self, name: str, skip: int, keep: int) -> Read:
         entry = self.entries.get(name)
@@ -129,7 +134,7 @@ class _Block:
             entry["shape"][0],
         )
 
-    def tokens(self) -> np.ndarray:
+    def _tokens(self) -> np.ndarray:
         entry = self.entries["tokens"]
         start, stop = entry["data_offsets"]
         with open(self.path, "rb") as handle:
@@ -141,12 +146,60 @@ class _Block:
         return tokens
 
 
+class _Headers:
+    """Parsed block headers, kept while their file is unchanged (a block is content-addressed and
+    written once, so its header is too): a restore of blocks read or written before skips reading
+    and parsing them (~0.4 ms per block, 50 ms for a 32k-token context of 48 layers). Keyed by the
+    file's identity (device, inode, size, mtime), so a block deleted and written again is read
+    again; bounded, least recently used first out."""
+
+    LIMIT = 2048  # a 12B model's 32k-token context is 128 blocks
+
+    def __init__(self) -> None:
+        self._parsed: dict[tuple, _Block] = {}
+        self._lock = threading.Lock()
+
+    def get_all(self, paths: list[tuple[Path, str]]) -> list[_Block]:
+        """The blocks at `paths` ((path, key) pairs); those not parsed before are read in
+        parallel (a cold disk answers several at once)."""
+        identities = [self._identity(path, key) for path, key in paths]
+        with self._lock:
+            found = [self._parsed.pop(identity, None) for identity in identities]
+        missing = [i for i, block in enumerate(found) if block is None]
+        if missing:
+            with ThreadPoolExecutor(max_workers=min(HEADER_THREADS, len(missing))) as pool:
+                for i, block in zip(missing, pool.map(lambda i: _Block(*paths[i]), missing)):
+                    found[i] = block
+        with self._lock:
+            for identity, block in zip(identities, found):
+                self._parsed[identity] = block
+            while len(self._parsed) > self.LIMIT:
+                self._parsed.pop(next(iter(self._parsed)))
+        return found
+
+    @staticmethod
+    def _identity(path: Path, key: str) -> tuple:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise CheckpointCorrupt(f"block {key} is unreadable: {e}") from e
+        return (str(path), key, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._parsed.clear()
+
+
+HEADERS = _Headers()
+
+
 def _tensor_plan(blocks: list[tuple[dict, _Block]], name: str, lo: int, hi: int) -> TensorPlan:
     reads, scales, stored, shape = [], [], None, None
-    for ref, block in blocks:
+    ends = [ref["start"] + ref["length"] for ref, _ in blocks]  # a path's blocks are in order
+    for ref, block in blocks[bisect.bisect_right(ends, lo) :]:
+        if ref["start"] >= hi:
+            break
         a, b = max(lo, ref["start"]), min(hi, ref["start"] + ref["length"])
-        if a >= b:
-            continue
         stored = block.meta["dtypes"][name]
         shape = tuple(block.entries[name]["shape"][1:])
         reads.append(block.read(name, a - ref["start"], b - a))
@@ -172,8 +225,9 @@ def plan_restore(store, agent_id: str, caches: list, position=None) -> RestorePl
 
 def plan_path(store, path: list[BlockRef], caches: list, position=None) -> RestorePlan:
     """What to read for `caches` from a path of blocks (`CheckpointStore.restore_path`'s input)."""
-    blocks = [(ref.as_dict(), _Block(store.blocks.path(ref.key), ref.key)) for ref in path]
-    tokens = [t for ref, block in blocks for t in block.tokens()[: ref["length"]].tolist()]
+    parsed = HEADERS.get_all([(store.blocks.path(ref.key), ref.key) for ref in path])
+    blocks = [(ref.as_dict(), block) for ref, block in zip(path, parsed)]
+    tokens = [t for ref, block in blocks for t in block.token_ids[: ref["length"]].tolist()]
     stop = len(tokens) if position is None else min(position(tokens), len(tokens))
     layers = []
     for i, cache in enumerate(caches if stop else ()):
@@ -212,10 +266,11 @@ class Staging:
     device kernels read it from there, so no host-side copy remains between the file and the GPU
     (on CUDA, MLX's host-visible memory). One slot per tensor of a restore (MLX sizes are int32),
     each grown on demand, never shrunk; one restore at a time (restores run on the thread that
-    owns MLX)."""
+    owns MLX). `prepare` is called once on each new slot's array."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepare=None) -> None:
         self.slots: list[tuple[mx.array, np.ndarray]] = []
+        self.prepare = prepare
 
     def take(self, slot: int, nbytes: int) -> tuple[mx.array, np.ndarray]:
         while len(self.slots) <= slot:
@@ -225,34 +280,91 @@ class Staging:
             self.slots[slot] = (None, None)
             array = mx.zeros((max(nbytes, 1),), mx.uint8, stream=mx.cpu)
             mx.eval(array)
+            if self.prepare is not None:
+                self.prepare(array)
             view = np.array(array, copy=False)
             self.slots[slot] = (array, view)
         return array, view
 
 
+class PinnedStaging:
+    """On CUDA: page-locked host slots the reads land in, and MLX arrays resident on the GPU that
+    one `cudaMemcpyAsync` per tensor fills (`cuda_transfer`); slots grow as `Staging`'s do."""
+
+    def __init__(self) -> None:
+        self.slots: list[tuple] = []
+        self.stream = None
+
+    def take(self, slot: int, nbytes: int):
+        from node.memory import cuda_transfer
+
+        if self.stream is None:
+            self.stream = cuda_transfer.CopyStream()
+        while len(self.slots) <= slot:
+            self.slots.append(None)
+        if self.slots[slot] is None or self.slots[slot][0].nbytes < nbytes:
+            self.slots[slot] = None
+            size = max(nbytes, 1)
+            host = cuda_transfer.PinnedBuffer(size)
+            array, pointer = cuda_transfer.device_array(size, self.stream.handle)
+            self.slots[slot] = (host, array, pointer)
+        return self.slots[slot]
+
+
+def _host_mapped(array: mx.array) -> None:
+    from node.memory import cuda_transfer
+
+    cuda_transfer.host_mapped(array)
+
+
 STAGING = Staging()
+MAPPED = Staging(prepare=_host_mapped)
+PINNED = PinnedStaging()
+LANDINGS = ("copy", "staging", "mapped", "pinned")
+
+
+def best_landing() -> str:
+    """Pinned copies where CUDA's runtime is reachable (measured fastest on an H200), else MLX's
+    own host-visible staging."""
+    from node.memory import cuda_transfer
+
+    return "pinned" if cuda_transfer.available() else "staging"
 
 
 class _Landing:
-    """Where a restore's reads land: fresh numpy buffers ("copy": mx.array copies each) or the
-    staging slots ("staging": device kernels read the reads in place)."""
+    """Where a restore's reads land: fresh numpy buffers ("copy": mx.array copies each), MLX's
+    host-visible staging slots ("staging": device kernels read the reads in place; "mapped": the
+    same slots advised to stay on the host and be read over the link), or page-locked host slots
+    copied to GPU-resident slots ("pinned", CUDA only)."""
 
     def __init__(self, mode: str) -> None:
-        if mode not in ("copy", "staging"):
-            raise ValueError(f"unknown landing {mode!r}")
+        if mode not in LANDINGS:
+            raise ValueError(f"unknown landing {mode!r}: one of {', '.join(LANDINGS)}")
         self.mode, self.slot = mode, 0
 
-    def buffer(self, rows: int, row_bytes: int) -> tuple[np.ndarray, mx.array | None]:
+    def buffer(self, rows: int, row_bytes: int) -> tuple[np.ndarray, object]:
+        nbytes = rows * row_bytes
         if self.mode == "copy":
             return np.empty((rows, row_bytes), np.uint8), None
-        array, view = STAGING.take(self.slot, rows * row_bytes)
         self.slot += 1
-        return view[: rows * row_bytes].reshape(rows, row_bytes), array
+        if self.mode == "pinned":
+            host, array, pointer = PINNED.take(self.slot - 1, nbytes)
+            return host.view[:nbytes].reshape(rows, row_bytes), (array, pointer, host.pointer)
+        array, view = (MAPPED if self.mode == "mapped" else STAGING).take(self.slot - 1, nbytes)
+        return view[:nbytes].reshape(rows, row_bytes), array
 
-    def device(self, host: np.ndarray, staged: mx.array | None) -> mx.array:
+    def device(self, host: np.ndarray, staged) -> mx.array:
         if staged is None:
             return mx.array(host)
+        if self.mode == "pinned":
+            staged, destination, source = staged
+            PINNED.stream.copy(destination, source, host.nbytes)
         return staged[: host.size].reshape(host.shape)
+
+    def ready(self) -> None:
+        """The copies issued so far have landed (device kernels may read them)."""
+        if self.mode == "pinned":
+            PINNED.stream.wait()
 
 
 def _submit(pool, landing: _Landing, reads: tuple[Read, ...], rows: int, row_bytes: int, verify: bool):
@@ -276,18 +388,19 @@ def _to_device(
     plan: TensorPlan, data: mx.array, scales: mx.array | None, dtype: mx.Dtype, owned: bool
 ) -> mx.array:
     """Rows in the storage dtype -> a contiguous (1, heads, tokens, dim) `dtype` array in memory of
-    its own (`owned`: `data` may be reused once this is evaluated, so it must be copied)."""
+    its own (`owned`: `data` may be reused once this is evaluated, so it must be copied). The
+    transpose goes first, so the conversion writes the final layout in one kernel and one
+    allocation."""
     rows, heads, dim = plan.shape
-    array = data.view(_STORED_AS[plan.stored]).reshape(rows, heads, dim)
+    array = data.view(_STORED_AS[plan.stored]).reshape(rows, heads, dim).transpose(1, 0, 2)
     if scales is not None:
-        array = array.astype(dtype) * scales.view(mx.float16).reshape(rows, heads, 1).astype(dtype)
+        scale = scales.view(mx.float16).reshape(rows, heads, 1).transpose(1, 0, 2)
+        array = array.astype(dtype) * scale.astype(dtype)  # the product reuses the converted buffer
     elif array.dtype != dtype:
         array = array.astype(dtype)
-    elif heads == 1 and not owned:
-        array = array * mx.array(1, dtype)
-    if heads == 1:
-        return array.reshape(1, 1, rows, dim)
-    return mx.contiguous(array.transpose(1, 0, 2)[None])
+    elif heads > 1 or not owned:
+        array = mx.contiguous(array) if heads > 1 else array * mx.array(1, dtype)
+    return array.reshape(1, heads, rows, dim)
 
 
 def _device_tensor(landing: _Landing, plan: TensorPlan, io, dtype: mx.Dtype) -> mx.array:
@@ -310,7 +423,10 @@ def load_planned(
     verify: bool = True,
     landing: str = "copy",
 ) -> Phases:
-    """Fill `caches` from `plan`; reads overlap the device work of the layers before them."""
+    """Fill `caches` from `plan`. Each tensor is handed to the device as soon as its reads land
+    (a pinned copy starts right away; the conversions are recorded), while later reads continue;
+    the conversions then run as one evaluation: on an H200 an evaluation per layer cost more in
+    dispatch than the conversions it ran (docs/benchmarks.md)."""
     phases = Phases()
     started = time.perf_counter()
     where = _Landing(landing)
@@ -327,9 +443,11 @@ def load_planned(
             keys = _device_tensor(where, k_plan, k_io, dtype)
             values = _device_tensor(where, v_plan, v_io, dtype)
             cache.install(keys, values, k_plan.first)
-            mx.async_eval(keys, values)
             arrays += [keys, values]
-        mx.eval(arrays)
+    issued = time.perf_counter()
+    where.ready()
+    mx.eval(arrays)
+    phases.extra["device_wait_s"] = time.perf_counter() - issued
     phases.total_s = time.perf_counter() - started
     return phases
 
@@ -343,9 +461,11 @@ def restore(
     threads: int = READ_THREADS,
     verify: bool = True,
     landing: str = "copy",
-) -> DeviceRestored:
+    accept=None,
+) -> DeviceRestored | None:
     """`CheckpointStore.restore`'s contract (same tokens, metadata, blocks, cache layout), caches
-    in `dtype` (the model's), read in parallel."""
+    in `dtype` (the model's), read in parallel. `accept(plan)` (optional) sees what would be read
+    before anything is: when it says no, nothing is read and the answer is None."""
     return _load(
         lambda caches: plan_restore(store, agent_id, caches, position),
         make_caches,
@@ -353,6 +473,7 @@ def restore(
         threads,
         verify,
         landing,
+        accept,
     )
 
 
@@ -365,17 +486,26 @@ def restore_path(
     threads: int = READ_THREADS,
     verify: bool = True,
     landing: str = "copy",
-) -> DeviceRestored:
-    """`CheckpointStore.restore_path`'s contract, read as `restore` reads."""
+    accept=None,
+) -> DeviceRestored | None:
+    """`CheckpointStore.restore_path`'s contract, read as `restore` reads (`accept` as there)."""
     return _load(
-        lambda caches: plan_path(store, path, caches, position), make_caches, dtype, threads, verify, landing
+        lambda caches: plan_path(store, path, caches, position),
+        make_caches,
+        dtype,
+        threads,
+        verify,
+        landing,
+        accept,
     )
 
 
-def _load(plan_for, make_caches, dtype, threads, verify, landing) -> DeviceRestored:
+def _load(plan_for, make_caches, dtype, threads, verify, landing, accept=None) -> DeviceRestored | None:
     started = time.perf_counter()
     caches = make_caches()
     plan = plan_for(caches)
+    if accept is not None and not accept(plan):
+        return None
     planned = time.perf_counter()
     phases = load_planned(plan, caches, dtype, threads, verify, landing)
     phases.plan_s = planned - started
