@@ -96,7 +96,7 @@ class AgentManager:
         self.max_agents = max_agents
         self.memory_budget_bytes = memory_budget_bytes
         self._worker = ModelWorker(engine.model)
-        self._writer = CheckpointWriter(store)
+        self._writer = CheckpointWriter(store, model_busy=self._worker.busy)
         store.is_live = lambda agent_id: agent_id in self._agents
         self._agents: OrderedDict[str, Agent] = OrderedDict()
         # A lock lives while a task holds or awaits it (no map that grows with every agent id).

@@ -76,6 +76,10 @@ class ModelWorker:
     def add_sequence(self, sequence: Sequence, on_done: Callable[[Completion | BaseException], None]) -> None:
         self._active.append(_Active(sequence, on_done))
 
+    def busy(self) -> bool:
+        """Sequences are prefilling or decoding (read from any thread: a snapshot)."""
+        return bool(self._active)
+
     def stats(self) -> dict:
         return {
             "batched": self.batched,
