@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
-from safetensors.numpy import save
+from safetensors.numpy import save_file
 
 from node.durable import fsync_path
 from node.errors import CheckpointCorrupt
@@ -181,7 +181,12 @@ class BlockStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / temporary_name(target.name)
         try:
-            _write_in_slices(temporary, save(tensors, metadata={"node": json.dumps(meta)}))
+            try:
+                save_file(tensors, str(temporary), metadata={"node": json.dumps(meta)})
+            except Exception as e:  # safetensors wraps I/O errors (a full disk) in its own type
+                raise OSError(f"cannot write block {key}: {e}") from e
+            with temporary.open("rb+") as handle:
+                os.fsync(handle.fileno())
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
@@ -234,22 +239,3 @@ class OpenBlocks:
         if block is None:
             block = self._files[key] = self.store.open(key, self.scratch)
         return block
-
-
-WRITE_SLICE = 256 << 10
-
-
-def _write_in_slices(path: Path, data: bytes) -> None:
-    """Write `data` to a new file and fsync it, a slice per system call: a kernel copying one
-    large buffer into the page cache is not preempted, and would hold a core a decode step is
-    waiting for (measured on 2 cores: the decode step's p99 rose ~18% with whole-file writes)."""
-    view = memoryview(data)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        for start in range(0, len(view), WRITE_SLICE):
-            piece = view[start : start + WRITE_SLICE]
-            while piece:
-                piece = piece[os.write(fd, piece) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)

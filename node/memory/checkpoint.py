@@ -325,11 +325,11 @@ class CheckpointStore:
             parent = key
         return new_blocks
 
-    def commit(self, plan: SavePlan, pause: Callable[[float], None] | None = None) -> int:
+    def commit(self, plan: SavePlan, pacer=None) -> int:
         """Write a planned save; returns the bytes of new blocks. On failure (ENOSPC, ...) the
         previous manifest and its blocks stay intact and nothing temporary is left behind.
-        `pause(seconds)` is called after each block written, with the seconds it took (the
-        writer uses it to give way to decoding)."""
+        `pacer` (the writer's `Pacer`, optional) is told before each block is written and how
+        long each took, to give way to decoding."""
         written = 0
         with OpenBlocks(self.blocks) as files:
             for block in plan.new_blocks:
@@ -347,11 +347,13 @@ class CheckpointStore:
                         )
                         for i, (k, v) in enumerate(layers)
                     ]
+                if pacer is not None:
+                    pacer.before_block()
                 started = time.perf_counter()
                 size = self.blocks.write(block.ref.key, block.parent, self.storage, block.tokens, layers)
                 written += size
-                if pause is not None:
-                    pause(time.perf_counter() - started)
+                if pacer is not None:
+                    pacer.after_block(time.perf_counter() - started)
                 with self._guard:
                     self._sizes[block.ref.key] = self.blocks.path(block.ref.key).stat().st_size
         self._write_manifest(plan.agent_id, plan.manifest)

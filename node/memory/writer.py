@@ -29,8 +29,8 @@ WRITER_NICENESS = 19  # where the idle scheduling class is refused
 def _lower_priority() -> None:
     """Let this thread run only on CPU time the model thread leaves (Linux schedules threads as
     tasks with their own policy): SCHED_IDLE where allowed, else the lowest nice value. A
-    checkpoint may wait a little; a decode step should not (on 2 cores a nice-10 writer raised
-    the decode step's p99 1.6x, docs/benchmarks.md)."""
+    checkpoint may wait a little; a decode step should not (on 2 cores a nice-10 writer without
+    pacing raised the decode step's p99 1.57x, docs/benchmarks.md)."""
     tid = threading.get_native_id()
     try:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
@@ -43,17 +43,33 @@ def _lower_priority() -> None:
         pass
 
 
-# While the model is busy, the writer rests this many times as long as each block took to write:
-# at most a fifth of the time writing, so the disk's bursts (fsync, writeback) stay short and rare
-# beside the decode steps.
-YIELD_FACTOR = 4.0
-MAX_REST_S = 0.5
+class Pacer:
+    """While the model is busy, block writes keep to a duty cycle: after a block that took t
+    seconds, the next one starts no sooner than YIELD_FACTOR * t later (at most MAX_REST_S), so
+    the disk's bursts (page-cache copies, writeback) stay short and rare beside the decode steps.
+    A lone small checkpoint (a task's append, one block) after a pause is written at once, and
+    with the model idle nothing waits."""
+
+    YIELD_FACTOR = 9.0  # the writer busy at most a tenth of the time while sequences are in flight
+    MAX_REST_S = 0.5
+
+    def __init__(self, model_busy: Callable[[], bool] | None) -> None:
+        self.model_busy = model_busy
+        self._resume_at = 0.0
+
+    def before_block(self) -> None:
+        wait = self._resume_at - time.monotonic()
+        if wait > 0 and self.model_busy is not None and self.model_busy():
+            time.sleep(wait)
+
+    def after_block(self, seconds: float) -> None:
+        self._resume_at = time.monotonic() + min(seconds * self.YIELD_FACTOR, self.MAX_REST_S)
 
 
 class CheckpointWriter:
     def __init__(self, store: CheckpointStore, model_busy: Callable[[], bool] | None = None) -> None:
         self.store = store
-        self.model_busy = model_busy
+        self.pacer = Pacer(model_busy)
         self._queue: queue.Queue = queue.Queue()
         self._pending: defaultdict[str, int] = defaultdict(int)
         self._failed: defaultdict[str, list[SavePlan]] = defaultdict(list)
@@ -109,16 +125,12 @@ class CheckpointWriter:
             if on_done is not None:
                 on_done(result)
 
-    def _rest(self, spent: float) -> None:
-        if self.model_busy is not None and self.model_busy():
-            time.sleep(min(spent * YIELD_FACTOR, MAX_REST_S))
-
     def _commit_in_order(self, plan: SavePlan) -> float | BaseException:
         started = time.perf_counter()
         backlog = self._failed.pop(plan.agent_id, []) + [plan]
         for i, item in enumerate(backlog):
             try:
-                self.bytes_written += self.store.commit(item, pause=self._rest)
+                self.bytes_written += self.store.commit(item, pacer=self.pacer)
                 self.committed += 1
             except Exception as e:  # noqa: BLE001 - reported, retried with the agent's next save
                 self.failures += 1
