@@ -191,7 +191,7 @@ async def _while_checkpointing(manager, writer, plans, committed: list, decoding
     stop = threading.Event()
 
     def feed_writer() -> None:
-        writer_module._lower_priority()  # its deletions stand for the writer's own (orphans, budget)
+        writer_module.lower_priority()  # its deletions stand for the writer's own (orphans, budget)
         while not stop.is_set():
             for plan in plans:
                 for block in plan.new_blocks:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import struct
@@ -258,54 +259,74 @@ def _read_into(read: Read, target: np.ndarray, verify: bool, fd: int) -> int:
     return read.nbytes
 
 
-class Staging:
-    """Host memory owned by MLX, reused across restores: reads land in it through numpy views and
-    device kernels read it from there, so no host-side copy remains between the file and the GPU
-    (on CUDA, MLX's host-visible memory). One slot per tensor of a restore (MLX sizes are int32),
-    each grown on demand, never shrunk; one restore at a time (restores run on the thread that
-    owns MLX). `prepare` is called once on each new slot's array."""
+class Slots:
+    """Staging memory reused across restores: one slot per tensor of a restore (MLX sizes are
+    int32), each grown on demand (the old one freed first), never shrunk; one restore at a time
+    (restores run on the thread that owns MLX). `make(nbytes)` builds a slot: anything with an
+    `nbytes`."""
 
-    def __init__(self, prepare=None) -> None:
-        self.slots: list[tuple[mx.array, np.ndarray]] = []
-        self.prepare = prepare
-
-    def take(self, slot: int, nbytes: int) -> tuple[mx.array, np.ndarray]:
-        while len(self.slots) <= slot:
-            self.slots.append((None, None))
-        array, view = self.slots[slot]
-        if array is None or array.size < nbytes:
-            self.slots[slot] = (None, None)
-            array = mx.zeros((max(nbytes, 1),), mx.uint8, stream=mx.cpu)
-            mx.eval(array)
-            if self.prepare is not None:
-                self.prepare(array)
-            view = np.array(array, copy=False)
-            self.slots[slot] = (array, view)
-        return array, view
-
-
-class PinnedStaging:
-    """On CUDA: page-locked host slots the reads land in, and MLX arrays resident on the GPU that
-    one `cudaMemcpyAsync` per tensor fills (`cuda_transfer`); slots grow as `Staging`'s do."""
-
-    def __init__(self) -> None:
-        self.slots: list[tuple] = []
-        self.stream = None
+    def __init__(self, make) -> None:
+        self.make = make
+        self.slots: list = []
 
     def take(self, slot: int, nbytes: int):
-        from node.memory import cuda_transfer
-
-        if self.stream is None:
-            self.stream = cuda_transfer.CopyStream()
         while len(self.slots) <= slot:
             self.slots.append(None)
-        if self.slots[slot] is None or self.slots[slot][0].nbytes < nbytes:
+        if self.slots[slot] is None or self.slots[slot].nbytes < nbytes:
             self.slots[slot] = None
-            size = max(nbytes, 1)
-            host = cuda_transfer.PinnedBuffer(size)
-            array, pointer = cuda_transfer.device_array(size, self.stream.handle)
-            self.slots[slot] = (host, array, pointer)
+            self.slots[slot] = self.make(max(nbytes, 1))
         return self.slots[slot]
+
+
+@dataclass(frozen=True)
+class HostSlot:
+    """Host memory owned by MLX: reads land in it through a numpy view and device kernels read it
+    from there, so no host-side copy remains between the file and the GPU (on CUDA, MLX's
+    host-visible memory)."""
+
+    array: mx.array
+    view: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.array.size
+
+    @classmethod
+    def make(cls, nbytes: int, prepare=None) -> HostSlot:
+        array = mx.zeros((nbytes,), mx.uint8, stream=mx.cpu)
+        mx.eval(array)
+        if prepare is not None:
+            prepare(array)
+        return cls(array, np.array(array, copy=False))
+
+
+@dataclass(frozen=True)
+class PinnedSlot:
+    """On CUDA: page-locked host memory the reads land in, and an MLX array resident on the GPU
+    that one `cudaMemcpyAsync` fills (`cuda_transfer`)."""
+
+    host: object  # cuda_transfer.PinnedBuffer
+    array: mx.array
+    pointer: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.nbytes
+
+    @classmethod
+    def make(cls, nbytes: int) -> PinnedSlot:
+        from node.memory import cuda_transfer
+
+        host = cuda_transfer.PinnedBuffer(nbytes)
+        array, pointer = cuda_transfer.device_array(nbytes, copy_stream().handle)
+        return cls(host, array, pointer)
+
+
+@functools.cache
+def copy_stream():
+    from node.memory import cuda_transfer
+
+    return cuda_transfer.CopyStream()
 
 
 def _host_mapped(array: mx.array) -> None:
@@ -314,9 +335,9 @@ def _host_mapped(array: mx.array) -> None:
     cuda_transfer.host_mapped(array)
 
 
-STAGING = Staging()
-MAPPED = Staging(prepare=_host_mapped)
-PINNED = PinnedStaging()
+STAGING = Slots(HostSlot.make)
+MAPPED = Slots(functools.partial(HostSlot.make, prepare=_host_mapped))
+PINNED = Slots(PinnedSlot.make)
 LANDINGS = ("copy", "staging", "mapped", "pinned")
 
 
@@ -343,25 +364,23 @@ class _Landing:
         nbytes = rows * row_bytes
         if self.mode == "copy":
             return np.empty((rows, row_bytes), np.uint8), None
+        slots = {"pinned": PINNED, "mapped": MAPPED, "staging": STAGING}[self.mode]
+        slot = slots.take(self.slot, nbytes)
         self.slot += 1
-        if self.mode == "pinned":
-            host, array, pointer = PINNED.take(self.slot - 1, nbytes)
-            return host.view[:nbytes].reshape(rows, row_bytes), (array, pointer, host.pointer)
-        array, view = (MAPPED if self.mode == "mapped" else STAGING).take(self.slot - 1, nbytes)
-        return view[:nbytes].reshape(rows, row_bytes), array
+        host = slot.host.view if self.mode == "pinned" else slot.view
+        return host[:nbytes].reshape(rows, row_bytes), slot
 
-    def device(self, host: np.ndarray, staged) -> mx.array:
-        if staged is None:
+    def device(self, host: np.ndarray, slot) -> mx.array:
+        if slot is None:
             return mx.array(host)
         if self.mode == "pinned":
-            staged, destination, source = staged
-            PINNED.stream.copy(destination, source, host.nbytes)
-        return staged[: host.size].reshape(host.shape)
+            copy_stream().copy(slot.pointer, slot.host.pointer, host.nbytes)
+        return slot.array[: host.size].reshape(host.shape)
 
     def ready(self) -> None:
         """The copies issued so far have landed (device kernels may read them)."""
         if self.mode == "pinned":
-            PINNED.stream.wait()
+            copy_stream().wait()
 
 
 def _submit(pool, files, landing: _Landing, reads: tuple[Read, ...], rows: int, row_bytes: int, verify: bool):
@@ -468,54 +487,34 @@ def load_planned(
 
 
 def restore(
-    store,
-    agent_id: str,
-    make_caches,
-    dtype: mx.Dtype,
-    position=None,
-    threads: int = READ_THREADS,
-    verify: bool = True,
-    landing: str = "copy",
-    accept=None,
+    store, agent_id: str, make_caches, dtype: mx.Dtype, position=None, **options
 ) -> DeviceRestored | None:
     """`CheckpointStore.restore`'s contract (same tokens, metadata, blocks, cache layout), caches
-    in `dtype` (the model's), read in parallel. `accept(plan)` (optional) sees what would be read
-    before anything is: when it says no, nothing is read and the answer is None."""
+    in `dtype` (the model's), read in parallel; `options` as `_load` takes them."""
     return _load(
-        lambda caches: plan_restore(store, agent_id, caches, position),
-        make_caches,
-        dtype,
-        threads,
-        verify,
-        landing,
-        accept,
+        lambda caches: plan_restore(store, agent_id, caches, position), make_caches, dtype, **options
     )
 
 
 def restore_path(
-    store,
-    path: list[BlockRef],
+    store, path: list[BlockRef], make_caches, dtype: mx.Dtype, position=None, **options
+) -> DeviceRestored | None:
+    """`CheckpointStore.restore_path`'s contract, read as `restore` reads."""
+    return _load(lambda caches: plan_path(store, path, caches, position), make_caches, dtype, **options)
+
+
+def _load(
+    plan_for,
     make_caches,
     dtype: mx.Dtype,
-    position=None,
     threads: int = READ_THREADS,
     verify: bool = True,
     landing: str = "copy",
     accept=None,
 ) -> DeviceRestored | None:
-    """`CheckpointStore.restore_path`'s contract, read as `restore` reads (`accept` as there)."""
-    return _load(
-        lambda caches: plan_path(store, path, caches, position),
-        make_caches,
-        dtype,
-        threads,
-        verify,
-        landing,
-        accept,
-    )
-
-
-def _load(plan_for, make_caches, dtype, threads, verify, landing, accept=None) -> DeviceRestored | None:
+    """Plan, then read with `threads` readers (digests checked when `verify`) into `landing`'s
+    memory. `accept(plan)` (optional) sees what would be read before anything is: when it says
+    no, nothing is read and the answer is None."""
     started = time.perf_counter()
     caches = make_caches()
     plan = plan_for(caches)

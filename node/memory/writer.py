@@ -26,7 +26,7 @@ Done = Callable[[float | BaseException], None]
 WRITER_NICENESS = 19  # where the idle scheduling class is refused
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     """Let this thread run only on CPU time the model thread leaves (Linux schedules threads as
     tasks with their own policy): SCHED_IDLE where allowed, else the lowest nice value. A
     checkpoint may wait a little; a decode step should not (on 2 cores a nice-10 writer without
@@ -113,7 +113,7 @@ class CheckpointWriter:
         }
 
     def _loop(self) -> None:
-        _lower_priority()
+        lower_priority()
         while (item := self._queue.get()) is not _STOP:
             plan, on_done = item
             result = self._commit_in_order(plan)
