@@ -103,7 +103,7 @@ def bind_fast_blas() -> str | None:
 
 
 def set_blas_threads(threads: int) -> None:
-    """Size OpenBLAS's thread pool, the shim's few-row kernel and the int8 kernel's pool: nodes sharing a machine must not
+    """Size OpenBLAS's thread pool, the shim's few-row kernel and node's CPU extension's pool: nodes sharing a machine must not
     oversubscribe its cores (two nodes with a thread per core each decoded 6x slower, not 2x)."""
     global _threads
     _threads = int(threads)
@@ -111,9 +111,9 @@ def set_blas_threads(threads: int) -> None:
         _openblas.scipy_openblas_set_num_threads(_threads)
     if _thin is not None:
         _thin.node_blas_set_threads(_threads)
-    int8 = sys.modules.get("node.model.int8_weights")  # imports mlx, so only if already loaded
-    if int8 is not None:
-        int8.set_threads(_threads)
+    extension = sys.modules.get("node.model.cpu_extension")  # imports mlx, so only if already loaded
+    if extension is not None:
+        extension.set_threads(_threads)
 
 
 def blas_threads() -> int:

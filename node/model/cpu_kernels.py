@@ -13,12 +13,15 @@ which `mx.compile` fuses into generated kernels:
   (relative error < 1e-7), with the power of two built from the exponent bits;
 - attention with that softmax (grouped query heads share one matmul), by blocks of queries,
   where causality lets the blocks skip at least a quarter of the keys (elsewhere MLX's own);
-- RoPE from cos/sin tables computed once per chunk in float64.
+- RoPE from cos/sin tables computed once per chunk in float64 (a decode step's natively);
+- RMS norms as one native operation each (`native/norm_rope.cpp`; MLX expands them into ~8);
+- decode steps' attention (one query) by node's native kernel (`native/decode_attention.cpp`): one
+  pass over K and V, split over the positions, instead of six MLX operations whose products go
+  through sgemm.
 
 `install(model)` routes a loaded mlx-lm model through them on the CPU backend only: its gated
 MLPs (Gemma's GELU, Llama's SwiGLU), its `nn.RoPE` layers and the attention function of its
-model modules. Decode steps (one query row) keep MLX's own attention and RoPE, where the work
-is a few thousand floats.
+model modules. Decode steps keep MLX's own RoPE (a few thousand floats).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from node.model import blas
+from node.model import blas, cpu_extension
 from node.model.kv_cache import FullHistoryCache, SlidingHistoryCache
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
@@ -201,10 +204,36 @@ def _causal_layout(cache, queries: int, keys: int, mask) -> tuple[int, int | Non
 _installed_model_running: ContextVar[bool] = ContextVar("installed_model_running", default=False)
 
 
+def _decode_mask(mask, batch: int, keys: int):
+    """`mask` as decode_attention takes it: None, or a (B, 1, 1, S) bool visibility; False when the
+    native kernel cannot take it."""
+    if mask is None:
+        return None
+    if isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.shape in ((batch, 1, 1, keys), (1, 1, 1, keys)):
+        return mx.broadcast_to(mask, (batch, 1, 1, keys)) if mask.shape[0] != batch else mask
+    return False
+
+
+def _native_decode(queries, keys, values, cache, scale, mask, sinks):
+    """One-query attention by node's native kernel, or None where it does not apply."""
+    if queries.shape[2] != 1 or sinks is not None or hasattr(cache, "bits"):
+        return None
+    if not (queries.dtype == keys.dtype == values.dtype == mx.float32) or keys.shape != values.shape:
+        return None
+    visible = _decode_mask(mask, queries.shape[0], keys.shape[2])
+    ops = cpu_extension.extension() if visible is not False else None
+    if ops is None:
+        return None
+    return ops.decode_attention(queries, keys, values, float(scale), visible)
+
+
 def _fast_sdpa(fallback):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
         if not _installed_model_running.get():
             return fallback(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        decoded = _native_decode(queries, keys, values, cache, scale, mask, sinks)
+        if decoded is not None:
+            return decoded
         layout = None
         if queries.shape[2] > 1 and sinks is None and not hasattr(cache, "bits"):
             layout = _causal_layout(cache, queries.shape[2], keys.shape[2], mask)
@@ -241,14 +270,40 @@ def _rotate(x1: mx.array, x2: mx.array, cos: mx.array, sin: mx.array) -> tuple[m
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
+def _native_rope(self, x: mx.array, offset) -> mx.array | None:
+    """A decode step's rotation as one native operation (MLX's CPU RoPE expands into ~15), or None."""
+    ops = cpu_extension.extension()
+    if ops is None or self.traditional or x.ndim != 4 or x.dtype != mx.float32:
+        return None
+    offsets = offset if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
+    return ops.rope(x, self.dims, float(self.base), float(self.scale), offsets)
+
+
 def _table_rope(self, x: mx.array, offset=0) -> mx.array:
-    """`nn.RoPE` (non-traditional, all dims) from a cached table for prompt chunks."""
+    """`nn.RoPE` (non-traditional) from a cached table for prompt chunks, natively for decode steps."""
+    if x.shape[-2] == 1 and (rotated := _native_rope(self, x, offset)) is not None:
+        return rotated
     if self.traditional or self.dims != x.shape[-1] or not isinstance(offset, int) or x.shape[-2] == 1:
         return nn.RoPE.__call__(self, x, offset)
     cos, sin = rope_table(self.dims, float(self.base), float(self.scale), offset, x.shape[-2])
     half = self.dims // 2
     return mx.concatenate(_rotate(x[..., :half], x[..., half:], cos, sin), axis=-1)
 
+
+def _native_rms_norm(weight_offset: float):
+    """`__call__` of an RMS norm whose scale is `weight_offset + weight`, as one native operation."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        ops = cpu_extension.extension()
+        if ops is None or x.dtype != mx.float32:
+            return type(self).__mro__[1].__call__(self, x)
+        return ops.rms_norm(x, self.weight, self.eps, weight_offset)
+
+    return __call__
+
+
+# mlx-lm model modules whose `RMSNorm` scales by 1 + weight (Gemma stores weights as w - 1).
+OFFSET_RMS_NORMS = {"mlx_lm.models.gemma3_text"}
 
 # mlx-lm model modules whose `MLP` is down(act(gate(x)) * up(x)), and that act as a fused function.
 GATED_MLP_ACTIVATIONS = {
@@ -276,6 +331,10 @@ def _fast_call(m: nn.Module, top: bool = False):
         return _scoped_call(type(m))
     if type(m) is nn.RoPE:
         return _table_rope
+    if type(m) is nn.RMSNorm:
+        return _native_rms_norm(0.0)
+    if type(m).__name__ == "RMSNorm" and type(m).__module__ in OFFSET_RMS_NORMS:
+        return _native_rms_norm(1.0)
     activation = GATED_MLP_ACTIVATIONS.get(type(m).__module__)
     if activation is not None and type(m).__name__ == "MLP":
         return _gated_mlp(activation)

@@ -11,29 +11,25 @@
 //   more rows (prefill)                     -> W dequantized to fp32 once per call (in parallel),
 //                                             then cblas_sgemm (OpenBLAS behind node's shim)
 //
-// node.model.int8_weights compiles this file with nanobind once per source version and loads it.
+// Part of node's MLX CPU extension (cpu_ops.cpp; built and loaded by node.model.cpu_extension).
 
 #include <dlfcn.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define NODE_X86 1
 #endif
+
+#include "pool.h"
 
 #ifndef NODE_INT8_KERNELS_ONLY  // defined by tests that check the kernels without MLX
 #include <nanobind/nanobind.h>
@@ -46,6 +42,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/utils.h"
+#include "mlx_inputs.h"
 
 namespace mx = mlx::core;
 namespace nb = nanobind;
@@ -54,11 +51,12 @@ using namespace nb::literals;
 
 namespace {
 
+using node_native::pool;
+
 constexpr int BLOCK = 64;
 constexpr int MAX_KERNEL_ROWS = 8;    // rows one pass of the kernel reads W for
 constexpr int MAX_DIRECT_ROWS = 16;   // above this, dequantize and use sgemm
 constexpr long MIN_PARALLEL_WEIGHTS = 1L << 18;
-constexpr int MAX_THREADS = 64;
 
 struct Product {
   const float* x;       // M x K, row-major
@@ -206,100 +204,6 @@ const Isa* best_isa() {
 
 std::atomic<const Isa*> current_isa{best_isa()};
 
-// ---------------------------------------------------------------------------------------------
-// A persistent pool: MLX calls a product ~130 times per decode step, too often to start threads
-// for each. Workers spin briefly for the next job (products of one step come microseconds apart),
-// then sleep.
-
-class Pool {
- public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-      generation_.fetch_add(1);
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
-  int threads() const { return threads_; }
-
-  void set_threads(int threads) {
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    int limit = threads > 0 ? threads : (int)std::max(1L, cpus);
-    threads_ = std::min(limit, MAX_THREADS);
-  }
-
-  // Runs job(part, parts) for part in [0, parts), the caller taking part 0.
-  void run(int parts, const std::function<void(int, int)>& job) {
-    parts = std::max(1, std::min(parts, threads_));
-    if (parts == 1) return job(0, 1);
-    std::lock_guard<std::mutex> serial(run_mutex_);
-    while ((int)workers_.size() < parts - 1) {
-      int index = (int)workers_.size() + 1;
-      unsigned seen = generation_.load();  // read here: the thread may start after the next job
-      workers_.emplace_back([this, index, seen] { work(index, seen); });
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      parts_ = parts;
-      pending_.store(parts - 1);
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    job(0, parts);
-    while (pending_.load(std::memory_order_acquire) > 0) {
-#ifdef NODE_X86
-      _mm_pause();
-#endif
-    }
-  }
-
- private:
-  void work(int index, unsigned seen) {
-    for (;;) {
-      unsigned now = seen;
-      for (int spin = 0; spin < 20000 && (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
-#ifdef NODE_X86
-        _mm_pause();
-#endif
-      }
-      if (now == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_.load() != seen; });
-        now = generation_.load();
-      }
-      seen = now;
-      if (stopping_) return;
-      if (index < parts_) {
-        (*job_)(index, parts_);
-        pending_.fetch_sub(1, std::memory_order_release);
-      }
-    }
-  }
-
-  int threads_ = 1;
-  std::vector<std::thread> workers_;
-  std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_;
-  std::atomic<unsigned> generation_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int, int)>* job_ = nullptr;
-  int parts_ = 0;
-  bool stopping_ = false;
-};
-
-Pool& pool() {
-  static Pool* p = [] {
-    auto* made = new Pool();  // never destroyed: workers may outlive static destruction order
-    made->set_threads(0);
-    return made;
-  }();
-  return *p;
-}
-
 int parts_for(long weights) { return weights < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
 
 void direct(const Product& p) {
@@ -404,8 +308,10 @@ class Int8MatMul : public mx::Primitive {
     encoder.set_output_array(out);
     encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
                       s = mx::array::unsafe_weak_copy(s), out = mx::array::unsafe_weak_copy(out)]() mutable {
-      product(Product{x.data<float>(), w.data<int8_t>(), s.data<float>(), out.data<float>(),
-                      (int)x.shape(0), (int)w.shape(0), (int)w.shape(1)});
+      std::vector<float> copy;
+      const int K = (int)w.shape(1);
+      product(Product{node_native::row_major_floats(x, copy), w.data<int8_t>(), s.data<float>(),
+                      out.data<float>(), (int)(x.size() / K), (int)w.shape(0), K});
     });
   }
 
@@ -418,7 +324,9 @@ class Int8MatMul : public mx::Primitive {
   bool is_equivalent(const mx::Primitive&) const override { return true; }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {{inputs[0].shape(0), inputs[1].shape(0)}};
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
   }
 };
 
@@ -433,11 +341,15 @@ mx::array int8_matmul(const mx::array& x, const mx::array& weight, const mx::arr
   auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
-  mx::array rows = mx::contiguous(mx::reshape(mx::astype(x, mx::float32, stream), {-1, K}, stream), false, stream);
-  mx::array product_rows(
-      {rows.shape(0), N}, mx::float32, std::make_shared<Int8MatMul>(stream),
-      {rows, mx::contiguous(weight, false, stream), mx::contiguous(scales, false, stream)});
-  return mx::reshape(product_rows, out_shape, stream);
+  // One operation per product (a decode step runs ~130 of them, and each operation costs MLX's
+  // scheduler microseconds): x is read as it comes (mlx_inputs.h), W and its scales are the
+  // model's evaluated parameters, contiguous already.
+  auto as_stored = [&](const mx::array& a) {
+    return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, stream);
+  };
+  mx::array rows = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, stream);
+  return mx::array(out_shape, mx::float32, std::make_shared<Int8MatMul>(stream),
+                   {rows, as_stored(weight), as_stored(scales)});
 }
 
 // Quantize a float32 (N, K) matrix now (not lazily): each block's largest magnitude maps to 127.
@@ -488,19 +400,15 @@ std::vector<std::string> supported_isas() {
 
 }  // namespace
 
-NB_MODULE(_node_int8, m) {
-  nb::module_::import_("mlx.core");
-  m.doc() = "x @ W^T with int8 weights and per-block fp32 scales (CPU)";
+// Registered into node's extension module by cpu_ops.cpp.
+void register_int8_matmul(nb::module_& m) {
   m.attr("BLOCK") = BLOCK;
   m.attr("MAX_DIRECT_ROWS") = MAX_DIRECT_ROWS;
   m.def("int8_matmul", &int8_matmul, "x"_a, "weight"_a, "scales"_a,
         "x @ (weight * scales per block)^T; x (..., K) float32, weight (N, K) int8, scales (N, K / BLOCK)");
   m.def("quantize", &quantize, "weight"_a,
         "(int8 (N, K), float32 scales (N, K / BLOCK)) of a float32 (N, K) matrix, computed now");
-  m.def("set_threads", [](int threads) { pool().set_threads(threads); }, "threads"_a,
-        "The most threads one product uses (0: one per online CPU).");
-  m.def("threads", [] { return pool().threads(); });
-  m.def("isa", &isa, "The kernel path in use (avx512f, avx2, portable).");
+  m.def("isa", &isa, "The int8 kernel path in use (avx512f, avx2, portable).");
   m.def("use_isa", &use_isa, "name"_a);
   m.def("supported_isas", [] {
     nb::list names;

@@ -1,0 +1,116 @@
+// A persistent pool of compute threads shared by node's MLX CPU kernels (int8_matmul.cpp,
+// decode_attention.cpp): MLX calls them ~150 times per decode step, too often to start threads
+// for each. Workers spin briefly for the next job (the products of one step come microseconds
+// apart), then sleep.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace node_native {
+
+constexpr int MAX_THREADS = 64;
+
+
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+      generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  int threads() const { return threads_; }
+
+  void set_threads(int threads) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int limit = threads > 0 ? threads : (int)std::max(1L, cpus);
+    threads_ = std::min(limit, MAX_THREADS);
+  }
+
+  // Runs job(part, parts) for part in [0, parts), the caller taking part 0.
+  void run(int parts, const std::function<void(int, int)>& job) {
+    parts = std::max(1, std::min(parts, threads_));
+    if (parts == 1) return job(0, 1);
+    std::lock_guard<std::mutex> serial(run_mutex_);
+    while ((int)workers_.size() < parts - 1) {
+      int index = (int)workers_.size() + 1;
+      unsigned seen = generation_.load();  // read here: the thread may start after the next job
+      workers_.emplace_back([this, index, seen] { work(index, seen); });
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = &job;
+      parts_ = parts;
+      pending_.store(parts - 1);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    job(0, parts);
+    while (pending_.load(std::memory_order_acquire) > 0) {
+#if defined(__x86_64__) && defined(__GNUC__)
+      _mm_pause();
+#endif
+    }
+  }
+
+ private:
+  void work(int index, unsigned seen) {
+    for (;;) {
+      unsigned now = seen;
+      for (int spin = 0; spin < 1000 && (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
+#if defined(__x86_64__) && defined(__GNUC__)
+        _mm_pause();
+#endif
+      }
+      if (now == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        now = generation_.load();
+      }
+      seen = now;
+      if (stopping_) return;
+      if (index < parts_) {
+        (*job_)(index, parts_);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  int threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::atomic<unsigned> generation_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int parts_ = 0;
+  bool stopping_ = false;
+};
+
+inline Pool& pool() {
+  static Pool* p = [] {
+    auto* made = new Pool();  // never destroyed: workers may outlive static destruction order
+    made->set_threads(0);
+    return made;
+  }();
+  return *p;
+}
+
+
+}  // namespace node_native
