@@ -169,6 +169,5 @@ def test_table_rope_is_exact_where_mlx_rope_drifts(offset):
     mlx = np.array(rope(x, offset))
     assert np.abs(got - want).max() < 1e-5
     assert np.abs(got - want).max() <= np.abs(mlx - want).max() + 1e-6
-    assert np.array_equal(
-        np.array(cpu_kernels._table_rope(rope, x[:, :, :1], offset)), np.array(rope(x[:, :, :1], offset))
-    )
+    one_row = np.array(cpu_kernels._table_rope(rope, x[:, :, :1], offset))  # a decode step: native
+    assert np.abs(one_row - want[:, :, :1]).max() < 1e-5

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from mlx import nn
 
-from node.model import int8_weights
+from node.model import cpu_extension, int8_weights
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the int8 kernel is built on Linux here")
 
@@ -148,7 +148,7 @@ def test_layers_replace_linear_and_embedding(ext):
 def test_kernels_without_mlx_on_every_path(tmp_path):
     """The kernels alone (tests/model/native/int8_kernel_check.cpp) against a float64 reference,
     on every path the CPU supports: also what checks the AVX-512 path on a machine that has it."""
-    compiler = int8_weights._compiler()
+    compiler = cpu_extension.compiler()
     if compiler is None:
         pytest.skip("no C++ compiler")
     source = Path(__file__).parent / "native" / "int8_kernel_check.cpp"

@@ -1,0 +1,132 @@
+"""node's MLX CPU extension (node/model/native): decode attention, RMS norm and RoPE against MLX's
+own operations or float64 references, and decode steps of the tiny model with and without them."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from node.model import cpu_extension, cpu_kernels
+from node.runtime.batching import batched_step
+from node.runtime.generation import CachedContext, SamplingParams, Sequence, prefill, step
+
+
+@pytest.fixture(scope="module")
+def ops():
+    module = cpu_extension.extension()
+    assert module is not None, cpu_extension.failure()
+    return module
+
+
+def _normal(rng, *shape) -> mx.array:
+    return mx.array(rng.standard_normal(shape).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "positions", "dim"),
+    [(1, 4, 1, 70, 256), (1, 4, 1, 2049, 256), (3, 4, 1, 600, 256), (1, 8, 2, 1000, 64), (1, 4, 1, 1, 256)],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_mlx(ops, batch, heads, kv_heads, positions, dim, masked):
+    """Views into a larger cache buffer (as the KV caches hand them over), grouped heads, masks."""
+    rng = np.random.default_rng(positions)
+    q = _normal(rng, batch, heads, 1, dim)
+    buffer_k, buffer_v = _normal(rng, batch, kv_heads, positions + 9, dim), _normal(rng, batch, kv_heads, positions + 9, dim)
+    k, v = buffer_k[:, :, 4 : positions + 4], buffer_v[:, :, 4 : positions + 4]
+    mask = None
+    if masked:
+        visible = rng.random((batch, 1, 1, positions)) > 0.3
+        visible[..., -1] = True
+        mask = mx.array(visible)
+    got = ops.decode_attention(q, k, v, 0.0625, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.0625, mask=mask)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
+
+
+def test_decode_attention_reads_transposed_keys(ops):
+    rng = np.random.default_rng(1)
+    q = _normal(rng, 1, 1, 4, 64).transpose(0, 2, 1, 3)  # (1, 4, 1, 64), not row-contiguous
+    k = _normal(rng, 1, 1, 64, 300).swapaxes(-1, -2)  # last axis strided
+    got = ops.decode_attention(q, k, k, 0.125)
+    want = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.125)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
+
+
+def test_decode_attention_refuses_bad_shapes(ops):
+    q, k = mx.zeros((1, 3, 1, 64)), mx.zeros((1, 2, 10, 64))
+    with pytest.raises(ValueError, match="multiple of the KV heads|1-16 times"):
+        ops.decode_attention(q, k, k, 1.0)
+    with pytest.raises(ValueError, match="mask"):
+        ops.decode_attention(mx.zeros((1, 2, 1, 64)), k, k, 1.0, mx.ones((1, 1, 1, 9), mx.bool_))
+
+
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_rms_norm_matches_mlx(ops, weight_offset):
+    rng = np.random.default_rng(2)
+    x, w = _normal(rng, 2, 5, 640), _normal(rng, 640)
+    got = ops.rms_norm(x.transpose(1, 0, 2), w, 1e-6, weight_offset)
+    want = mx.fast.rms_norm(x.transpose(1, 0, 2), weight_offset + w, 1e-6)
+    assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
+
+
+@pytest.mark.parametrize("offset", [0, 70, 8191, 30000])
+def test_rope_is_exact_in_float64(ops, offset):
+    """Positions offsets[b] + l; one offset for all rows or one per batch row; dims < D keep the rest."""
+    rng = np.random.default_rng(offset)
+    x = _normal(rng, 2, 4, 3, 96)
+    offsets = np.array([offset, offset + 11])
+    got = np.array(ops.rope(x, 64, 10000.0, 1.0, mx.array(offsets, mx.int32)))
+    positions = offsets[:, None] + np.arange(3)[None]  # (B, L)
+    angles = positions[..., None] * 10000.0 ** (-np.arange(0, 64, 2) / 64)  # (B, L, 32)
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+    x64 = np.array(x).astype(np.float64)
+    x1, x2 = x64[..., :32], x64[..., 32:64]
+    want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x64[..., 64:]], -1)
+    assert np.abs(got - want).max() < 1e-5
+
+
+def _greedy(engine, prompt: list[int], tokens: int) -> list[int]:
+    sequence = Sequence(engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=tokens))
+    while sequence.prefilling:
+        sequence.prefill_chunk()
+    while sequence.wants_step():
+        step(engine.model, sequence)
+    return sequence.generated
+
+
+def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch):
+    """Greedy decoding through the native decode path and through MLX's own kernels agree."""
+    prompt = tiny_engine.encode("the cat sat on the mat and then " * 6)
+    steps = []  # (query rows, whether the native kernel took it)
+    decode = cpu_kernels._native_decode
+
+    def counted(queries, *rest):
+        result = decode(queries, *rest)
+        steps.append((queries.shape[2], result is not None))
+        return result
+
+    monkeypatch.setattr(cpu_kernels, "_native_decode", counted)
+    fast = _greedy(tiny_engine, prompt, 24)
+    assert {taken for rows, taken in steps if rows == 1} == {True}
+    cpu_kernels.uninstall(tiny_engine.model)
+    try:
+        reference = _greedy(tiny_engine, prompt, 24)
+    finally:
+        cpu_kernels.install(tiny_engine.model)
+    assert fast == reference
+
+
+def test_batched_decode_matches_single_sequences(tiny_engine):
+    """Sequences of different lengths in one batch (left-padded, masked) decode what each does alone."""
+    model = tiny_engine.model
+    prompts = [tiny_engine.encode(text) for text in ("a short one", "the cat sat on the mat " * 9, "dogs " * 30)]
+    alone = [_greedy(tiny_engine, p, 8) for p in prompts]
+    sequences = []
+    for p in prompts:
+        context = CachedContext(tiny_engine.make_caches())
+        prefill(model, context, p[:-1])
+        sequences.append(Sequence(tiny_engine, context, p, SamplingParams(max_tokens=8)))
+    for _ in range(8):
+        batched_step(model, sequences)
+    assert [s.generated for s in sequences] == alone
