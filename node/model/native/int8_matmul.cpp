@@ -29,6 +29,7 @@
 #define NODE_X86 1
 #endif
 
+#include "kernels.h"
 #include "pool.h"
 
 #ifndef NODE_INT8_KERNELS_ONLY  // defined by tests that check the kernels without MLX
@@ -58,13 +59,7 @@ constexpr int MAX_KERNEL_ROWS = 8;    // rows one pass of the kernel reads W for
 constexpr int MAX_DIRECT_ROWS = 16;   // above this, dequantize and use sgemm
 constexpr long MIN_PARALLEL_WEIGHTS = 1L << 18;
 
-struct Product {
-  const float* x;       // M x K, row-major
-  const int8_t* w;      // N x K
-  const float* scales;  // N x K / BLOCK
-  float* out;           // M x N
-  int M, N, K;
-};
+using node_native::Product;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels: out[m, n] for n in [n0, n1), all M (<= MAX_KERNEL_ROWS) rows.
@@ -284,6 +279,8 @@ void product(const Product& p) {
 }
 
 }  // namespace
+
+void node_native::int8_product(const Product& p) { product(p); }
 
 #ifndef NODE_INT8_KERNELS_ONLY
 // ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "kernels.h"
 #include "mlx_inputs.h"
 #include "pool.h"
 
@@ -42,7 +43,9 @@ void run_rows(long rows, long row_floats, const std::function<void(long, long)>&
   pool.run(pool.threads(), [&](int part, int parts) { rows_job(rows * part / parts, rows * (part + 1) / parts); });
 }
 
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void normalize_rows(
+}  // namespace
+
+__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void node_native::normalize_rows(
     const float* x, const float* w, float* out, long r0, long r1, int D, float eps, float offset) {
   for (long r = r0; r < r1; r++) {
     const float* row = x + r * D;
@@ -58,6 +61,8 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void normalize_
     for (d = 0; d < D; d++) o[d] = row[d] * inverse * (offset + w[d]);
   }
 }
+
+namespace {
 
 class RmsNorm : public mx::Primitive {
  public:
@@ -77,7 +82,7 @@ class RmsNorm : public mx::Primitive {
       const float* ws = node_native::row_major_floats(w, w_copy);
       const int D = (int)x.shape(-1);
       float* o = out.data<float>();
-      run_rows((long)(x.size() / D), D, [&](long r0, long r1) { normalize_rows(xs, ws, o, r0, r1, D, eps, offset); });
+      run_rows((long)(x.size() / D), D, [&](long r0, long r1) { node_native::normalize_rows(xs, ws, o, r0, r1, D, eps, offset); });
     });
   }
 
@@ -107,8 +112,10 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, float
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps, weight_offset), {x, weight});
 }
 
-void rotate(const float* x, const int32_t* offsets, bool per_batch, float* out, long r0, long r1, int B, int H,
-            int L, int D, int dims, double base, double scale) {
+}  // namespace
+
+void node_native::rotate_rows(const float* x, const int32_t* offsets, bool per_batch, float* out, long r0,
+                              long r1, int H, int L, int D, int dims, double base, double scale) {
   const int half = dims / 2;
   std::vector<float> cosines(half), sines(half);
   long cached_position = -1;
@@ -126,12 +133,16 @@ void rotate(const float* x, const int32_t* offsets, bool per_batch, float* out, 
     const float* row = x + r * D;
     float* o = out + r * D;
     for (int i = 0; i < half; i++) {
-      o[i] = row[i] * cosines[i] - row[i + half] * sines[i];
-      o[i + half] = row[i + half] * cosines[i] + row[i] * sines[i];
+      const float first = row[i], second = row[i + half];
+      o[i] = first * cosines[i] - second * sines[i];
+      o[i + half] = second * cosines[i] + first * sines[i];
     }
-    for (int d = dims; d < D; d++) o[d] = row[d];
+    if (o != row)
+      for (int d = dims; d < D; d++) o[d] = row[d];
   }
 }
+
+namespace {
 
 class Rope : public mx::Primitive {
  public:
@@ -153,7 +164,9 @@ class Rope : public mx::Primitive {
       const int32_t* o = offsets.data<int32_t>();
       const bool per_batch = offsets.size() > 1;
       float* dst = out.data<float>();
-      run_rows((long)B * H * L, D, [&](long r0, long r1) { rotate(xs, o, per_batch, dst, r0, r1, B, H, L, D, dims, base, scale); });
+      run_rows((long)B * H * L, D, [&](long r0, long r1) {
+        node_native::rotate_rows(xs, o, per_batch, dst, r0, r1, H, L, D, dims, base, scale);
+      });
     });
   }
 

@@ -1,0 +1,144 @@
+// A decode step's attention inputs as one MLX primitive: the q, k and v projections (int8), the
+// per-head RMS norms of q and k and their rotation (RoPE).
+//
+// In mlx-lm's attention these are thirteen operations per layer (three products, three reshapes,
+// three transposes, two norms, two rotations), each scheduled and allocated by MLX on its own; a
+// decode step of a small model is dominated by that per-operation cost, not by its arithmetic.
+//
+//   x (B, 1, K) float32 -> q (B, H, 1, D), k (B, KH, 1, D), v (B, KH, 1, D)
+//   q = rope(norm(x @ Wq^T per head, q_norm)), k = rope(norm(x @ Wk^T per head, k_norm)), v = x @ Wv^T
+//
+// Part of node's MLX CPU extension (cpu_ops.cpp; built and loaded by node.model.cpu_extension).
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx_inputs.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+struct Layout {
+  int heads, kv_heads, head_dim;
+  float eps, norm_offset;
+  int rope_dims;
+  double rope_base, rope_scale;
+
+  bool operator==(const Layout&) const = default;
+};
+
+// inputs: x, wq, sq, wk, sk, wv, sv, q_norm, k_norm, offsets
+class AttentionInputs : public mx::Primitive {
+ public:
+  AttentionInputs(mx::Stream stream, Layout layout) : mx::Primitive(stream), layout_(layout) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    std::vector<mx::array> held, out;
+    for (const auto& input : inputs) {
+      encoder.set_input_array(input);
+      held.push_back(mx::array::unsafe_weak_copy(input));
+    }
+    for (auto& output : outputs) {
+      output.set_data(mx::allocator::malloc(output.nbytes()));
+      encoder.set_output_array(output);
+      out.push_back(mx::array::unsafe_weak_copy(output));
+    }
+    encoder.dispatch([held = std::move(held), out = std::move(out), l = layout_]() mutable {
+      std::vector<float> x_copy;
+      const float* x = node_native::row_major_floats(held[0], x_copy);
+      const int B = (int)held[0].shape(0), K = (int)held[0].shape(-1), D = l.head_dim;
+      const int counts[3] = {l.heads, l.kv_heads, l.kv_heads};
+      for (int i = 0; i < 3; i++)
+        node_native::int8_product(node_native::Product{x, held[1 + 2 * i].data<int8_t>(), held[2 + 2 * i].data<float>(),
+                                                       out[i].data<float>(), B, counts[i] * D, K});
+      const int32_t* offsets = held[9].data<int32_t>();
+      const bool per_batch = held[9].size() > 1;
+      for (int i = 0; i < 2; i++) {  // q and k: norm, then rotation, in place
+        float* rows = out[i].data<float>();
+        const long count = (long)B * counts[i];
+        node_native::normalize_rows(rows, held[7 + i].data<float>(), rows, 0, count, D, l.eps, l.norm_offset);
+        node_native::rotate_rows(rows, offsets, per_batch, rows, 0, count, counts[i], 1, D, l.rope_dims, l.rope_base,
+                                 l.rope_scale);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("attention_inputs runs on the CPU backend only");
+  }
+
+  const char* name() const override { return "NodeAttentionInputs"; }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return static_cast<const AttentionInputs&>(other).layout_ == layout_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const int B = inputs[0].shape(0);
+    return {{B, layout_.heads, 1, layout_.head_dim},
+            {B, layout_.kv_heads, 1, layout_.head_dim},
+            {B, layout_.kv_heads, 1, layout_.head_dim}};
+  }
+
+ private:
+  Layout layout_;
+};
+
+std::tuple<mx::array, mx::array, mx::array> attention_inputs(
+    const mx::array& x, const std::vector<mx::array>& weights, const mx::array& q_norm, const mx::array& k_norm,
+    const mx::array& offsets, int heads, int kv_heads, int head_dim, float eps, float norm_offset, int rope_dims,
+    double rope_base, double rope_scale) {
+  if (x.ndim() != 3 || x.shape(1) != 1 || x.dtype() != mx::float32)
+    throw std::invalid_argument("attention_inputs: x must be float32 (B, 1, K)");
+  if (weights.size() != 6) throw std::invalid_argument("attention_inputs: weights are wq, sq, wk, sk, wv, sv");
+  const int K = x.shape(2), counts[3] = {heads, kv_heads, kv_heads};
+  for (int i = 0; i < 3; i++) {
+    const mx::array &w = weights[2 * i], &s = weights[2 * i + 1];
+    if (w.dtype() != mx::int8 || w.ndim() != 2 || w.shape(0) != counts[i] * head_dim || w.shape(1) != K ||
+        s.dtype() != mx::float32 || !w.is_available() || !s.is_available() || !w.flags().row_contiguous ||
+        !s.flags().row_contiguous)
+      throw std::invalid_argument("attention_inputs: projections must be evaluated int8 (heads * D, K) weights");
+  }
+  if (q_norm.size() != (size_t)head_dim || k_norm.size() != (size_t)head_dim || q_norm.dtype() != mx::float32 ||
+      k_norm.dtype() != mx::float32)
+    throw std::invalid_argument("attention_inputs: norm weights must be float32 (D,)");
+  if (rope_dims % 2 != 0 || rope_dims > head_dim) throw std::invalid_argument("attention_inputs: bad rope dims");
+  if (offsets.size() != 1 && offsets.size() != (size_t)x.shape(0))
+    throw std::invalid_argument("attention_inputs: offsets must hold one position or one per batch row");
+  auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  std::vector<mx::array> inputs{x};
+  inputs.insert(inputs.end(), weights.begin(), weights.end());
+  inputs.push_back(q_norm);
+  inputs.push_back(k_norm);
+  inputs.push_back(offsets.dtype() == mx::int32 ? offsets : mx::astype(offsets, mx::int32, stream));
+  Layout layout{heads, kv_heads, head_dim, eps, norm_offset, rope_dims, rope_base, rope_scale};
+  const int B = x.shape(0);
+  auto outputs = mx::array::make_arrays(
+      {{B, heads, 1, head_dim}, {B, kv_heads, 1, head_dim}, {B, kv_heads, 1, head_dim}},
+      {mx::float32, mx::float32, mx::float32}, std::make_shared<AttentionInputs>(stream, layout), inputs);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+}  // namespace
+
+// Registered into node's extension module by cpu_ops.cpp.
+void register_attention_inputs(nb::module_& m) {
+  m.def("attention_inputs", &attention_inputs, "x"_a, "weights"_a, "q_norm"_a, "k_norm"_a, "offsets"_a, "heads"_a,
+        "kv_heads"_a, "head_dim"_a, "eps"_a, "norm_offset"_a, "rope_dims"_a, "rope_base"_a, "rope_scale"_a,
+        "(q, k, v) of one decode position: int8 projections, per-head RMS norms of q and k, RoPE");
+}

@@ -1,0 +1,29 @@
+// Kernels of node's CPU extension that more than one primitive uses (attention_inputs.cpp fuses
+// the int8 product, the RMS norm and RoPE of a decode step's attention inputs).
+#pragma once
+
+#include <cstdint>
+
+namespace node_native {
+
+struct Product {
+  const float* x;       // M x K, row-major
+  const int8_t* w;      // N x K
+  const float* scales;  // N x K / BLOCK
+  float* out;           // M x N
+  int M, N, K;
+};
+
+// out = x @ (w * scales)^T (int8_matmul.cpp)
+void int8_product(const Product& p);
+
+// Rows [r0, r1) of x (D floats each) / sqrt(mean(x^2) + eps) * (offset + w) into out (norm_rope.cpp);
+// out may be x.
+void normalize_rows(const float* x, const float* w, float* out, long r0, long r1, int D, float eps, float offset);
+
+// The non-traditional RoPE of rows [r0, r1) of x (B, H, L, D) at positions offsets[b] + l into out
+// (norm_rope.cpp); out may be x. offsets holds one position for all b unless per_batch.
+void rotate_rows(const float* x, const int32_t* offsets, bool per_batch, float* out, long r0, long r1, int H,
+                 int L, int D, int dims, double base, double scale);
+
+}  // namespace node_native
