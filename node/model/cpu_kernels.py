@@ -329,17 +329,33 @@ def _fused_attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple |
     )  # fmt: skip
 
 
+def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.array, mx.array, mx.array]:
+    """mlx-lm Gemma 3's (q, k, v) for a decode step, one MLX operation at a time."""
+    b, length, _ = x.shape
+    q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+    q = attention.q_norm(q.reshape(b, length, attention.n_heads, -1).transpose(0, 2, 1, 3))
+    k = attention.k_norm(k.reshape(b, length, attention.n_kv_heads, -1).transpose(0, 2, 1, 3))
+    v = v.reshape(b, length, attention.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    return attention.rope(q, offset=cache.offset), attention.rope(k, offset=cache.offset), v
+
+
 def _gemma_attention(self, x: mx.array, mask=None, cache=None) -> mx.array:
-    """Gemma 3's attention; a decode step's inputs come from one native operation instead of 13."""
-    inputs = _fused_attention_inputs(self, x, cache)
+    """Gemma 3's attention. A decode step takes its inputs from one native operation instead of 13
+    (where the projections are int8), and a batch of agents attends per agent, without padding."""
     original = type(self).__mro__[1]
-    if inputs is None:
+    ops = cpu_extension.extension()
+    if cache is None or x.shape[1] != 1 or ops is None:
         return original.__call__(self, x, mask, cache)
-    queries, keys, values = inputs
-    keys, values = cache.update_and_fetch(keys, values)
-    sdpa = sys.modules[original.__module__].scaled_dot_product_attention
-    output = sdpa(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+    queries, keys, values = _fused_attention_inputs(self, x, cache) or _attention_inputs(self, x, cache)
+    if hasattr(cache, "update_and_fetch_ragged") and queries.dtype == mx.float32:  # node.runtime.batching
+        keys, values = cache.update_and_fetch_ragged(keys, values)
+        output = ops.decode_attention_ragged(queries, keys, values, self.scale)
+    else:
+        keys, values = cache.update_and_fetch(keys, values)
+        sdpa = sys.modules[original.__module__].scaled_dot_product_attention
+        output = sdpa(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
     return self.o_proj(output.reshape(x.shape[0], 1, -1))  # (B, H, 1, D) is (B, 1, H * D) in memory
+
 
 # mlx-lm model modules whose `MLP` is down(act(gate(x)) * up(x)), and that act as a fused function.
 GATED_MLP_ACTIVATIONS = {

@@ -4,8 +4,9 @@ A decode step on this hardware is dominated by reading the weights, so B sequenc
 pass cost little more than one. mlx-lm's batch caches would need every agent's cache merged into
 one padded buffer and split back out; instead `BatchedLayerCache` presents a layer's per-agent
 caches to the unchanged mlx-lm model as one batch: each agent's cache is updated in place, and only
-the keys/values attention needs this step are left-padded and stacked (a mask hides the padding).
-RoPE takes the per-sequence offsets as an array.
+the keys/values attention needs this step are left-padded and stacked (a mask hides the padding),
+or, where the attention kernel takes sequences of different lengths (node.model.cpu_kernels on the
+CPU), handed over per agent as they are. RoPE takes the per-sequence offsets as an array.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ class BatchedLayerCache:
         columns = mx.arange(self.width)[None]
         starts = mx.array([self.width - n for n in self.lengths])[:, None]
         return (columns >= starts)[:, None, None, :]  # (B, 1, 1, width)
+
+    def update_and_fetch_ragged(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
+        """Each agent's cache updated in place; the keys and values attention needs, per agent
+        (for an attention kernel that takes sequences of different lengths: no padding, no copies)."""
+        fetched = [cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)]
+        return [k for k, _ in fetched], [v for _, v in fetched]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         padded_keys, padded_values = [], []

@@ -44,6 +44,20 @@ def test_decode_attention_matches_mlx(ops, batch, heads, kv_heads, positions, di
     assert np.abs(np.array(got) - np.array(want)).max() < 1e-5
 
 
+def test_ragged_decode_attention_matches_each_sequence_alone(ops):
+    """Sequences of different lengths (cache views of their own buffers) in one call."""
+    rng = np.random.default_rng(3)
+    lengths = (5, 700, 260)
+    q = _normal(rng, len(lengths), 4, 1, 256)
+    buffers = [_normal(rng, 1, 1, n + 3, 256) for n in lengths]
+    keys = [b[:, :, 1 : n + 1] for b, n in zip(buffers, lengths)]
+    values = [b[:, :, 2 : n + 2] for b, n in zip(buffers, lengths)]
+    got = np.array(ops.decode_attention_ragged(q, keys, values, 0.0625))
+    for i, (k, v) in enumerate(zip(keys, values)):
+        want = mx.fast.scaled_dot_product_attention(q[i : i + 1], k, v, scale=0.0625)
+        assert np.abs(got[i : i + 1] - np.array(want)).max() < 1e-5
+
+
 def test_decode_attention_reads_transposed_keys(ops):
     rng = np.random.default_rng(1)
     q = _normal(rng, 1, 1, 4, 64).transpose(0, 2, 1, 3)  # (1, 4, 1, 64), not row-contiguous
@@ -117,9 +131,18 @@ def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch):
     assert fast == reference
 
 
-def test_batched_decode_matches_single_sequences(tiny_engine):
-    """Sequences of different lengths in one batch (left-padded, masked) decode what each does alone."""
+@pytest.mark.parametrize("ragged", [True, False])
+def test_batched_decode_matches_single_sequences(tiny_engine, monkeypatch, ragged):
+    """Sequences of different lengths in one batch decode what each does alone: handed to the native
+    kernel per sequence (ragged), or left-padded and masked."""
+    from node.runtime.batching import BatchedLayerCache
+
     model = tiny_engine.model
+    calls = []
+    fetch = BatchedLayerCache.update_and_fetch_ragged
+    monkeypatch.setattr(BatchedLayerCache, "update_and_fetch_ragged", lambda *a: calls.append(1) or fetch(*a))
+    if not ragged:
+        monkeypatch.delattr(BatchedLayerCache, "update_and_fetch_ragged")
     prompts = [tiny_engine.encode(text) for text in ("a short one", "the cat sat on the mat " * 9, "dogs " * 30)]
     alone = [_greedy(tiny_engine, p, 8) for p in prompts]
     sequences = []
@@ -130,3 +153,52 @@ def test_batched_decode_matches_single_sequences(tiny_engine):
     for _ in range(8):
         batched_step(model, sequences)
     assert [s.generated for s in sequences] == alone
+    assert bool(calls) == ragged
+
+
+def _int8_gemma():
+    """A random Gemma 3 whose projections are multiples of the int8 block (the tiny GGUF's are not):
+    int8 layers and node's kernels installed, as the engine does on the CPU."""
+    from mlx_lm.models import gemma3_text
+
+    from node.model import int8_weights
+
+    args = gemma3_text.ModelArgs(
+        model_type="gemma3_text", hidden_size=128, num_hidden_layers=6, intermediate_size=256,
+        num_attention_heads=4, head_dim=64, num_key_value_heads=1, vocab_size=512, sliding_window=16,
+        sliding_window_pattern=3, max_position_embeddings=1024,
+    )  # fmt: skip
+    mx.random.seed(7)
+    model = gemma3_text.Model(args)
+    mx.eval(model.parameters())
+    assert int8_weights.quantize_model(model) > 0
+    cpu_kernels.install(model)
+    return model
+
+
+def _decode_logits(model, prompt: list[int], steps: int) -> list[np.ndarray]:
+    from node.model.kv_cache import make_caches
+
+    caches = make_caches(model)
+    logits = model(mx.array([prompt]), cache=caches)[:, -1, :]
+    rows = []
+    for _ in range(steps):
+        rows.append(np.array(logits))
+        logits = model(mx.argmax(logits, axis=-1)[None], cache=caches)[:, -1, :]
+    return rows
+
+
+def test_fused_attention_inputs_keep_the_models_logits(monkeypatch):
+    """Decode steps through attention_inputs (int8 q/k/v, norms, RoPE in one operation) against the
+    same model one MLX operation at a time, past the sliding window."""
+    model = _int8_gemma()
+    prompt = list(range(3, 40))
+    fused_calls = []
+    fused = cpu_kernels._fused_attention_inputs
+    monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a: fused_calls.append(1) or fused(*a))
+    fast = _decode_logits(model, prompt, 12)
+    assert fused_calls
+    monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a: None)
+    separate = _decode_logits(model, prompt, 12)
+    for a, b in zip(fast, separate):
+        assert np.abs(a - b).max() < 1e-3

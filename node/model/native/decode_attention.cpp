@@ -12,7 +12,8 @@
 //
 //   q (B, H, 1, D), k and v (B, KH, S, D) float32, H a multiple of KH; k and v may be views into a
 //   larger cache buffer (any strides but the last); mask (B, S) bool, true where a position is
-//   visible (batched decode left-pads shorter sequences), or none.
+//   visible, or none. Or, for a batch of sequences of different lengths (batched decode), one k and
+//   v (1, KH, S_b, D) per sequence: no padding, no copies.
 //
 // Part of node's MLX CPU extension (cpu_ops.cpp; built and loaded by node.model.cpu_extension).
 
@@ -29,6 +30,7 @@
 #ifndef NODE_DECODE_ATTENTION_KERNELS_ONLY
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
@@ -54,15 +56,22 @@ constexpr int ATTENTION_CHUNK = 256;      // positions per unit of work
 constexpr int MAX_GROUP = 16;             // query heads per KV head handled here
 constexpr long MIN_PARALLEL_VALUES = 1L << 16;  // K and V floats below which one thread does it all
 
-struct Attention {
-  const float* q;      // (B, H, D) contiguous (the one position squeezed)
-  const float* k;      // strides below, last axis contiguous
+// One sequence's cached positions: keys and values (KH, S, D) with their head and position
+// strides (the last axis contiguous), and which positions it may see (nullptr: all).
+struct Sequence {
+  const float* k;
   const float* v;
-  const bool* mask;    // (B, S) or nullptr
-  float* out;          // (B, H, D)
-  int B, H, KH, S, D;
-  int64_t k_strides[3], v_strides[3];  // batch, head, position
+  int S;
+  int64_t k_head, k_position, v_head, v_position;
+  const bool* mask;
+};
+
+struct Attention {
+  const float* q;  // (B, H, D) contiguous (the one position squeezed)
+  float* out;      // (B, H, D)
+  int B, H, KH, D;
   float scale;
+  std::vector<Sequence> sequences;  // B of them
 };
 
 // One chunk's partial result for the G query heads of one KV head: running maximum, sum of
@@ -71,6 +80,11 @@ struct Partial {
   float* max;   // G
   float* sum;   // G
   float* acc;   // G x D
+};
+
+// A unit of work: positions [s0, s1) of sequence b's KV head kh.
+struct Unit {
+  int b, kh, s0, s1;
 };
 
 inline float dot(const float* a, const float* b, int D) {
@@ -85,18 +99,18 @@ inline float dot(const float* a, const float* b, int D) {
 }
 
 NODE_VECTOR_CLONES
-void attend_chunk(const Attention& a, int b, int kh, int s0, int s1, Partial part) {
-  const int G = a.H / a.KH, D = a.D, n = s1 - s0;
-  const float* q = a.q + ((size_t)b * a.H + (size_t)kh * G) * D;
-  const float* k = a.k + b * a.k_strides[0] + kh * a.k_strides[1];
-  const float* v = a.v + b * a.v_strides[0] + kh * a.v_strides[1];
-  const bool* mask = a.mask ? a.mask + (size_t)b * a.S : nullptr;
+void attend_chunk(const Attention& a, const Unit& unit, Partial part) {
+  const int G = a.H / a.KH, D = a.D, n = unit.s1 - unit.s0;
+  const Sequence& seq = a.sequences[unit.b];
+  const float* q = a.q + ((size_t)unit.b * a.H + (size_t)unit.kh * G) * D;
+  const float* k = seq.k + unit.kh * seq.k_head;
+  const float* v = seq.v + unit.kh * seq.v_head;
   float scores[MAX_GROUP][ATTENTION_CHUNK];
   constexpr float hidden = -std::numeric_limits<float>::infinity();
   for (int j = 0; j < n; j++) {
-    const int s = s0 + j;
-    const float* key = k + s * a.k_strides[2];
-    const bool visible = mask == nullptr || mask[s];
+    const int s = unit.s0 + j;
+    const float* key = k + s * seq.k_position;
+    const bool visible = seq.mask == nullptr || seq.mask[s];
     for (int g = 0; g < G; g++) scores[g][j] = visible ? dot(q + (size_t)g * D, key, D) * a.scale : hidden;
   }
   for (int g = 0; g < G; g++) {
@@ -110,7 +124,7 @@ void attend_chunk(const Attention& a, int b, int kh, int s0, int s1, Partial par
     std::fill(part.acc + (size_t)g * D, part.acc + (size_t)(g + 1) * D, 0.0f);
   }
   for (int j = 0; j < n; j++) {
-    const float* value = v + (s0 + j) * a.v_strides[2];
+    const float* value = v + (unit.s0 + j) * seq.v_position;
     for (int g = 0; g < G; g++) {
       if (part.max[g] == hidden) continue;
       const float p = scores[g][j];
@@ -120,21 +134,22 @@ void attend_chunk(const Attention& a, int b, int kh, int s0, int s1, Partial par
   }
 }
 
-// out = sum over chunks of acc * exp(max - M) / sum over chunks of sum * exp(max - M).
-void merge(const Attention& a, int b, int kh, const std::vector<float>& partials, int chunks, int G) {
-  const int D = a.D;
+// out = sum over chunks of acc * exp(max - M) / sum over chunks of sum * exp(max - M), for the
+// units [first, last) that cover one (sequence, KV head).
+void merge(const Attention& a, const std::vector<Unit>& units, int first, int last, const std::vector<float>& partials) {
+  const int G = a.H / a.KH, D = a.D;
   const size_t stride = (size_t)G * (D + 2);
-  const float* base = partials.data() + ((size_t)b * a.KH + kh) * chunks * stride;
+  constexpr float hidden = -std::numeric_limits<float>::infinity();
   for (int g = 0; g < G; g++) {
-    float M = -std::numeric_limits<float>::infinity();
-    for (int c = 0; c < chunks; c++) M = std::max(M, base[c * stride + g]);
-    float* out = a.out + ((size_t)b * a.H + (size_t)kh * G + g) * D;
+    float M = hidden;
+    for (int u = first; u < last; u++) M = std::max(M, partials[u * stride + g]);
+    float* out = a.out + ((size_t)units[first].b * a.H + (size_t)units[first].kh * G + g) * D;
     std::fill(out, out + D, 0.0f);
-    if (M == -std::numeric_limits<float>::infinity()) continue;  // nothing visible
+    if (M == hidden) continue;  // nothing visible
     float total = 0.0f;
-    for (int c = 0; c < chunks; c++) {
-      const float* chunk = base + c * stride;
-      if (chunk[g] == -std::numeric_limits<float>::infinity()) continue;
+    for (int u = first; u < last; u++) {
+      const float* chunk = partials.data() + u * stride;
+      if (chunk[g] == hidden) continue;
       const float w = std::exp(chunk[g] - M);
       total += chunk[G + g] * w;
       const float* acc = chunk + 2 * G + (size_t)g * D;
@@ -147,25 +162,32 @@ void merge(const Attention& a, int b, int kh, const std::vector<float>& partials
 
 void decode_attention_cpu(const Attention& a) {
   const int G = a.H / a.KH;
-  const int chunks = (a.S + ATTENTION_CHUNK - 1) / ATTENTION_CHUNK;
-  const int units = a.B * a.KH * chunks;
+  std::vector<Unit> units;
+  std::vector<int> starts;  // first unit of each (sequence, KV head), then the end
+  long values = 0;
+  for (int b = 0; b < a.B; b++)
+    for (int kh = 0; kh < a.KH; kh++) {
+      starts.push_back((int)units.size());
+      const int S = a.sequences[b].S;
+      for (int s0 = 0; s0 < S; s0 += ATTENTION_CHUNK) units.push_back({b, kh, s0, std::min(S, s0 + ATTENTION_CHUNK)});
+      if (S == 0) units.push_back({b, kh, 0, 0});
+      values += 2L * S * a.D;
+    }
+  starts.push_back((int)units.size());
+  const int count = (int)units.size();
   const size_t stride = (size_t)G * (a.D + 2);
-  std::vector<float> partials((size_t)units * stride);
+  std::vector<float> partials((size_t)count * stride);
   auto work = [&](int part, int parts) {
-    for (int u = (int)((long)units * part / parts); u < (int)((long)units * (part + 1) / parts); u++) {
-      const int c = u % chunks, group = u / chunks;
+    for (int u = (int)((long)count * part / parts); u < (int)((long)count * (part + 1) / parts); u++) {
       float* p = partials.data() + (size_t)u * stride;
-      attend_chunk(a, group / a.KH, group % a.KH, c * ATTENTION_CHUNK, std::min(a.S, (c + 1) * ATTENTION_CHUNK),
-                   Partial{p, p + G, p + 2 * G});
+      attend_chunk(a, units[u], Partial{p, p + G, p + 2 * G});
     }
   };
-  const long values = 2L * a.B * a.KH * a.S * a.D;
-  if (values < MIN_PARALLEL_VALUES || units == 1)
+  if (values < MIN_PARALLEL_VALUES || count == 1)
     work(0, 1);
   else
-    pool().run(std::min(units, pool().threads()), work);
-  for (int b = 0; b < a.B; b++)
-    for (int kh = 0; kh < a.KH; kh++) merge(a, b, kh, partials, chunks, G);
+    pool().run(std::min(count, pool().threads()), work);
+  for (size_t i = 0; i + 1 < starts.size(); i++) merge(a, units, starts[i], starts[i + 1], partials);
 }
 
 }  // namespace node_native
@@ -175,9 +197,9 @@ namespace {
 
 using node_native::Attention;
 
-// k or v (B, KH, S, D) as the kernel reads them, its batch, head and position strides in `strides`:
-// a cache's view as it is (any strides but the last), anything else gathered into `copy` first.
-const float* positions(const mx::array& x, std::vector<float>& copy, int64_t* strides) {
+// k or v (batch, KH, S, D) as the kernel reads them: a cache's view as it is (any strides but the
+// last), anything else gathered into `copy` first. Returns the floats and their strides.
+const float* positions(const mx::array& x, std::vector<float>& copy, int64_t strides[3]) {
   if (x.strides().back() == 1) {
     for (int d = 0; d < 3; d++) strides[d] = x.strides()[d];
     return x.data<float>();
@@ -188,9 +210,11 @@ const float* positions(const mx::array& x, std::vector<float>& copy, int64_t* st
   return node_native::row_major_floats(x, copy);
 }
 
+// inputs: q, then k, v (B, KH, S, D) and optionally a (B, S) mask ("padded"), or one k, v pair
+// (1, KH, S_b, D) per sequence ("ragged": batched decode without padding or copies).
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  DecodeAttention(mx::Stream stream, float scale, bool ragged) : mx::Primitive(stream), scale_(scale), ragged_(ragged) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     mx::array& out = outputs[0];
@@ -200,15 +224,23 @@ class DecodeAttention : public mx::Primitive {
     encoder.set_output_array(out);
     std::vector<mx::array> held;
     for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), scale = scale_]() mutable {
-      const mx::array &q = held[0], &k = held[1], &v = held[2];
-      std::vector<float> q_copy, k_copy, v_copy;
-      Attention a{node_native::row_major_floats(q, q_copy), nullptr, nullptr,
-                  held.size() > 3 ? held[3].data<bool>() : nullptr, out.data<float>(),
-                  (int)q.shape(0), (int)q.shape(1), (int)k.shape(1), (int)k.shape(2), (int)k.shape(3),
-                  {}, {}, scale};
-      a.k = positions(k, k_copy, a.k_strides);
-      a.v = positions(v, v_copy, a.v_strides);
+    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), scale = scale_,
+                      ragged = ragged_]() mutable {
+      const mx::array& q = held[0];
+      std::vector<float> q_copy;
+      std::vector<std::vector<float>> copies(held.size());
+      const int B = (int)q.shape(0), KH = (int)held[1].shape(1), D = (int)q.shape(3);
+      node_native::Attention a{node_native::row_major_floats(q, q_copy), out.data<float>(), B, (int)q.shape(1), KH, D,
+                               scale, {}};
+      for (int b = 0; b < B; b++) {
+        const int k_index = ragged ? 1 + 2 * b : 1, v_index = k_index + 1;
+        int64_t ks[3], vs[3];
+        const float* k = positions(held[k_index], copies[k_index], ks);
+        const float* v = positions(held[v_index], copies[v_index], vs);
+        const int batch_row = ragged ? 0 : b, S = (int)held[k_index].shape(2);
+        const bool* mask = !ragged && held.size() > 3 ? held[3].data<bool>() + (size_t)b * S : nullptr;
+        a.sequences.push_back({k + batch_row * ks[0], v + batch_row * vs[0], S, ks[1], ks[2], vs[1], vs[2], mask});
+      }
       node_native::decode_attention_cpu(a);
     });
   }
@@ -220,7 +252,8 @@ class DecodeAttention : public mx::Primitive {
   const char* name() const override { return "NodeDecodeAttention"; }
 
   bool is_equivalent(const mx::Primitive& other) const override {
-    return static_cast<const DecodeAttention&>(other).scale_ == scale_;
+    auto& o = static_cast<const DecodeAttention&>(other);
+    return o.scale_ == scale_ && o.ragged_ == ragged_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -229,18 +262,24 @@ class DecodeAttention : public mx::Primitive {
 
  private:
   float scale_;
+  bool ragged_;
 };
+
+void check_query(const mx::array& q, const mx::array& k) {
+  if (q.ndim() != 4 || k.ndim() != 4 || q.shape(2) != 1)
+    throw std::invalid_argument("decode_attention: q must be (B, H, 1, D), k and v (B, KH, S, D)");
+  if (q.shape(3) != k.shape(3)) throw std::invalid_argument("decode_attention: q, k and v disagree on D");
+  if (k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0 || q.shape(1) / k.shape(1) > node_native::MAX_GROUP)
+    throw std::invalid_argument("decode_attention: query heads must be 1-16 times the KV heads");
+  if (q.dtype() != mx::float32 || k.dtype() != mx::float32)
+    throw std::invalid_argument("decode_attention: q, k and v must be float32");
+}
 
 mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                            std::optional<mx::array> mask) {
-  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.shape(2) != 1)
-    throw std::invalid_argument("decode_attention: q must be (B, H, 1, D), k and v (B, KH, S, D)");
-  if (k.shape() != v.shape() || q.shape(0) != k.shape(0) || q.shape(3) != k.shape(3))
+  check_query(q, k);
+  if (k.shape() != v.shape() || v.dtype() != mx::float32 || q.shape(0) != k.shape(0))
     throw std::invalid_argument("decode_attention: q, k and v disagree on B or D");
-  if (k.shape(1) == 0 || q.shape(1) % k.shape(1) != 0 || q.shape(1) / k.shape(1) > node_native::MAX_GROUP)
-    throw std::invalid_argument("decode_attention: query heads must be 1-16 times the KV heads");
-  if (q.dtype() != mx::float32 || k.dtype() != mx::float32 || v.dtype() != mx::float32)
-    throw std::invalid_argument("decode_attention: q, k and v must be float32");
   auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
   std::vector<mx::array> inputs{q, k, v};  // taken as they come: no copy operations in a decode step
   if (mask.has_value()) {
@@ -249,7 +288,24 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
       throw std::invalid_argument("decode_attention: mask must hold (B, S) visibilities, e.g. (B, 1, 1, S)");
     inputs.push_back(mx::contiguous(mx::reshape(mx::astype(*mask, mx::bool_, stream), {B, S}, stream), false, stream));
   }
-  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale), std::move(inputs));
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, false), std::move(inputs));
+}
+
+mx::array decode_attention_ragged(const mx::array& q, const std::vector<mx::array>& keys,
+                                  const std::vector<mx::array>& values, float scale) {
+  if (keys.size() != values.size() || (int)keys.size() != (q.ndim() ? q.shape(0) : -1))
+    throw std::invalid_argument("decode_attention_ragged: one keys and one values array per batch row of q");
+  std::vector<mx::array> inputs{q};
+  for (size_t b = 0; b < keys.size(); b++) {
+    check_query(q, keys[b]);
+    const mx::array &k = keys[b], &v = values[b];
+    if (k.shape(0) != 1 || k.shape() != v.shape() || v.dtype() != mx::float32 || k.shape(1) != keys[0].shape(1))
+      throw std::invalid_argument("decode_attention_ragged: each sequence's k and v must be (1, KH, S, D) float32");
+    inputs.push_back(k);
+    inputs.push_back(v);
+  }
+  auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, true), std::move(inputs));
 }
 
 }  // namespace
@@ -259,5 +315,7 @@ void register_decode_attention(nb::module_& m) {
   m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a = nb::none(),
         "softmax(q k^T * scale) v for one query position: q (B, H, 1, D), k and v (B, KH, S, D) "
         "float32, mask (B, ..., S) bool (true: visible) or None");
+  m.def("decode_attention_ragged", &decode_attention_ragged, "q"_a, "keys"_a, "values"_a, "scale"_a,
+        "decode_attention for sequences of different lengths: keys[b], values[b] (1, KH, S_b, D)");
 }
 #endif  // NODE_DECODE_ATTENTION_KERNELS_ONLY
