@@ -3,8 +3,9 @@
 `native/cpu_ops.cpp` (the module), `native/int8_matmul.cpp` (x @ W^T with int8 weights,
 `node.model.int8_weights`) and `native/decode_attention.cpp` (one-query attention for decode
 steps) and `native/norm_rope.cpp` (RMS norm and RoPE as one operation each) and `native/attention_inputs.cpp`
-(a decode step's q, k, v with their norms and rotation as one operation; all three used by
-`node.model.cpu_kernels`) are compiled together with nanobind against the installed mlx's
+(a decode step's q, k, v with their norms and rotation as one operation) and
+`native/decode_blocks.cpp` (Gemma's attention output and MLP with their norms and residuals as one
+operation each; all used by `node.model.cpu_kernels`) are compiled together with nanobind against the installed mlx's
 headers, once per source, MLX and nanobind version, and cached under
 `~/.cache/persistent-agent-node/native/`. Each kernel picks its instruction set at run time. Where
 no C++ compiler or nanobind exists the module is None, `failure()` says why, and the model keeps
@@ -33,7 +34,8 @@ from node.model import blas
 logger = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).parent / "native"
-SOURCES = [NATIVE / name for name in ("cpu_ops.cpp", "int8_matmul.cpp", "decode_attention.cpp", "norm_rope.cpp", "attention_inputs.cpp")]
+SOURCES = [NATIVE / name for name in ("cpu_ops.cpp", "int8_matmul.cpp", "decode_attention.cpp", "norm_rope.cpp", "attention_inputs.cpp",
+    "decode_blocks.cpp")]
 HEADERS = [NATIVE / name for name in ("pool.h", "mlx_inputs.h", "kernels.h")]
 MODULE_NAME = "_node_cpu_ops"
 FLAGS = [

@@ -15,8 +15,10 @@ which `mx.compile` fuses into generated kernels:
   where causality lets the blocks skip at least a quarter of the keys (elsewhere MLX's own);
 - RoPE from cos/sin tables computed once per chunk in float64 (a decode step's natively);
 - RMS norms as one native operation each (`native/norm_rope.cpp`; MLX expands them into ~8);
-- Gemma 3's attention inputs in a decode step (q, k, v projections, norms, RoPE) as one native
-  operation (`native/attention_inputs.cpp`) instead of 13;
+- a Gemma 3 layer's decode step as four native operations plus its cache writes (~22 MLX
+  operations otherwise): q/k/v with their norms and RoPE (`native/attention_inputs.cpp`), the
+  attention, its output projection with norm and residual, the MLP with its norms and residual
+  (`native/decode_blocks.cpp`); a batch of agents attends per agent;
 - decode steps' attention (one query) by node's native kernel (`native/decode_attention.cpp`): one
   pass over K and V, split over the positions, instead of six MLX operations whose products go
   through sgemm.
@@ -339,22 +341,51 @@ def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.arra
     return attention.rope(q, offset=cache.offset), attention.rope(k, offset=cache.offset), v
 
 
-def _gemma_attention(self, x: mx.array, mask=None, cache=None) -> mx.array:
-    """Gemma 3's attention. A decode step takes its inputs from one native operation instead of 13
-    (where the projections are int8), and a batch of agents attends per agent, without padding."""
-    original = type(self).__mro__[1]
-    ops = cpu_extension.extension()
-    if cache is None or x.shape[1] != 1 or ops is None:
-        return original.__call__(self, x, mask, cache)
-    queries, keys, values = _fused_attention_inputs(self, x, cache) or _attention_inputs(self, x, cache)
+def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops) -> mx.array:
+    """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
+    one native operation instead of 13 where the projections are int8, and a batch of agents
+    attends per agent, without padding."""
+    queries, keys, values = _fused_attention_inputs(attention, x, cache) or _attention_inputs(attention, x, cache)
     if hasattr(cache, "update_and_fetch_ragged") and queries.dtype == mx.float32:  # node.runtime.batching
         keys, values = cache.update_and_fetch_ragged(keys, values)
-        output = ops.decode_attention_ragged(queries, keys, values, self.scale)
+        output = ops.decode_attention_ragged(queries, keys, values, attention.scale)
     else:
         keys, values = cache.update_and_fetch(keys, values)
-        sdpa = sys.modules[original.__module__].scaled_dot_product_attention
-        output = sdpa(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
-    return self.o_proj(output.reshape(x.shape[0], 1, -1))  # (B, H, 1, D) is (B, 1, H * D) in memory
+        sdpa = sys.modules[type(attention).__mro__[1].__module__].scaled_dot_product_attention
+        output = sdpa(queries, keys, values, cache=cache, scale=attention.scale, mask=mask)
+    return output.reshape(x.shape[0], 1, -1)  # (B, H, 1, D) is (B, 1, H * D) in memory
+
+
+def _gemma_attention(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    """Gemma 3's attention, decode steps through `_gemma_decode_attention`."""
+    ops = cpu_extension.extension()
+    if cache is None or x.shape[1] != 1 or ops is None:
+        return type(self).__mro__[1].__call__(self, x, mask, cache)
+    return self.o_proj(_gemma_decode_attention(self, x, mask, cache, ops))
+
+
+def _int8(*layers: nn.Module) -> bool:
+    return all(isinstance(layer, int8_weights.Int8Linear) for layer in layers)
+
+
+def _gemma_block(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    """Gemma 3's decoder layer. In a decode step with int8 layers: attention, then its output
+    projection, norm and residual as one native operation, then the MLP with both its norms and
+    its residual as another (`native/decode_blocks.cpp`)."""
+    ops = cpu_extension.extension()
+    attention, mlp = self.self_attn, self.mlp
+    norms = (self.post_attention_layernorm, self.pre_feedforward_layernorm, self.post_feedforward_layernorm)
+    if (
+        ops is None or cache is None or x.shape[1] != 1 or x.dtype != mx.float32
+        or not _int8(attention.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        or len({n.eps for n in norms}) != 1
+    ):  # fmt: skip
+        return type(self).__mro__[1].__call__(self, x, mask, cache)
+    attended = _gemma_decode_attention(attention, self.input_layernorm(x), mask, cache, ops)
+    eps = norms[0].eps
+    h = ops.attention_output(x, attended, attention.o_proj.weight, attention.o_proj.scales, norms[0].weight, eps, 1.0)
+    weights = [a for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for a in (layer.weight, layer.scales)]
+    return ops.gated_mlp(h, norms[1].weight, weights, norms[2].weight, eps, 1.0)
 
 
 # mlx-lm model modules whose `MLP` is down(act(gate(x)) * up(x)), and that act as a fused function.
@@ -389,6 +420,8 @@ def _fast_call(m: nn.Module, top: bool = False):
         return _native_rms_norm(1.0)
     if type(m).__name__ == "Attention" and type(m).__module__ == "mlx_lm.models.gemma3_text":
         return _gemma_attention
+    if type(m).__name__ == "TransformerBlock" and type(m).__module__ == "mlx_lm.models.gemma3_text":
+        return _gemma_block
     activation = GATED_MLP_ACTIVATIONS.get(type(m).__module__)
     if activation is not None and type(m).__name__ == "MLP":
         return _gated_mlp(activation)

@@ -188,9 +188,10 @@ def _decode_logits(model, prompt: list[int], steps: int) -> list[np.ndarray]:
     return rows
 
 
-def test_fused_attention_inputs_keep_the_models_logits(monkeypatch):
-    """Decode steps through attention_inputs (int8 q/k/v, norms, RoPE in one operation) against the
-    same model one MLX operation at a time, past the sliding window."""
+def test_fused_decode_layers_keep_the_models_logits(monkeypatch):
+    """Decode steps through the fused layer (attention_inputs, decode attention, attention_output,
+    gated_mlp) against the same model with separate attention inputs and with MLX's own operations
+    throughout, past the sliding window."""
     model = _int8_gemma()
     prompt = list(range(3, 40))
     fused_calls = []
@@ -200,5 +201,11 @@ def test_fused_attention_inputs_keep_the_models_logits(monkeypatch):
     assert fused_calls
     monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a: None)
     separate = _decode_logits(model, prompt, 12)
-    for a, b in zip(fast, separate):
+    cpu_kernels.uninstall(model)  # MLX's own operations throughout (int8 products stay)
+    try:
+        reference = _decode_logits(model, prompt, 12)
+    finally:
+        cpu_kernels.install(model)
+    for a, b, c in zip(fast, separate, reference):
         assert np.abs(a - b).max() < 1e-3
+        assert np.abs(a - c).max() < 1e-3
