@@ -19,6 +19,17 @@ def ops():
     return module
 
 
+@pytest.fixture
+def float_activations(ops):
+    """The int8 products on a path that keeps activations in float (the VNNI path quantizes them per
+    block, as llama.cpp does, which moves logits by up to ~1%): for comparisons of one graph against
+    another that should agree to float rounding."""
+    used = ops.isa()
+    ops.use_isa(next(isa for isa in ops.supported_isas() if isa != "avx512vnni"))
+    yield
+    ops.use_isa(used)
+
+
 def _normal(rng, *shape) -> mx.array:
     return mx.array(rng.standard_normal(shape).astype(np.float32))
 
@@ -109,7 +120,7 @@ def _greedy(engine, prompt: list[int], tokens: int) -> list[int]:
     return sequence.generated
 
 
-def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch):
+def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch, float_activations):
     """Greedy decoding through the native decode path and through MLX's own kernels agree."""
     prompt = tiny_engine.encode("the cat sat on the mat and then " * 6)
     steps = []  # (query rows, whether the native kernel took it)
@@ -132,7 +143,7 @@ def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch):
 
 
 @pytest.mark.parametrize("ragged", [True, False])
-def test_batched_decode_matches_single_sequences(tiny_engine, monkeypatch, ragged):
+def test_batched_decode_matches_single_sequences(tiny_engine, monkeypatch, ragged, float_activations):
     """Sequences of different lengths in one batch decode what each does alone: handed to the native
     kernel per sequence (ragged), or left-padded and masked."""
     from node.runtime.batching import BatchedLayerCache
@@ -188,7 +199,7 @@ def _decode_logits(model, prompt: list[int], steps: int) -> list[np.ndarray]:
     return rows
 
 
-def test_fused_decode_layers_keep_the_models_logits(monkeypatch):
+def test_fused_decode_layers_keep_the_models_logits(monkeypatch, float_activations):
     """Decode steps through the fused layer (attention_inputs, decode attention, attention_output,
     gated_mlp) against the same model with separate attention inputs and with MLX's own operations
     throughout, past the sliding window."""

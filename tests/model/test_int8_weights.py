@@ -62,6 +62,29 @@ def test_quantize_maps_each_block_to_127(ext):
     assert np.all(np.abs(restored - blocks) <= scales[..., None] * 0.5 + 1e-7)
 
 
+# Paths that quantize the activations per block as well (int8 x int8 dot products, as llama.cpp's).
+QUANTIZED_INPUT_PATHS = {"avx512vnni"}
+
+
+def _quantized_inputs(x: np.ndarray) -> np.ndarray:
+    """x as the VNNI path sees it: per block of BLOCK inputs, rounded to 127 steps of its largest
+    magnitude (float32 arithmetic, rounding half to even, as the kernel)."""
+    blocks = x.astype(np.float32).reshape(*x.shape[:-1], -1, BLOCK)
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), 0).astype(np.float32)
+    steps = np.rint(blocks * inverse)
+    return (steps * (largest / np.float32(127))).reshape(x.shape)
+
+
+@pytest.fixture
+def float_path(ext):
+    """The best path that keeps activations in float, for tests about something else than rounding."""
+    used = ext.isa()
+    ext.use_isa(next(isa for isa in ext.supported_isas() if isa not in QUANTIZED_INPUT_PATHS))
+    yield
+    ext.use_isa(used)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize("outputs,inputs", [(13, BLOCK), (200, 5 * BLOCK), (1030, 10 * BLOCK)])
 def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
@@ -72,10 +95,12 @@ def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
     for isa in ext.supported_isas():
         assert ext.use_isa(isa) == isa
         got = np.array(ext.int8_matmul(mx.array(x), q, scales))
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3 * np.sqrt(inputs), err_msg=isa)
+        quantized = isa in QUANTIZED_INPUT_PATHS and rows <= ext.MAX_DIRECT_ROWS  # more rows: sgemm, float
+        want = _reference(_quantized_inputs(x), q, scales) if quantized else expected
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(inputs), err_msg=isa)
 
 
-def test_kernel_splits_large_products_across_threads(ext):
+def test_kernel_splits_large_products_across_threads(ext, float_path):
     """Past MIN_PARALLEL_WEIGHTS the columns are split across the pool (1 and 2 threads agree)."""
     rng = np.random.default_rng(7)
     q, scales = ext.quantize(mx.array(_random(rng, 2053, 640)))
@@ -100,7 +125,7 @@ def test_prefill_sized_products_go_through_sgemm_in_tiles(ext):
     np.testing.assert_allclose(got, _reference(x, q, scales), rtol=1e-4, atol=1e-2)
 
 
-def test_leading_axes_and_strided_inputs(ext):
+def test_leading_axes_and_strided_inputs(ext, float_path):
     rng = np.random.default_rng(3)
     q, scales = ext.quantize(mx.array(_random(rng, 96, 2 * BLOCK)))
     x = mx.array(_random(rng, 2 * BLOCK, 2, 3)).transpose(1, 2, 0)  # not row-contiguous
@@ -119,7 +144,7 @@ def test_bad_shapes_are_refused(ext):
         ext.quantize(mx.zeros((8, BLOCK + 3)))
 
 
-def test_layers_replace_linear_and_embedding(ext):
+def test_layers_replace_linear_and_embedding(ext, float_path):
     rng = np.random.default_rng(5)
     model = nn.Sequential(nn.Embedding(300, 2 * BLOCK), nn.Linear(2 * BLOCK, 3 * BLOCK, bias=False))
     model.layers[0].weight = mx.array(_random(rng, 300, 2 * BLOCK))

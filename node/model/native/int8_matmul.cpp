@@ -158,7 +158,67 @@ __attribute__((target("avx512f"))) void span_avx512(const Product& p, int n0, in
     }
   }
 }
+
+// With AVX-512 VNNI the activations are quantized too (int8 per block of 64, as llama.cpp's Q8_0
+// products do), so that one vpdpbusd multiplies 64 weights by 64 inputs: ~3x fewer instructions
+// per weight than converting the weights to float, which made the float paths compute-bound (the
+// lm_head took 12 ms on one core, 6.5 ms on two). vpdpbusd multiplies unsigned by signed bytes: the
+// inputs' magnitudes are the unsigned side and their signs move onto the weights.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void span_vnni(const Product& p, int n0, int n1) {
+  const int blocks = p.K / BLOCK;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int n = n0; n < n1; n++) {
+    const int8_t* w = p.w + (size_t)n * p.K;
+    const float* w_scales = p.scales + (size_t)n * blocks;
+    __m512 acc[M];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+      const __m512i wv = _mm512_loadu_si512((const void*)(w + b * BLOCK));
+      for (int m = 0; m < M; m++) {
+        const size_t xb = (size_t)m * blocks + b;
+        const __m512i signed_w = _mm512_mask_sub_epi8(wv, (__mmask64)p.x_negative[xb], zero, wv);
+        const __m512i magnitudes = _mm512_loadu_si512((const void*)(p.x_magnitudes + xb * BLOCK));
+        const __m512i dot = _mm512_dpbusd_epi32(zero, magnitudes, signed_w);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(w_scales[b] * p.x_scales[xb]), acc[m]);
+      }
+    }
+    for (int m = 0; m < M; m++) p.out[(size_t)m * p.N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
 #endif
+
+// Rows of x as the VNNI path reads them: per block of BLOCK inputs, the largest magnitude maps to
+// 127; magnitudes as unsigned bytes, signs as a bit mask.
+struct QuantizedRows {
+  std::vector<uint8_t> magnitudes;
+  std::vector<uint64_t> negative;
+  std::vector<float> scales;
+
+  void fill(Product& p) {
+    const int blocks = p.K / BLOCK;
+    magnitudes.resize((size_t)p.M * p.K);
+    negative.resize((size_t)p.M * blocks);
+    scales.resize((size_t)p.M * blocks);
+    for (size_t xb = 0; xb < (size_t)p.M * blocks; xb++) {
+      const float* x = p.x + xb * BLOCK;  // rows are contiguous, so blocks are too
+      float largest = 0.0f;
+      for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(x[k]));
+      const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+      uint64_t mask = 0;
+      for (int k = 0; k < BLOCK; k++) {
+        const int q = (int)std::nearbyint(x[k] * inverse);
+        magnitudes[xb * BLOCK + k] = (uint8_t)std::abs(q);
+        mask |= (uint64_t)(q < 0) << k;
+      }
+      negative[xb] = mask;
+      scales[xb] = largest / 127.0f;
+    }
+    p.x_magnitudes = magnitudes.data();
+    p.x_negative = negative.data();
+    p.x_scales = scales.data();
+  }
+};
 
 using SpanFn = void (*)(const Product&, int, int);
 
@@ -169,26 +229,32 @@ const SpanFn PORTABLE[] = NODE_SPAN_TABLE(span_portable);
 #ifdef NODE_X86
 const SpanFn AVX2[] = NODE_SPAN_TABLE(span_avx2);
 const SpanFn AVX512[] = NODE_SPAN_TABLE(span_avx512);
+const SpanFn VNNI[] = NODE_SPAN_TABLE(span_vnni);
 #endif
 
 struct Isa {
   const char* name;
   const SpanFn* spans;
   bool (*supported)();
+  bool quantized_inputs;  // the spans read Product's x_* fields (QuantizedRows)
 };
 
 bool always() { return true; }
 #ifdef NODE_X86
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
 bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+bool has_vnni() {
+  return has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
 #endif
 
 const Isa ISAS[] = {
 #ifdef NODE_X86
-    {"avx512f", AVX512, has_avx512},
-    {"avx2", AVX2, has_avx2},
+    {"avx512vnni", VNNI, has_vnni, true},
+    {"avx512f", AVX512, has_avx512, false},
+    {"avx2", AVX2, has_avx2, false},
 #endif
-    {"portable", PORTABLE, always},
+    {"portable", PORTABLE, always, false},
 };
 
 const Isa* best_isa() {
@@ -202,12 +268,15 @@ std::atomic<const Isa*> current_isa{best_isa()};
 int parts_for(long weights) { return weights < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
 
 void direct(const Product& p) {
-  const SpanFn* spans = current_isa.load()->spans;
+  const Isa* isa = current_isa.load();
+  const SpanFn* spans = isa->spans;
+  QuantizedRows quantized;
   for (int m0 = 0; m0 < p.M; m0 += MAX_KERNEL_ROWS) {
     Product rows = p;
     rows.M = std::min(MAX_KERNEL_ROWS, p.M - m0);
     rows.x = p.x + (size_t)m0 * p.K;
     rows.out = p.out + (size_t)m0 * p.N;
+    if (isa->quantized_inputs) quantized.fill(rows);
     SpanFn span = spans[rows.M];
     pool().run(parts_for((long)p.N * p.K), [&](int part, int parts) {
       // Spans of whole 8-column groups keep threads off each other's output cache lines.

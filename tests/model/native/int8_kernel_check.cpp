@@ -26,12 +26,22 @@ int main() {
         for (auto& v : scales) v = std::fabs(normal(rng)) / 127.0f;
         for (auto& v : x) v = normal(rng);
         product(Product{x.data(), q.data(), scales.data(), out.data(), M, N, K});
+        // Paths that quantize the inputs per block are checked against products of the inputs
+        // they see (QuantizedRows), the others against the inputs themselves.
+        std::vector<float> seen(x);
+        if (isa.quantized_inputs && (M <= MAX_DIRECT_ROWS || find_sgemm() == nullptr)) {  // direct()
+          Product p{x.data(), q.data(), scales.data(), out.data(), M, N, K};
+          QuantizedRows rows;
+          rows.fill(p);
+          for (size_t i = 0; i < seen.size(); i++)
+            seen[i] = (p.x_negative[i / BLOCK] >> (i % BLOCK) & 1 ? -1.0f : 1.0f) * p.x_magnitudes[i] * p.x_scales[i / BLOCK];
+        }
         double worst = 0.0;
         for (int m = 0; m < M; m++)
           for (int n = 0; n < N; n++) {
             double expected = 0.0;
             for (int k = 0; k < K; k++)
-              expected += (double)x[(size_t)m * K + k] * q[(size_t)n * K + k] * scales[(size_t)n * blocks + k / BLOCK];
+              expected += (double)seen[(size_t)m * K + k] * q[(size_t)n * K + k] * scales[(size_t)n * blocks + k / BLOCK];
             worst = std::max(worst, std::fabs(expected - out[(size_t)m * N + n]) / (1.0 + std::fabs(expected)));
           }
         checked++;
