@@ -34,8 +34,17 @@ from node.model import blas
 logger = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).parent / "native"
-SOURCES = [NATIVE / name for name in ("cpu_ops.cpp", "int8_matmul.cpp", "decode_attention.cpp", "norm_rope.cpp", "attention_inputs.cpp",
-    "decode_blocks.cpp")]
+SOURCES = [
+    NATIVE / name
+    for name in (
+        "cpu_ops.cpp",
+        "int8_matmul.cpp",
+        "decode_attention.cpp",
+        "norm_rope.cpp",
+        "attention_inputs.cpp",
+        "decode_blocks.cpp",
+    )
+]
 HEADERS = [NATIVE / name for name in ("pool.h", "mlx_inputs.h", "kernels.h")]
 MODULE_NAME = "_node_cpu_ops"
 FLAGS = [

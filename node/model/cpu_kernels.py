@@ -213,7 +213,11 @@ def _decode_mask(mask, batch: int, keys: int):
     native kernel cannot take it."""
     if mask is None:
         return None
-    if isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.shape in ((batch, 1, 1, keys), (1, 1, 1, keys)):
+    if (
+        isinstance(mask, mx.array)
+        and mask.dtype == mx.bool_
+        and mask.shape in ((batch, 1, 1, keys), (1, 1, 1, keys))
+    ):
         return mx.broadcast_to(mask, (batch, 1, 1, keys)) if mask.shape[0] != batch else mask
     return False
 
@@ -345,7 +349,9 @@ def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops)
     """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
     one native operation instead of 13 where the projections are int8, and a batch of agents
     attends per agent, without padding."""
-    queries, keys, values = _fused_attention_inputs(attention, x, cache) or _attention_inputs(attention, x, cache)
+    queries, keys, values = _fused_attention_inputs(attention, x, cache) or _attention_inputs(
+        attention, x, cache
+    )
     if hasattr(cache, "update_and_fetch_ragged") and queries.dtype == mx.float32:  # node.runtime.batching
         keys, values = cache.update_and_fetch_ragged(keys, values)
         output = ops.decode_attention_ragged(queries, keys, values, attention.scale)
@@ -383,8 +389,12 @@ def _gemma_block(self, x: mx.array, mask=None, cache=None) -> mx.array:
         return type(self).__mro__[1].__call__(self, x, mask, cache)
     attended = _gemma_decode_attention(attention, self.input_layernorm(x), mask, cache, ops)
     eps = norms[0].eps
-    h = ops.attention_output(x, attended, attention.o_proj.weight, attention.o_proj.scales, norms[0].weight, eps, 1.0)
-    weights = [a for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for a in (layer.weight, layer.scales)]
+    h = ops.attention_output(
+        x, attended, attention.o_proj.weight, attention.o_proj.scales, norms[0].weight, eps, 1.0
+    )
+    weights = [
+        a for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) for a in (layer.weight, layer.scales)
+    ]
     return ops.gated_mlp(h, norms[1].weight, weights, norms[2].weight, eps, 1.0)
 
 

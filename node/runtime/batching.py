@@ -31,7 +31,9 @@ class BatchedLayerCache:
     def update_and_fetch_ragged(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
         """Each agent's cache updated in place; the keys and values attention needs, per agent
         (for an attention kernel that takes sequences of different lengths: no padding, no copies)."""
-        fetched = [cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)]
+        fetched = [
+            cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)
+        ]
         return [k for k, _ in fetched], [v for _, v in fetched]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:

@@ -43,7 +43,10 @@ def test_decode_attention_matches_mlx(ops, batch, heads, kv_heads, positions, di
     """Views into a larger cache buffer (as the KV caches hand them over), grouped heads, masks."""
     rng = np.random.default_rng(positions)
     q = _normal(rng, batch, heads, 1, dim)
-    buffer_k, buffer_v = _normal(rng, batch, kv_heads, positions + 9, dim), _normal(rng, batch, kv_heads, positions + 9, dim)
+    buffer_k, buffer_v = (
+        _normal(rng, batch, kv_heads, positions + 9, dim),
+        _normal(rng, batch, kv_heads, positions + 9, dim),
+    )
     k, v = buffer_k[:, :, 4 : positions + 4], buffer_v[:, :, 4 : positions + 4]
     mask = None
     if masked:
@@ -112,7 +115,9 @@ def test_rope_is_exact_in_float64(ops, offset):
 
 
 def _greedy(engine, prompt: list[int], tokens: int) -> list[int]:
-    sequence = Sequence(engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=tokens))
+    sequence = Sequence(
+        engine, CachedContext(engine.make_caches()), prompt, SamplingParams(max_tokens=tokens)
+    )
     while sequence.prefilling:
         sequence.prefill_chunk()
     while sequence.wants_step():
@@ -154,7 +159,9 @@ def test_batched_decode_matches_single_sequences(tiny_engine, monkeypatch, ragge
     monkeypatch.setattr(BatchedLayerCache, "update_and_fetch_ragged", lambda *a: calls.append(1) or fetch(*a))
     if not ragged:
         monkeypatch.delattr(BatchedLayerCache, "update_and_fetch_ragged")
-    prompts = [tiny_engine.encode(text) for text in ("a short one", "the cat sat on the mat " * 9, "dogs " * 30)]
+    prompts = [
+        tiny_engine.encode(text) for text in ("a short one", "the cat sat on the mat " * 9, "dogs " * 30)
+    ]
     alone = [_greedy(tiny_engine, p, 8) for p in prompts]
     sequences = []
     for p in prompts:

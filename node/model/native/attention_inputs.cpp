@@ -47,18 +47,8 @@ class AttentionInputs : public mx::Primitive {
   AttentionInputs(mx::Stream stream, Layout layout) : mx::Primitive(stream), layout_(layout) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> held, out;
-    for (const auto& input : inputs) {
-      encoder.set_input_array(input);
-      held.push_back(mx::array::unsafe_weak_copy(input));
-    }
-    for (auto& output : outputs) {
-      output.set_data(mx::allocator::malloc(output.nbytes()));
-      encoder.set_output_array(output);
-      out.push_back(mx::array::unsafe_weak_copy(output));
-    }
-    encoder.dispatch([held = std::move(held), out = std::move(out), l = layout_]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [l = layout_](node_native::Arrays& held, node_native::Arrays& out) {
       std::vector<float> x_copy;
       const float* x = node_native::row_major_floats(held[0], x_copy);
       const int B = (int)held[0].shape(0), K = (int)held[0].shape(-1), D = l.head_dim;

@@ -217,15 +217,9 @@ class DecodeAttention : public mx::Primitive {
   DecodeAttention(mx::Stream stream, float scale, bool ragged) : mx::Primitive(stream), scale_(scale), ragged_(ragged) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (const auto& input : inputs) encoder.set_input_array(input);
-    encoder.set_output_array(out);
-    std::vector<mx::array> held;
-    for (const auto& input : inputs) held.push_back(mx::array::unsafe_weak_copy(input));
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), scale = scale_,
-                      ragged = ragged_]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [scale = scale_, ragged = ragged_](node_native::Arrays& held, node_native::Arrays& outs) {
+      mx::array& out = outs[0];
       const mx::array& q = held[0];
       std::vector<float> q_copy;
       std::vector<std::vector<float>> copies(held.size());

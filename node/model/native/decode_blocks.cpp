@@ -78,16 +78,8 @@ class DecodeBlock : public mx::Primitive {
   DecodeBlock(mx::Stream stream, bool mlp, Norm norm) : mx::Primitive(stream), mlp_(mlp), norm_(norm) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    std::vector<mx::array> held;
-    for (const auto& input : inputs) {
-      encoder.set_input_array(input);
-      held.push_back(mx::array::unsafe_weak_copy(input));
-    }
-    encoder.set_output_array(out);
-    encoder.dispatch([held = std::move(held), out = mx::array::unsafe_weak_copy(out), mlp = mlp_, n = norm_]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [mlp = mlp_, n = norm_](node_native::Arrays& held, node_native::Arrays& out) {
       std::vector<float> h_copy, a_copy;
       const float* h = node_native::row_major_floats(held[0], h_copy);
       const int D = (int)held[0].shape(-1);
@@ -96,7 +88,7 @@ class DecodeBlock : public mx::Primitive {
       if (!mlp) {
         const float* a = node_native::row_major_floats(held[1], a_copy);
         node_native::int8_product(product(a, held[2], held[3], y.data(), rows));
-        add_normalized(h, y.data(), held[4].data<float>(), out.data<float>(), rows, D, n.eps, n.offset);
+        add_normalized(h, y.data(), held[4].data<float>(), out[0].data<float>(), rows, D, n.eps, n.offset);
         return;
       }
       const int hidden = (int)held[2].shape(0);
@@ -106,7 +98,7 @@ class DecodeBlock : public mx::Primitive {
       node_native::int8_product(product(normed.data(), held[4], held[5], up.data(), rows));
       gelu_gate(gate.data(), up.data(), (long)rows * hidden);
       node_native::int8_product(product(up.data(), held[6], held[7], y.data(), rows));
-      add_normalized(h, y.data(), held[8].data<float>(), out.data<float>(), rows, D, n.eps, n.offset);
+      add_normalized(h, y.data(), held[8].data<float>(), out[0].data<float>(), rows, D, n.eps, n.offset);
     });
   }
 

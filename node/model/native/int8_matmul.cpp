@@ -362,22 +362,13 @@ class Int8MatMul : public mx::Primitive {
   explicit Int8MatMul(mx::Stream stream) : mx::Primitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const mx::array& x = inputs[0];
-    const mx::array& w = inputs[1];
-    const mx::array& s = inputs[2];
-    mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(w);
-    encoder.set_input_array(s);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
-                      s = mx::array::unsafe_weak_copy(s), out = mx::array::unsafe_weak_copy(out)]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [](node_native::Arrays& in, node_native::Arrays& out) {
+      const mx::array &x = in[0], &w = in[1], &s = in[2];
       std::vector<float> copy;
       const int K = (int)w.shape(1);
       product(Product{node_native::row_major_floats(x, copy), w.data<int8_t>(), s.data<float>(),
-                      out.data<float>(), (int)(x.size() / K), (int)w.shape(0), K});
+                      out[0].data<float>(), (int)(x.size() / K), (int)w.shape(0), K});
     });
   }
 

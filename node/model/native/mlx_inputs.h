@@ -1,4 +1,4 @@
-// Reading MLX arrays inside node's primitives.
+// Evaluating node's primitives on MLX's CPU stream, and reading their inputs.
 #pragma once
 
 #include <algorithm>
@@ -6,9 +6,13 @@
 #include <cstring>
 #include <vector>
 
+#include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
 
 namespace node_native {
+
+using Arrays = std::vector<mlx::core::array>;
 
 // The floats of an evaluated float32 array in row-major order: its own buffer when it is
 // row-contiguous (the usual case: the primitives take their inputs as they come, so that a
@@ -33,6 +37,27 @@ inline const float* row_major_floats(const mlx::core::array& x, std::vector<floa
     for (int d = dims - 2; d >= 0 && ++index[d] == shape[d]; d--) index[d] = 0;
   }
   return copy.data();
+}
+
+// A primitive's eval_cpu: allocates its outputs, registers inputs and outputs with the stream's
+// encoder and runs job(inputs, outputs) as the stream's next task (on weak copies that live as long
+// as the task).
+template <class Job>
+void dispatch(mlx::core::Stream stream, const std::vector<mlx::core::array>& inputs,
+              std::vector<mlx::core::array>& outputs, Job job) {
+  namespace mx = mlx::core;
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  std::vector<mx::array> in, out;
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+    in.push_back(mx::array::unsafe_weak_copy(input));
+  }
+  for (auto& output : outputs) {
+    output.set_data(mx::allocator::malloc(output.nbytes()));
+    encoder.set_output_array(output);
+    out.push_back(mx::array::unsafe_weak_copy(output));
+  }
+  encoder.dispatch([in = std::move(in), out = std::move(out), job = std::move(job)]() mutable { job(in, out); });
 }
 
 }  // namespace node_native

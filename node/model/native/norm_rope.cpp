@@ -69,20 +69,14 @@ class RmsNorm : public mx::Primitive {
   RmsNorm(mx::Stream stream, float eps, float offset) : mx::Primitive(stream), eps_(eps), offset_(offset) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_input_array(inputs[1]);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), w = mx::array::unsafe_weak_copy(inputs[1]),
-                      out = mx::array::unsafe_weak_copy(out), eps = eps_, offset = offset_]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [eps = eps_, offset = offset_](node_native::Arrays& in, node_native::Arrays& out) {
       std::vector<float> x_copy, w_copy;
-      const float* xs = node_native::row_major_floats(x, x_copy);
-      const float* ws = node_native::row_major_floats(w, w_copy);
-      const int D = (int)x.shape(-1);
-      float* o = out.data<float>();
-      run_rows((long)(x.size() / D), D, [&](long r0, long r1) { node_native::normalize_rows(xs, ws, o, r0, r1, D, eps, offset); });
+      const float* xs = node_native::row_major_floats(in[0], x_copy);
+      const float* ws = node_native::row_major_floats(in[1], w_copy);
+      const int D = (int)in[0].shape(-1);
+      float* o = out[0].data<float>();
+      run_rows((long)(in[0].size() / D), D, [&](long r0, long r1) { node_native::normalize_rows(xs, ws, o, r0, r1, D, eps, offset); });
     });
   }
 
@@ -150,20 +144,15 @@ class Rope : public mx::Primitive {
       : mx::Primitive(stream), dims_(dims), base_(base), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(inputs[0]);
-    encoder.set_input_array(inputs[1]);
-    encoder.set_output_array(out);
-    encoder.dispatch([x = mx::array::unsafe_weak_copy(inputs[0]), offsets = mx::array::unsafe_weak_copy(inputs[1]),
-                      out = mx::array::unsafe_weak_copy(out), dims = dims_, base = base_, scale = scale_]() mutable {
+    node_native::dispatch(stream(), inputs, outputs,
+                          [dims = dims_, base = base_, scale = scale_](node_native::Arrays& in, node_native::Arrays& out) {
+      const mx::array& x = in[0];
       std::vector<float> x_copy;
       const float* xs = node_native::row_major_floats(x, x_copy);
       const int B = (int)x.shape(0), H = (int)x.shape(1), L = (int)x.shape(2), D = (int)x.shape(3);
-      const int32_t* o = offsets.data<int32_t>();
-      const bool per_batch = offsets.size() > 1;
-      float* dst = out.data<float>();
+      const int32_t* o = in[1].data<int32_t>();
+      const bool per_batch = in[1].size() > 1;
+      float* dst = out[0].data<float>();
       run_rows((long)B * H * L, D, [&](long r0, long r1) {
         node_native::rotate_rows(xs, o, per_batch, dst, r0, r1, H, L, D, dims, base, scale);
       });
