@@ -41,7 +41,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from node.model import blas, cpu_extension, int8_weights
+from node.model import blas, cpu_extension, int8_weights, kv_cache
 from node.model.kv_cache import FullHistoryCache, SlidingHistoryCache
 
 # Eigen's generic_fast_tanh_float: tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053].
@@ -347,14 +347,17 @@ def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.arra
 
 def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops) -> mx.array:
     """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
-    one native operation instead of 13 where the projections are int8, and a batch of agents
-    attends per agent, without padding."""
+    one native operation instead of 13 where the projections are int8; attention reads each agent's
+    cache buffer over the range it needs (no slice operations, no padding for a batch)."""
     queries, keys, values = _fused_attention_inputs(attention, x, cache) or _attention_inputs(
         attention, x, cache
     )
-    if hasattr(cache, "update_and_fetch_ragged") and queries.dtype == mx.float32:  # node.runtime.batching
-        keys, values = cache.update_and_fetch_ragged(keys, values)
-        output = ops.decode_attention_ragged(queries, keys, values, attention.scale)
+    if queries.dtype == mx.float32 and hasattr(cache, "update_in_place"):  # a batch (node.runtime.batching)
+        keys, values, ranges = cache.update_in_place(keys, values)
+        output = ops.decode_attention_ragged(queries, keys, values, ranges, attention.scale)
+    elif queries.dtype == mx.float32 and mask is None and hasattr(cache, "fetched_range"):
+        k, v, positions = kv_cache.update_in_place(cache, keys, values)
+        output = ops.decode_attention_ragged(queries, [k], [v], [positions], attention.scale)
     else:
         keys, values = cache.update_and_fetch(keys, values)
         sdpa = sys.modules[type(attention).__mro__[1].__module__].scaled_dot_product_attention

@@ -9,8 +9,8 @@ on disk, which keeps the full history.
 
 Both cache classes here store positions `[base, offset)` and share one protocol on top of mlx-lm's
 (`update_and_fetch`, `trim`, `nbytes`): `can_trim_to(position)`, `compact()`, `history_start(offset)`
-(the first position attention still needs), `visible_after_update()` and `install(keys, values,
-base)`. Global layers use `FullHistoryCache` (base always 0).
+(the first position attention still needs), `visible_after_update()`, `fetched_range()` and
+`install(keys, values, base)`. Global layers use `FullHistoryCache` (base always 0).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class FullHistoryCache(KVCache):
         """How many keys attention sees once one more token is added."""
         return self.offset + 1
 
+    def fetched_range(self) -> tuple[int, int]:
+        """Buffer positions [start, stop) that the last `update_and_fetch` returned."""
+        return 0, self.offset
+
     def install(self, keys: mx.array, values: mx.array, base: int) -> None:
         """Fill a fresh cache with positions [base, base + keys.shape[2])."""
         if base != 0:
@@ -63,7 +67,12 @@ class SlidingHistoryCache(KVCache):
         self.keys[..., used : used + n, :] = keys
         self.values[..., used : used + n, :] = values
         self.offset += n
+        self.fetched = (start, used + n)
         return self.keys[..., start : used + n, :], self.values[..., start : used + n, :]
+
+    def fetched_range(self) -> tuple[int, int]:
+        """Buffer positions [start, stop) that the last `update_and_fetch` returned."""
+        return self.fetched
 
     def _grow(self, keys: mx.array, values: mx.array, used: int, n: int) -> None:
         steps = (self.step + n - 1) // self.step
@@ -117,6 +126,16 @@ class SlidingHistoryCache(KVCache):
 
 
 LayerCache = FullHistoryCache | SlidingHistoryCache
+
+
+def update_in_place(
+    cache: LayerCache, keys: mx.array, values: mx.array
+) -> tuple[mx.array, mx.array, tuple[int, int]]:
+    """Write a step's keys and values into `cache`; return its buffers and the positions [start,
+    stop) of them that attention reads, for a kernel that takes a range (no slice operations: the
+    views `update_and_fetch` returns are dropped unevaluated)."""
+    cache.update_and_fetch(keys, values)
+    return cache.keys, cache.values, cache.fetched_range()
 
 
 def make_caches(model) -> list[LayerCache]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from node.model import kv_cache
 from node.runtime.generation import Sequence
 
 
@@ -28,13 +29,13 @@ class BatchedLayerCache:
         starts = mx.array([self.width - n for n in self.lengths])[:, None]
         return (columns >= starts)[:, None, None, :]  # (B, 1, 1, width)
 
-    def update_and_fetch_ragged(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
-        """Each agent's cache updated in place; the keys and values attention needs, per agent
-        (for an attention kernel that takes sequences of different lengths: no padding, no copies)."""
-        fetched = [
-            cache.update_and_fetch(keys[i : i + 1], values[i : i + 1]) for i, cache in enumerate(self.caches)
+    def update_in_place(self, keys: mx.array, values: mx.array) -> tuple[list, list, list]:
+        """Each agent's cache updated in place; its buffers and the range of them attention reads
+        (for a kernel that takes sequences of different lengths: no padding, no copies)."""
+        updated = [
+            kv_cache.update_in_place(c, keys[i : i + 1], values[i : i + 1]) for i, c in enumerate(self.caches)
         ]
-        return [k for k, _ in fetched], [v for _, v in fetched]
+        return [k for k, _, _ in updated], [v for _, v, _ in updated], [r for _, _, r in updated]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         padded_keys, padded_values = [], []

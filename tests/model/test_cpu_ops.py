@@ -66,10 +66,18 @@ def test_ragged_decode_attention_matches_each_sequence_alone(ops):
     buffers = [_normal(rng, 1, 1, n + 3, 256) for n in lengths]
     keys = [b[:, :, 1 : n + 1] for b, n in zip(buffers, lengths)]
     values = [b[:, :, 2 : n + 2] for b, n in zip(buffers, lengths)]
-    got = np.array(ops.decode_attention_ragged(q, keys, values, 0.0625))
+    got = np.array(ops.decode_attention_ragged(q, keys, values, [(0, n) for n in lengths], 0.0625))
+    # the same through ranges of the whole buffers, as the caches hand them over
+    shifted = [b[:, :, 1:] for b in buffers]  # so that positions [1, n + 1) are the values above
+    ranged = ops.decode_attention_ragged(
+        q, [b[:, :, :-1] for b in buffers], shifted, [(1, n + 1) for n in lengths], 0.0625
+    )
     for i, (k, v) in enumerate(zip(keys, values)):
-        want = mx.fast.scaled_dot_product_attention(q[i : i + 1], k, v, scale=0.0625)
-        assert np.abs(got[i : i + 1] - np.array(want)).max() < 1e-5
+        want = np.array(mx.fast.scaled_dot_product_attention(q[i : i + 1], k, v, scale=0.0625))
+        assert np.abs(got[i : i + 1] - want).max() < 1e-5
+        assert np.abs(np.array(ranged)[i : i + 1] - want).max() < 1e-5
+    with pytest.raises(ValueError, match="range"):
+        ops.decode_attention_ragged(q, keys, values, [(0, n + 1) for n in lengths], 0.0625)
 
 
 def test_decode_attention_reads_transposed_keys(ops):
@@ -125,20 +133,16 @@ def _greedy(engine, prompt: list[int], tokens: int) -> list[int]:
     return sequence.generated
 
 
-def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch, float_activations):
+def test_decode_steps_keep_the_models_tokens(tiny_engine, monkeypatch, ops, float_activations):
     """Greedy decoding through the native decode path and through MLX's own kernels agree."""
     prompt = tiny_engine.encode("the cat sat on the mat and then " * 6)
-    steps = []  # (query rows, whether the native kernel took it)
-    decode = cpu_kernels._native_decode
-
-    def counted(queries, *rest):
-        result = decode(queries, *rest)
-        steps.append((queries.shape[2], result is not None))
-        return result
-
-    monkeypatch.setattr(cpu_kernels, "_native_decode", counted)
+    native = []  # query rows of each native attention call
+    attend = ops.decode_attention_ragged
+    monkeypatch.setattr(
+        ops, "decode_attention_ragged", lambda q, *a: native.append(q.shape[2]) or attend(q, *a)
+    )
     fast = _greedy(tiny_engine, prompt, 24)
-    assert {taken for rows, taken in steps if rows == 1} == {True}
+    assert len(native) == len(fast) * len(tiny_engine.model.layers)  # every decode step, every layer
     cpu_kernels.uninstall(tiny_engine.model)
     try:
         reference = _greedy(tiny_engine, prompt, 24)
@@ -155,10 +159,10 @@ def test_batched_decode_matches_single_sequences(tiny_engine, monkeypatch, ragge
 
     model = tiny_engine.model
     calls = []
-    fetch = BatchedLayerCache.update_and_fetch_ragged
-    monkeypatch.setattr(BatchedLayerCache, "update_and_fetch_ragged", lambda *a: calls.append(1) or fetch(*a))
+    fetch = BatchedLayerCache.update_in_place
+    monkeypatch.setattr(BatchedLayerCache, "update_in_place", lambda *a: calls.append(1) or fetch(*a))
     if not ragged:
-        monkeypatch.delattr(BatchedLayerCache, "update_and_fetch_ragged")
+        monkeypatch.delattr(BatchedLayerCache, "update_in_place")
     prompts = [
         tiny_engine.encode(text) for text in ("a short one", "the cat sat on the mat " * 9, "dogs " * 30)
     ]

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -30,6 +31,7 @@
 #ifndef NODE_DECODE_ATTENTION_KERNELS_ONLY
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
@@ -214,11 +216,16 @@ const float* positions(const mx::array& x, std::vector<float>& copy, int64_t str
 // (1, KH, S_b, D) per sequence ("ragged": batched decode without padding or copies).
 class DecodeAttention : public mx::Primitive {
  public:
-  DecodeAttention(mx::Stream stream, float scale, bool ragged) : mx::Primitive(stream), scale_(scale), ragged_(ragged) {}
+  // ranges: per sequence, the positions [start, stop) of its k and v buffers to attend to
+  // (ragged only; empty: all of them)
+  using Ranges = std::vector<std::pair<int, int>>;
+
+  DecodeAttention(mx::Stream stream, float scale, bool ragged, Ranges ranges = {})
+      : mx::Primitive(stream), scale_(scale), ragged_(ragged), ranges_(std::move(ranges)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
-                          [scale = scale_, ragged = ragged_](node_native::Arrays& held, node_native::Arrays& outs) {
+                          [scale = scale_, ragged = ragged_, ranges = ranges_](node_native::Arrays& held, node_native::Arrays& outs) {
       mx::array& out = outs[0];
       const mx::array& q = held[0];
       std::vector<float> q_copy;
@@ -233,7 +240,9 @@ class DecodeAttention : public mx::Primitive {
         const float* v = positions(held[v_index], copies[v_index], vs);
         const int batch_row = ragged ? 0 : b, S = (int)held[k_index].shape(2);
         const bool* mask = !ragged && held.size() > 3 ? held[3].data<bool>() + (size_t)b * S : nullptr;
-        a.sequences.push_back({k + batch_row * ks[0], v + batch_row * vs[0], S, ks[1], ks[2], vs[1], vs[2], mask});
+        const auto [start, stop] = ranges.empty() ? std::pair<int, int>{0, S} : ranges[b];
+        a.sequences.push_back({k + batch_row * ks[0] + start * ks[2], v + batch_row * vs[0] + start * vs[2], stop - start,
+                               ks[1], ks[2], vs[1], vs[2], mask});
       }
       node_native::decode_attention_cpu(a);
     });
@@ -247,7 +256,7 @@ class DecodeAttention : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const DecodeAttention&>(other);
-    return o.scale_ == scale_ && o.ragged_ == ragged_;
+    return o.scale_ == scale_ && o.ragged_ == ragged_ && o.ranges_ == ranges_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -257,6 +266,7 @@ class DecodeAttention : public mx::Primitive {
  private:
   float scale_;
   bool ragged_;
+  Ranges ranges_;
 };
 
 void check_query(const mx::array& q, const mx::array& k) {
@@ -286,20 +296,25 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
 }
 
 mx::array decode_attention_ragged(const mx::array& q, const std::vector<mx::array>& keys,
-                                  const std::vector<mx::array>& values, float scale) {
-  if (keys.size() != values.size() || (int)keys.size() != (q.ndim() ? q.shape(0) : -1))
-    throw std::invalid_argument("decode_attention_ragged: one keys and one values array per batch row of q");
+                                  const std::vector<mx::array>& values, const std::vector<std::pair<int, int>>& ranges,
+                                  float scale) {
+  if (keys.size() != values.size() || keys.size() != ranges.size() || (int)keys.size() != (q.ndim() ? q.shape(0) : -1))
+    throw std::invalid_argument("decode_attention_ragged: one keys, values and range per batch row of q");
   std::vector<mx::array> inputs{q};
   for (size_t b = 0; b < keys.size(); b++) {
     check_query(q, keys[b]);
     const mx::array &k = keys[b], &v = values[b];
     if (k.shape(0) != 1 || k.shape() != v.shape() || v.dtype() != mx::float32 || k.shape(1) != keys[0].shape(1))
       throw std::invalid_argument("decode_attention_ragged: each sequence's k and v must be (1, KH, S, D) float32");
+    const auto [start, stop] = ranges[b];
+    if (start < 0 || stop <= start || stop > k.shape(2))
+      throw std::invalid_argument("decode_attention_ragged: each range must be 0 <= start < stop <= S");
     inputs.push_back(k);
     inputs.push_back(v);
   }
   auto stream = mx::to_stream(std::monostate{}, mx::Device::cpu);
-  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, true), std::move(inputs));
+  return mx::array(q.shape(), mx::float32, std::make_shared<DecodeAttention>(stream, scale, true, ranges),
+                   std::move(inputs));
 }
 
 }  // namespace
@@ -309,7 +324,8 @@ void register_decode_attention(nb::module_& m) {
   m.def("decode_attention", &decode_attention, "q"_a, "k"_a, "v"_a, "scale"_a, "mask"_a = nb::none(),
         "softmax(q k^T * scale) v for one query position: q (B, H, 1, D), k and v (B, KH, S, D) "
         "float32, mask (B, ..., S) bool (true: visible) or None");
-  m.def("decode_attention_ragged", &decode_attention_ragged, "q"_a, "keys"_a, "values"_a, "scale"_a,
-        "decode_attention for sequences of different lengths: keys[b], values[b] (1, KH, S_b, D)");
+  m.def("decode_attention_ragged", &decode_attention_ragged, "q"_a, "keys"_a, "values"_a, "ranges"_a, "scale"_a,
+        "decode_attention for sequences of different lengths: positions ranges[b] = (start, stop) of "
+        "keys[b], values[b] (1, KH, S_b, D), e.g. a cache's whole buffer");
 }
 #endif  // NODE_DECODE_ATTENTION_KERNELS_ONLY
