@@ -71,7 +71,7 @@ async def run(bench: Bench) -> Outcome:
         "--agents",
         ",".join(b["agent_id"] for b in built),
         "--decode",
-        str(bench.profile.decode_tokens // 2),
+        str(bench.profile.restored_decode_tokens),
     )
     rows = [_row(b, r) for b, r in zip(built, worker["agents"])]
     append = await _append_task(bench, built[-1])

@@ -50,7 +50,7 @@ def _llama(bench: Bench, command: str, gguf: Path, contexts: Path) -> dict:
         "--state-dir",
         str(bench.work_dir / "peer"),
         "--decode",
-        str(bench.profile.decode_tokens // 2),
+        str(bench.profile.restored_decode_tokens),
     ]
     return bench.run_json(argv)
 

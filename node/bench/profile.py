@@ -12,6 +12,7 @@ class Profile:
     context_sizes: tuple[int, ...]  # scenario 3 and the peer; the largest also gets the append test
     prefill_sizes: tuple[int, ...]  # scenario 0's prefill rates (reused from scenario 3's contexts)
     decode_tokens: int  # tokens decoded to measure decode speed
+    restored_decode_tokens: int  # scenarios 3 and 5: tokens decoded after each restore, both sides
     task_tokens: int  # tokens generated per task in scenarios 1, 2 and 4
     append_tokens: int  # the task appended to the largest context (checkpoint cost)
     resume_context: int  # tokens of the document that scenario 2's agent starts from
@@ -25,6 +26,7 @@ QUICK = Profile(
     context_sizes=(70, 2048, 8192),
     prefill_sizes=(512, 2048),
     decode_tokens=24,
+    restored_decode_tokens=64,  # fewer swung the figures of both sides by 30% on a shared host
     task_tokens=12,
     append_tokens=100,
     resume_context=1024,

@@ -18,6 +18,7 @@ TINY = Profile(
     context_sizes=(12, 40, 96),
     prefill_sizes=(40,),
     decode_tokens=6,
+    restored_decode_tokens=3,
     task_tokens=4,
     append_tokens=10,
     resume_context=30,
