@@ -25,7 +25,7 @@ which `mx.compile` fuses into generated kernels:
 
 `install(model)` routes a loaded mlx-lm model through them on the CPU backend only: its gated
 MLPs (Gemma's GELU, Llama's SwiGLU), its `nn.RoPE` layers and the attention function of its
-model modules. Decode steps keep MLX's own RoPE (a few thousand floats).
+model modules; Gemma 3's attention and decoder layers are replaced per instance for decode steps.
 """
 
 from __future__ import annotations
@@ -278,13 +278,17 @@ def _rotate(x1: mx.array, x2: mx.array, cos: mx.array, sin: mx.array) -> tuple[m
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
+def _positions(offset) -> mx.array:
+    """A cache's offset (an int, or one per sequence for a batch) as the native RoPE takes it."""
+    return offset if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
+
+
 def _native_rope(self, x: mx.array, offset) -> mx.array | None:
     """A decode step's rotation as one native operation (MLX's CPU RoPE expands into ~15), or None."""
     ops = cpu_extension.extension()
     if ops is None or self.traditional or x.ndim != 4 or x.dtype != mx.float32:
         return None
-    offsets = offset if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
-    return ops.rope(x, self.dims, float(self.base), float(self.scale), offsets)
+    return ops.rope(x, self.dims, float(self.base), float(self.scale), _positions(offset))
 
 
 def _table_rope(self, x: mx.array, offset=0) -> mx.array:
@@ -314,22 +318,24 @@ def _native_rms_norm(weight_offset: float):
 OFFSET_RMS_NORMS = {"mlx_lm.models.gemma3_text"}
 
 
-def _fused_attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple | None:
+def _int8(*layers: nn.Module) -> bool:
+    return all(isinstance(layer, int8_weights.Int8Linear) for layer in layers)
+
+
+def _fused_attention_inputs(attention: nn.Module, x: mx.array, cache, ops) -> tuple | None:
     """A decode step's (q, k, v) as one native operation (int8 projections, Gemma's q/k norms,
-    RoPE), or None where this layer or step does not fit it."""
-    ops = cpu_extension.extension()
+    RoPE), or None where this layer does not fit it."""
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    if ops is None or cache is None or x.ndim != 3 or x.shape[1] != 1 or x.dtype != mx.float32:
-        return None
     rope = attention.rope
-    if not (isinstance(rope, nn.RoPE) and not rope.traditional):
+    if (
+        x.dtype != mx.float32
+        or not (isinstance(rope, nn.RoPE) and not rope.traditional)
+        or not _int8(*projections)
+    ):
         return None
-    if not all(isinstance(p, int8_weights.Int8Linear) for p in projections):
-        return None
-    offsets = cache.offset if isinstance(cache.offset, mx.array) else mx.array([cache.offset], mx.int32)
     weights = [a for p in projections for a in (p.weight, p.scales)]
     return ops.attention_inputs(
-        x, weights, attention.q_norm.weight, attention.k_norm.weight, offsets,
+        x, weights, attention.q_norm.weight, attention.k_norm.weight, _positions(cache.offset),
         attention.n_heads, attention.n_kv_heads, attention.head_dim, attention.q_norm.eps, 1.0,
         rope.dims, float(rope.base), float(rope.scale),
     )  # fmt: skip
@@ -349,7 +355,7 @@ def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops)
     """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
     one native operation instead of 13 where the projections are int8; attention reads each agent's
     cache buffer over the range it needs (no slice operations, no padding for a batch)."""
-    queries, keys, values = _fused_attention_inputs(attention, x, cache) or _attention_inputs(
+    queries, keys, values = _fused_attention_inputs(attention, x, cache, ops) or _attention_inputs(
         attention, x, cache
     )
     if queries.dtype == mx.float32 and hasattr(cache, "update_in_place"):  # a batch (node.runtime.batching)
@@ -371,10 +377,6 @@ def _gemma_attention(self, x: mx.array, mask=None, cache=None) -> mx.array:
     if cache is None or x.shape[1] != 1 or ops is None:
         return type(self).__mro__[1].__call__(self, x, mask, cache)
     return self.o_proj(_gemma_decode_attention(self, x, mask, cache, ops))
-
-
-def _int8(*layers: nn.Module) -> bool:
-    return all(isinstance(layer, int8_weights.Int8Linear) for layer in layers)
 
 
 def _gemma_block(self, x: mx.array, mask=None, cache=None) -> mx.array:

@@ -42,9 +42,9 @@ struct Layout {
 };
 
 // inputs: x, wq, sq, wk, sk, wv, sv, q_norm, k_norm, offsets
-class AttentionInputs : public mx::Primitive {
+class AttentionInputs : public node_native::CpuPrimitive {
  public:
-  AttentionInputs(mx::Stream stream, Layout layout) : mx::Primitive(stream), layout_(layout) {}
+  AttentionInputs(mx::Stream stream, Layout layout) : node_native::CpuPrimitive(stream), layout_(layout) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -66,10 +66,6 @@ class AttentionInputs : public mx::Primitive {
                                  l.rope_scale);
       }
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("attention_inputs runs on the CPU backend only");
   }
 
   const char* name() const override { return "NodeAttentionInputs"; }

@@ -26,6 +26,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "kernels.h"
 #include "pool.h"
 
 #ifndef NODE_DECODE_ATTENTION_KERNELS_ONLY
@@ -88,17 +89,6 @@ struct Partial {
 struct Unit {
   int b, kh, s0, s1;
 };
-
-inline float dot(const float* a, const float* b, int D) {
-  float lanes[16] = {};
-  int d = 0;
-  for (; d + 16 <= D; d += 16)
-    for (int l = 0; l < 16; l++) lanes[l] += a[d + l] * b[d + l];
-  float total = 0.0f;
-  for (int l = 0; l < 16; l++) total += lanes[l];
-  for (; d < D; d++) total += a[d] * b[d];
-  return total;
-}
 
 NODE_VECTOR_CLONES
 void attend_chunk(const Attention& a, const Unit& unit, Partial part) {
@@ -214,14 +204,14 @@ const float* positions(const mx::array& x, std::vector<float>& copy, int64_t str
 
 // inputs: q, then k, v (B, KH, S, D) and optionally a (B, S) mask ("padded"), or one k, v pair
 // (1, KH, S_b, D) per sequence ("ragged": batched decode without padding or copies).
-class DecodeAttention : public mx::Primitive {
+class DecodeAttention : public node_native::CpuPrimitive {
  public:
   // ranges: per sequence, the positions [start, stop) of its k and v buffers to attend to
   // (ragged only; empty: all of them)
   using Ranges = std::vector<std::pair<int, int>>;
 
   DecodeAttention(mx::Stream stream, float scale, bool ragged, Ranges ranges = {})
-      : mx::Primitive(stream), scale_(scale), ragged_(ragged), ranges_(std::move(ranges)) {}
+      : node_native::CpuPrimitive(stream), scale_(scale), ragged_(ragged), ranges_(std::move(ranges)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -246,10 +236,6 @@ class DecodeAttention : public mx::Primitive {
       }
       node_native::decode_attention_cpu(a);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("decode_attention runs on the CPU backend only");
   }
 
   const char* name() const override { return "NodeDecodeAttention"; }

@@ -73,9 +73,9 @@ struct Norm {
 };
 
 // inputs: attention_output: h, a, wo, so, post | gated_mlp: h, pre, wg, sg, wu, su, wd, sd, post
-class DecodeBlock : public mx::Primitive {
+class DecodeBlock : public node_native::CpuPrimitive {
  public:
-  DecodeBlock(mx::Stream stream, bool mlp, Norm norm) : mx::Primitive(stream), mlp_(mlp), norm_(norm) {}
+  DecodeBlock(mx::Stream stream, bool mlp, Norm norm) : node_native::CpuPrimitive(stream), mlp_(mlp), norm_(norm) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -100,10 +100,6 @@ class DecodeBlock : public mx::Primitive {
       node_native::int8_product(product(up.data(), held[6], held[7], y.data(), rows));
       add_normalized(h, y.data(), held[8].data<float>(), out[0].data<float>(), rows, D, n.eps, n.offset);
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("decode blocks run on the CPU backend only");
   }
 
   const char* name() const override { return mlp_ ? "NodeGatedMlp" : "NodeAttentionOutput"; }

@@ -357,9 +357,9 @@ void node_native::int8_product(const Product& p) { product(p); }
 
 namespace {
 
-class Int8MatMul : public mx::Primitive {
+class Int8MatMul : public node_native::CpuPrimitive {
  public:
-  explicit Int8MatMul(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit Int8MatMul(mx::Stream stream) : node_native::CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -370,10 +370,6 @@ class Int8MatMul : public mx::Primitive {
       product(Product{node_native::row_major_floats(x, copy), w.data<int8_t>(), s.data<float>(),
                       out[0].data<float>(), (int)(x.size() / K), (int)w.shape(0), K});
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("int8_matmul runs on the CPU backend only");
   }
 
   const char* name() const override { return "NodeInt8MatMul"; }

@@ -6,6 +6,18 @@
 
 namespace node_native {
 
+// sum of a[d] * b[d] over D floats, in 16 independent lanes (vectorized in each caller's ISA clone)
+inline float dot(const float* a, const float* b, int D) {
+  float lanes[16] = {};
+  int d = 0;
+  for (; d + 16 <= D; d += 16)
+    for (int l = 0; l < 16; l++) lanes[l] += a[d + l] * b[d + l];
+  float total = 0.0f;
+  for (int l = 0; l < 16; l++) total += lanes[l];
+  for (; d < D; d++) total += a[d] * b[d];
+  return total;
+}
+
 struct Product {
   const float* x;       // M x K, row-major
   const int8_t* w;      // N x K

@@ -4,11 +4,14 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/primitives.h"
 
 namespace node_native {
 
@@ -59,5 +62,15 @@ void dispatch(mlx::core::Stream stream, const std::vector<mlx::core::array>& inp
   }
   encoder.dispatch([in = std::move(in), out = std::move(out), job = std::move(job)]() mutable { job(in, out); });
 }
+
+// The base of node's primitives: CPU only (eval_gpu refuses, naming the primitive).
+class CpuPrimitive : public mlx::core::Primitive {
+ public:
+  using mlx::core::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mlx::core::array>&, std::vector<mlx::core::array>&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU backend only");
+  }
+};
 
 }  // namespace node_native

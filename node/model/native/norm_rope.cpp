@@ -49,24 +49,17 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void node_nativ
     const float* x, const float* w, float* out, long r0, long r1, int D, float eps, float offset) {
   for (long r = r0; r < r1; r++) {
     const float* row = x + r * D;
-    float lanes[16] = {};
-    int d = 0;
-    for (; d + 16 <= D; d += 16)
-      for (int l = 0; l < 16; l++) lanes[l] += row[d + l] * row[d + l];
-    float squares = 0.0f;
-    for (int l = 0; l < 16; l++) squares += lanes[l];
-    for (; d < D; d++) squares += row[d] * row[d];
-    const float inverse = 1.0f / std::sqrt(squares / D + eps);
+    const float inverse = 1.0f / std::sqrt(node_native::dot(row, row, D) / D + eps);
     float* o = out + r * D;
-    for (d = 0; d < D; d++) o[d] = row[d] * inverse * (offset + w[d]);
+    for (int d = 0; d < D; d++) o[d] = row[d] * inverse * (offset + w[d]);
   }
 }
 
 namespace {
 
-class RmsNorm : public mx::Primitive {
+class RmsNorm : public node_native::CpuPrimitive {
  public:
-  RmsNorm(mx::Stream stream, float eps, float offset) : mx::Primitive(stream), eps_(eps), offset_(offset) {}
+  RmsNorm(mx::Stream stream, float eps, float offset) : node_native::CpuPrimitive(stream), eps_(eps), offset_(offset) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -78,10 +71,6 @@ class RmsNorm : public mx::Primitive {
       float* o = out[0].data<float>();
       run_rows((long)(in[0].size() / D), D, [&](long r0, long r1) { node_native::normalize_rows(xs, ws, o, r0, r1, D, eps, offset); });
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("rms_norm runs on the CPU backend only");
   }
 
   const char* name() const override { return "NodeRmsNorm"; }
@@ -111,6 +100,8 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, float
 void node_native::rotate_rows(const float* x, const int32_t* offsets, bool per_batch, float* out, long r0,
                               long r1, int H, int L, int D, int dims, double base, double scale) {
   const int half = dims / 2;
+  std::vector<double> frequencies(half);
+  for (int i = 0; i < half; i++) frequencies[i] = scale * std::pow(base, -2.0 * i / dims);
   std::vector<float> cosines(half), sines(half);
   long cached_position = -1;
   for (long r = r0; r < r1; r++) {  // r = ((b * H) + h) * L + l
@@ -118,7 +109,7 @@ void node_native::rotate_rows(const float* x, const int32_t* offsets, bool per_b
     const long position = (long)offsets[per_batch ? b : 0] + l;
     if (position != cached_position) {
       for (int i = 0; i < half; i++) {
-        const double angle = (double)position * scale * std::pow(base, -2.0 * i / dims);
+        const double angle = (double)position * frequencies[i];
         cosines[i] = (float)std::cos(angle);
         sines[i] = (float)std::sin(angle);
       }
@@ -138,10 +129,10 @@ void node_native::rotate_rows(const float* x, const int32_t* offsets, bool per_b
 
 namespace {
 
-class Rope : public mx::Primitive {
+class Rope : public node_native::CpuPrimitive {
  public:
   Rope(mx::Stream stream, int dims, double base, double scale)
-      : mx::Primitive(stream), dims_(dims), base_(base), scale_(scale) {}
+      : node_native::CpuPrimitive(stream), dims_(dims), base_(base), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     node_native::dispatch(stream(), inputs, outputs,
@@ -157,10 +148,6 @@ class Rope : public mx::Primitive {
         node_native::rotate_rows(xs, o, per_batch, dst, r0, r1, H, L, D, dims, base, scale);
       });
     });
-  }
-
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("rope runs on the CPU backend only");
   }
 
   const char* name() const override { return "NodeRope"; }
