@@ -58,7 +58,7 @@ async def _measure(bench: Bench, count: int, batched: bool, tokens: int) -> dict
 
 
 async def run(bench: Bench) -> Outcome:
-    tokens = bench.profile.task_tokens
+    tokens = bench.profile.batched_tokens
     table = Table(
         ["agents", "batched tok/s", "sequential tok/s", "speedup", "batched wall s", "sequential wall s"]
     )

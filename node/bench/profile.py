@@ -14,6 +14,7 @@ class Profile:
     decode_tokens: int  # tokens decoded to measure decode speed
     restored_decode_tokens: int  # scenarios 3 and 5: tokens decoded after each restore, both sides
     task_tokens: int  # tokens generated per task in scenarios 1, 2 and 4
+    batched_tokens: int  # scenario 6: tokens each concurrent agent decodes
     append_tokens: int  # the task appended to the largest context (checkpoint cost)
     resume_context: int  # tokens of the document that scenario 2's agent starts from
     resume_sessions: int
@@ -28,6 +29,7 @@ QUICK = Profile(
     decode_tokens=24,
     restored_decode_tokens=64,  # fewer swung the figures of both sides by 30% on a shared host
     task_tokens=12,
+    batched_tokens=64,  # with 12, each request's fixed costs weighed on the 1-agent row and runs swung
     append_tokens=100,
     resume_context=1024,
     resume_sessions=5,

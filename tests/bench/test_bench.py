@@ -20,6 +20,7 @@ TINY = Profile(
     decode_tokens=6,
     restored_decode_tokens=3,
     task_tokens=4,
+    batched_tokens=4,
     append_tokens=10,
     resume_context=30,
     resume_sessions=3,  # the default profiles run 5; 3 keep this test short

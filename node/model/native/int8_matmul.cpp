@@ -58,6 +58,7 @@ constexpr int BLOCK = 64;
 constexpr int MAX_KERNEL_ROWS = 8;    // rows one pass of the kernel reads W for
 constexpr int MAX_DIRECT_ROWS = 16;   // above this, dequantize and use sgemm
 constexpr long MIN_PARALLEL_WEIGHTS = 1L << 18;
+constexpr int PREFETCH_BYTES = 4096;  // VNNI path, several rows
 
 using node_native::Product;
 
@@ -162,61 +163,136 @@ __attribute__((target("avx512f"))) void span_avx512(const Product& p, int n0, in
 // With AVX-512 VNNI the activations are quantized too (int8 per block of 64, as llama.cpp's Q8_0
 // products do), so that one vpdpbusd multiplies 64 weights by 64 inputs: ~3x fewer instructions
 // per weight than converting the weights to float, which made the float paths compute-bound (the
-// lm_head took 12 ms on one core, 6.5 ms on two). vpdpbusd multiplies unsigned by signed bytes: the
-// inputs' magnitudes are the unsigned side and their signs move onto the weights.
+// lm_head took 12 ms on one core, 6.5 ms on two). vpdpbusd multiplies unsigned by signed bytes:
+// the weights become unsigned by flipping their top bit (w + 128: one XOR per block, shared by all
+// rows), and the 128 * sum(x) this adds to a block's dot is subtracted once per output, as a dot
+// of the row's block scales with the inputs' precomputed block sums. Per row and block that leaves
+// a vpdpbusd, a conversion and an FMA whose scale (weight block's x input block's) comes from a
+// table filled 16 blocks at a time; four outputs are reduced together. A batch of agents (rows)
+// then costs little more than one where reading the weights bounds the product.
+__attribute__((target("avx512f,avx512dq"))) inline __m128 sum_to_128(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void span_vnni(const Product& p, int n0, int n1) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void vnni_block(const Product& p, const int8_t* w, int b,
+                                                                             int blocks, const float (&scale)[M][16],
+                                                                             int j, __m512 (&acc)[M]) {
+  // With several rows the arithmetic no longer hides the memory latency by itself: fetch the
+  // weights ~6 rows ahead (one row alone is bound by the stream and gains nothing).
+  if (M > 1) _mm_prefetch((const char*)(w + (size_t)b * BLOCK + PREFETCH_BYTES), _MM_HINT_T0);
+  const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void*)(w + (size_t)b * BLOCK)), _mm512_set1_epi8((char)0x80));
+  for (int m = 0; m < M; m++) {
+    const __m512i x = _mm512_loadu_si512((const void*)(p.x_values + ((size_t)m * blocks + b) * BLOCK));
+    const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, x);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scale[m][j]), acc[m]);
+  }
+}
+
+// Output n of every row, summed to four lanes.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) inline void vnni_output(const Product& p, int n,
+                                                                                       __m128 (&out)[M]) {
   const int blocks = p.K / BLOCK;
-  const __m512i zero = _mm512_setzero_si512();
-  for (int n = n0; n < n1; n++) {
-    const int8_t* w = p.w + (size_t)n * p.K;
-    const float* w_scales = p.scales + (size_t)n * blocks;
-    __m512 acc[M];
-    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-      const __m512i wv = _mm512_loadu_si512((const void*)(w + b * BLOCK));
-      for (int m = 0; m < M; m++) {
-        const size_t xb = (size_t)m * blocks + b;
-        const __m512i signed_w = _mm512_mask_sub_epi8(wv, (__mmask64)p.x_negative[xb], zero, wv);
-        const __m512i magnitudes = _mm512_loadu_si512((const void*)(p.x_magnitudes + xb * BLOCK));
-        const __m512i dot = _mm512_dpbusd_epi32(zero, magnitudes, signed_w);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(w_scales[b] * p.x_scales[xb]), acc[m]);
-      }
+  const int8_t* w = p.w + (size_t)n * p.K;
+  const float* w_scales = p.scales + (size_t)n * blocks;
+  alignas(64) float scale[M][16];
+  __m512 even[M], odd[M], offset[M];  // two FMA chains per row; the w + 128 correction
+  for (int m = 0; m < M; m++) even[m] = odd[m] = offset[m] = _mm512_setzero_ps();
+  for (int b0 = 0; b0 < blocks; b0 += 16) {
+    const int count = std::min(16, blocks - b0);
+    const __mmask16 live = (__mmask16)((1u << count) - 1);
+    const __m512 ws = _mm512_maskz_loadu_ps(live, w_scales + b0);
+    for (int m = 0; m < M; m++) {
+      const size_t xb = (size_t)m * blocks + b0;
+      _mm512_store_ps(scale[m], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, p.x_scales + xb)));
+      offset[m] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(live, p.x_sums + xb), offset[m]);
     }
-    for (int m = 0; m < M; m++) p.out[(size_t)m * p.N + n] = _mm512_reduce_add_ps(acc[m]);
+    int j = 0;
+    for (; j + 2 <= count; j += 2) {
+      vnni_block<M>(p, w, b0 + j, blocks, scale, j, even);
+      vnni_block<M>(p, w, b0 + j + 1, blocks, scale, j + 1, odd);
+    }
+    if (j < count) vnni_block<M>(p, w, b0 + j, blocks, scale, j, even);
+  }
+  for (int m = 0; m < M; m++) out[m] = sum_to_128(_mm512_sub_ps(_mm512_add_ps(even[m], odd[m]), offset[m]));
+}
+
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) void span_vnni(const Product& p, int n0, int n1) {
+  int n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    __m128 part[4][M];
+    for (int r = 0; r < 4; r++) vnni_output<M>(p, n + r, part[r]);
+    for (int m = 0; m < M; m++) {
+      const __m128 sums = _mm_hadd_ps(_mm_hadd_ps(part[0][m], part[1][m]), _mm_hadd_ps(part[2][m], part[3][m]));
+      _mm_storeu_ps(p.out + (size_t)m * p.N + n, sums);
+    }
+  }
+  for (; n < n1; n++) {
+    __m128 part[M];
+    vnni_output<M>(p, n, part);
+    for (int m = 0; m < M; m++) {
+      const __m128 pair = _mm_add_ps(part[m], _mm_movehl_ps(part[m], part[m]));
+      p.out[(size_t)m * p.N + n] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+    }
   }
 }
 #endif
 
+// One block of BLOCK inputs: int8 values, their scale (largest magnitude -> 127) and 128 * scale *
+// sum of the values. Runs M x K / BLOCK times per product on one thread, before the product starts;
+// only the VNNI path quantizes its inputs, so it is written for AVX-512 (the compiler leaves the
+// plain loop's max and rounding scalar).
+#ifdef NODE_X86
+__attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+  __m512 v[BLOCK / 16];
+  __m512 largest = _mm512_setzero_ps();
+  for (int i = 0; i < BLOCK / 16; i++) {
+    v[i] = _mm512_loadu_ps(x + 16 * i);
+    largest = _mm512_max_ps(largest, _mm512_abs_ps(v[i]));
+  }
+  const float top = _mm512_reduce_max_ps(largest);
+  const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+  __m512i total = _mm512_setzero_si512();
+  for (int i = 0; i < BLOCK / 16; i++) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inverse));  // round to nearest even
+    total = _mm512_add_epi32(total, r);
+    _mm_storeu_si128((__m128i*)(q + 16 * i), _mm512_cvtsepi32_epi8(r));
+  }
+  *scale = top / 127.0f;
+  *sum = 128.0f * *scale * (float)_mm512_reduce_add_epi32(total);
+}
+#else
+void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+  float largest = 0.0f;
+  for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(x[k]));
+  const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+  int total = 0;
+  for (int k = 0; k < BLOCK; k++) total += q[k] = (int8_t)std::nearbyint(x[k] * inverse);
+  *scale = largest / 127.0f;
+  *sum = 128.0f * *scale * (float)total;
+}
+#endif
+
 // Rows of x as the VNNI path reads them: per block of BLOCK inputs, the largest magnitude maps to
-// 127; magnitudes as unsigned bytes, signs as a bit mask.
+// 127; the int8 values, the block scales, and 128 * scale * (sum of the block's values), which the
+// kernel subtracts for the weights' offset of 128.
 struct QuantizedRows {
-  std::vector<uint8_t> magnitudes;
-  std::vector<uint64_t> negative;
-  std::vector<float> scales;
+  std::vector<int8_t> values;
+  std::vector<float> scales, sums;
 
   void fill(Product& p) {
-    const int blocks = p.K / BLOCK;
-    magnitudes.resize((size_t)p.M * p.K);
-    negative.resize((size_t)p.M * blocks);
-    scales.resize((size_t)p.M * blocks);
-    for (size_t xb = 0; xb < (size_t)p.M * blocks; xb++) {
-      const float* x = p.x + xb * BLOCK;  // rows are contiguous, so blocks are too
-      float largest = 0.0f;
-      for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(x[k]));
-      const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-      uint64_t mask = 0;
-      for (int k = 0; k < BLOCK; k++) {
-        const int q = (int)std::nearbyint(x[k] * inverse);
-        magnitudes[xb * BLOCK + k] = (uint8_t)std::abs(q);
-        mask |= (uint64_t)(q < 0) << k;
-      }
-      negative[xb] = mask;
-      scales[xb] = largest / 127.0f;
-    }
-    p.x_magnitudes = magnitudes.data();
-    p.x_negative = negative.data();
+    const size_t blocks = (size_t)p.M * (p.K / BLOCK);
+    values.resize((size_t)p.M * p.K);
+    scales.resize(blocks);
+    sums.resize(blocks);
+    for (size_t xb = 0; xb < blocks; xb++)  // rows are contiguous, so blocks are too
+      quantize_block(p.x + xb * BLOCK, values.data() + xb * BLOCK, &scales[xb], &sums[xb]);
+    p.x_values = values.data();
     p.x_scales = scales.data();
+    p.x_sums = sums.data();
   }
 };
 

@@ -24,11 +24,11 @@ struct Product {
   const float* scales;  // N x K / BLOCK
   float* out;           // M x N
   int M, N, K;
-  // The rows of x quantized per block (int8_matmul.cpp fills them for its VNNI path): magnitudes,
-  // sign masks and scales.
-  const uint8_t* x_magnitudes = nullptr;  // M x K
-  const uint64_t* x_negative = nullptr;   // M x K / BLOCK
-  const float* x_scales = nullptr;        // M x K / BLOCK
+  // The rows of x quantized per block (int8_matmul.cpp fills them for its VNNI path): values,
+  // scales, and 128 * scale * sum of each block's values.
+  const int8_t* x_values = nullptr;  // M x K
+  const float* x_scales = nullptr;   // M x K / BLOCK
+  const float* x_sums = nullptr;     // M x K / BLOCK
 };
 
 // out = x @ (w * scales)^T (int8_matmul.cpp)

@@ -34,7 +34,7 @@ int main() {
           QuantizedRows rows;
           rows.fill(p);
           for (size_t i = 0; i < seen.size(); i++)
-            seen[i] = (p.x_negative[i / BLOCK] >> (i % BLOCK) & 1 ? -1.0f : 1.0f) * p.x_magnitudes[i] * p.x_scales[i / BLOCK];
+            seen[i] = p.x_values[i] * p.x_scales[i / BLOCK];
         }
         double worst = 0.0;
         for (int m = 0; m < M; m++)
