@@ -56,7 +56,11 @@ def batched_step(model, sequences: list[Sequence]) -> None:
     views = [BatchedLayerCache([s.context.caches[i] for s in sequences]) for i in range(layers)]
     inputs = mx.array([[s.next_input] for s in sequences])
     logits = model(inputs, cache=views)[:, -1, :]
-    tokens = [s.sample(logits[i : i + 1]) for i, s in enumerate(sequences)]
-    mx.eval(tokens)
+    if all(s.greedy for s in sequences):  # one argmax and one transfer for the batch
+        tokens = mx.argmax(logits, axis=-1).tolist()
+    else:
+        sampled = [s.sample(logits[i : i + 1]) for i, s in enumerate(sequences)]
+        mx.eval(sampled)
+        tokens = [t.item() for t in sampled]
     for sequence, token in zip(sequences, tokens):
-        sequence.accept(token.item())
+        sequence.accept(token)

@@ -77,7 +77,13 @@ def prefill(model, context: CachedContext, tokens: list[int]) -> None:
 
 
 class _TextStream:
-    """Incremental detokenization that never emits half a character or part of a stop string."""
+    """Incremental detokenization that never emits half a character or part of a stop string.
+
+    Each token decodes only a short window (as vLLM's detokenizer does): the tokens since the last
+    settled point, after the previous window's tokens as context (so that a tokenizer which drops
+    a leading space at the start of a decode still yields the true continuation). Decoding every
+    token so far each step made a reply's detokenization quadratic in its length.
+    """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
         self.decode, self.stop = decode, stop
@@ -86,10 +92,22 @@ class _TextStream:
         self.text = ""
         self.emitted = 0
         self.stop_sequence: str | None = None
+        self._settled = ""  # the text of ids[: self._read]
+        self._context = 0  # ids[self._context : self._read] are decoded again as context
+        self._read = 0
+
+    def _decode_window(self) -> None:
+        context = self.decode(self.ids[self._context : self._read]) if self._read > self._context else ""
+        window = self.decode(self.ids[self._context :])
+        pending = window[len(context) :]
+        self.text = self._settled + pending
+        if pending and not pending.endswith("\ufffd"):  # whole characters: settle them
+            self._settled = self.text
+            self._context, self._read = self._read, len(self.ids)
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        self.text = self.decode(self.ids)
+        self._decode_window()
         for s in self.stop:
             index = self.text.find(s)
             if index >= 0:
@@ -173,6 +191,11 @@ class Sequence:
         elif self.finish_reason is None and len(self.generated) >= self.params.max_tokens:
             self.finish_reason = "length"
         return self.finish_reason is None
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the argmax of the logits as they come (no processors)."""
+        return self.params.temperature == 0 and not (self.processors and self.generated)
 
     def sample(self, logits: mx.array) -> mx.array:
         if self.processors and self.generated:

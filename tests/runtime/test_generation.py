@@ -111,3 +111,24 @@ def test_default_model_prefix_reuse_matches_cold(engine):
     )
     assert reused.usage.cached_tokens == len(first)
     assert reused.token_ids == _cold(engine, longer, max_tokens=8).token_ids
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Plain words, with  double spaces,\nnew lines\n\n and trailing space ",
+        "Accents: café, naïve, Zürich; CJK: 東京都の天気は晴れ; emoji: 👩🏽‍💻🚀 done.",
+        "   leading spaces, tabs\tand code: def f(x):\n    return x ** 2  # ok",
+        "Byte pieces: 𓀀𓀁 and 𝔘𝔫𝔦 then 🫨🪿, ꙮ, ࿕⸻ end",  # each character several byte tokens
+    ],
+)
+def test_text_stream_decodes_incrementally_what_a_full_decode_gives(engine, text):
+    """The window decode of _TextStream emits exactly the text of all tokens decoded at once, and
+    never half a character, for the real tokenizer (byte-fallback pieces, leading spaces)."""
+    from node.runtime.generation import _TextStream
+
+    ids = engine.encode(text)
+    stream = _TextStream(engine.decode, ())
+    deltas = [stream.add(token) for token in ids] + [stream.flush()]
+    assert "".join(deltas) == stream.text == engine.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
