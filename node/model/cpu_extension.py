@@ -43,6 +43,7 @@ SOURCES = [
         "norm_rope.cpp",
         "attention_inputs.cpp",
         "decode_blocks.cpp",
+        "argmax.cpp",
     )
 ]
 HEADERS = [NATIVE / name for name in ("pool.h", "mlx_inputs.h", "kernels.h")]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from node.model import kv_cache
+from node.model import cpu_kernels, kv_cache
 from node.runtime.generation import Sequence
 
 
@@ -57,7 +57,7 @@ def batched_step(model, sequences: list[Sequence]) -> None:
     inputs = mx.array([[s.next_input] for s in sequences])
     logits = model(inputs, cache=views)[:, -1, :]
     if all(s.greedy for s in sequences):  # one argmax and one transfer for the batch
-        tokens = mx.argmax(logits, axis=-1).tolist()
+        tokens = cpu_kernels.argmax(logits).tolist()
     else:
         sampled = [s.sample(logits[i : i + 1]) for i, s in enumerate(sequences)]
         mx.eval(sampled)

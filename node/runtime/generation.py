@@ -16,7 +16,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from node.errors import PromptTooLong
-from node.model import kv_cache
+from node.model import cpu_kernels, kv_cache
 from node.runtime.events import Completion, Usage
 from node.runtime.prefix import common_prefix_length
 
@@ -198,6 +198,8 @@ class Sequence:
         return self.params.temperature == 0 and not (self.processors and self.generated)
 
     def sample(self, logits: mx.array) -> mx.array:
+        if self.greedy:
+            return cpu_kernels.argmax(logits)
         if self.processors and self.generated:
             recent = mx.array(self.generated[-REPETITION_WINDOW:])
             for process in self.processors:

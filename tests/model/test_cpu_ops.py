@@ -97,6 +97,28 @@ def test_decode_attention_refuses_bad_shapes(ops):
         ops.decode_attention(mx.zeros((1, 2, 1, 64)), k, k, 1.0, mx.ones((1, 1, 1, 9), mx.bool_))
 
 
+@pytest.mark.parametrize("shape", [(3, 262144), (1, 100_003), (2, 4, 1000), (5, 17), (1, 1)])
+def test_argmax_matches_mlx(ops, shape):
+    rng = np.random.default_rng(5)
+    x = _normal(rng, *shape)
+    assert ops.argmax_rows(x).dtype == mx.uint32
+    assert ops.argmax_rows(x).tolist() == mx.argmax(x, axis=-1).tolist()
+    # columns; the same index for every row
+    assert ops.argmax_rows(x.swapaxes(-1, 0)).tolist() == mx.argmax(x.swapaxes(-1, 0), axis=-1).tolist()
+
+
+def test_argmax_takes_the_first_of_equal_maxima(ops):
+    x = np.full((4, 70_000), -np.inf, np.float32)
+    x[1, [5, 40_000, 69_999]] = 3.0  # ties in different lanes and in both halves of the row
+    x[2, [34_990, 35_000, 69_998]] = 1.0  # a tie across the two threads' halves: the first wins
+    x[3, 69_999] = 2.0  # the tail after the last full vector
+    assert (
+        ops.argmax_rows(mx.array(x)).tolist()
+        == [0, 5, 34_990, 69_999]
+        == mx.argmax(mx.array(x), axis=-1).tolist()
+    )
+
+
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0])
 def test_rms_norm_matches_mlx(ops, weight_offset):
     rng = np.random.default_rng(2)
