@@ -150,6 +150,7 @@ class AgentManager:
         metadata: dict | Callable[[Completion], dict] | None = None,
         cancel: threading.Event | None = None,
         scope: str | None = None,
+        text_deltas: bool = True,
     ) -> AsyncIterator[TextDelta | PrefillProgress | Completion]:
         """Run one task for `agent_id`, yielding progress, text and finally the Completion.
 
@@ -157,6 +158,8 @@ class AgentManager:
         the task, while the cached prefix itself is found by content (`_acquire`). `scope`: the
         agent starts only from prefixes stored by contexts of no scope or of this one, and its own
         blocks serve only those (callers with different API keys learn nothing of each other).
+        `text_deltas=False`: no TextDelta items (the Completion holds the text), so no event-loop
+        wake-up per token competes with the decode for the GIL and the cores.
         """
         validate_agent_id(agent_id)
         if base_agent is not None:
@@ -176,7 +179,16 @@ class AgentManager:
         async with self._lock(agent_id):
             await self._pull(agent_id)
             started = self._worker.submit(
-                self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done, scope
+                self._start_task,
+                agent_id,
+                prompt,
+                params,
+                metadata,
+                should_stop,
+                emit,
+                done,
+                scope,
+                text_deltas,
             )
             started.add_done_callback(
                 lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
@@ -192,7 +204,7 @@ class AgentManager:
         self, agent_id: str, prompt: list[int], params: SamplingParams, **kwargs
     ) -> Completion:
         result = None
-        async for item in self.stream(agent_id, prompt, params, **kwargs):
+        async for item in self.stream(agent_id, prompt, params, text_deltas=False, **kwargs):
             result = item
         return result
 
@@ -281,7 +293,16 @@ class AgentManager:
 
     # ---- worker-thread side --------------------------------------------------------------
     def _start_task(
-        self, agent_id, prompt, params, metadata, should_stop, emit, done: Future, scope: str | None
+        self,
+        agent_id,
+        prompt,
+        params,
+        metadata,
+        should_stop,
+        emit,
+        done: Future,
+        scope: str | None,
+        text_deltas: bool,
     ) -> None:
         """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
         agent, restore_s = self._acquire(agent_id, prompt, scope)
@@ -290,7 +311,7 @@ class AgentManager:
             agent.context,
             prompt,
             params,
-            on_text=lambda text: emit(TextDelta(text)),
+            on_text=(lambda text: emit(TextDelta(text))) if text_deltas else None,
             should_stop=should_stop,
             on_prefill=lambda done_tokens, total: emit(PrefillProgress(done_tokens, total)),
         )
