@@ -97,24 +97,48 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, float
 
 }  // namespace
 
+namespace {
+
+// cos and sin of one position's RoPE angles (frequencies in float64). Every layer of a decode step
+// rotates at the same positions, so a small per-thread ring of recent tables computes them once per
+// step instead of once per layer and call (for a batch, once per sequence: 36 x B x 128 sincos
+// per step otherwise).
+struct RopeTable {
+  long position = -1;
+  int dims = 0;
+  double base = 0.0, scale = 0.0;
+  std::vector<float> cosines, sines;
+};
+
+const RopeTable& rope_table(long position, int dims, double base, double scale) {
+  constexpr int RING = 32;
+  thread_local RopeTable ring[RING];
+  thread_local int next = 0;
+  for (const RopeTable& t : ring)
+    if (t.position == position && t.dims == dims && t.base == base && t.scale == scale) return t;
+  RopeTable& t = ring[next];
+  next = (next + 1) % RING;
+  const int half = dims / 2;
+  t.position = position, t.dims = dims, t.base = base, t.scale = scale;
+  t.cosines.resize(half);
+  t.sines.resize(half);
+  for (int i = 0; i < half; i++) {
+    const double angle = (double)position * scale * std::pow(base, -2.0 * i / dims);
+    t.cosines[i] = (float)std::cos(angle);
+    t.sines[i] = (float)std::sin(angle);
+  }
+  return t;
+}
+
+}  // namespace
+
 void node_native::rotate_rows(const float* x, const int32_t* offsets, bool per_batch, float* out, long r0,
                               long r1, int H, int L, int D, int dims, double base, double scale) {
   const int half = dims / 2;
-  std::vector<double> frequencies(half);
-  for (int i = 0; i < half; i++) frequencies[i] = scale * std::pow(base, -2.0 * i / dims);
-  std::vector<float> cosines(half), sines(half);
-  long cached_position = -1;
   for (long r = r0; r < r1; r++) {  // r = ((b * H) + h) * L + l
     const int l = (int)(r % L), b = (int)(r / ((long)H * L));
-    const long position = (long)offsets[per_batch ? b : 0] + l;
-    if (position != cached_position) {
-      for (int i = 0; i < half; i++) {
-        const double angle = (double)position * frequencies[i];
-        cosines[i] = (float)std::cos(angle);
-        sines[i] = (float)std::sin(angle);
-      }
-      cached_position = position;
-    }
+    const RopeTable& table = rope_table((long)offsets[per_batch ? b : 0] + l, dims, base, scale);
+    const float *cosines = table.cosines.data(), *sines = table.sines.data();
     const float* row = x + r * D;
     float* o = out + r * D;
     for (int i = 0; i < half; i++) {
