@@ -18,9 +18,10 @@ from node.runtime.generation import Sequence
 
 
 class BatchedLayerCache:
-    def __init__(self, caches: list) -> None:
+    def __init__(self, caches: list, offset: mx.array | None = None) -> None:
+        """`offset`: the sequences' positions, when the caller shares one array among layers."""
         self.caches = caches
-        self.offset = mx.array([c.offset for c in caches])
+        self.offset = mx.array([c.offset for c in caches]) if offset is None else offset
         self.lengths = [c.visible_after_update() for c in caches]
         self.width = max(self.lengths)
 
@@ -53,7 +54,8 @@ class BatchedLayerCache:
 def batched_step(model, sequences: list[Sequence]) -> None:
     """Feed every sequence its next input in one forward pass and accept the sampled tokens."""
     layers = len(sequences[0].context.caches)
-    views = [BatchedLayerCache([s.context.caches[i] for s in sequences]) for i in range(layers)]
+    offset = mx.array([s.context.caches[0].offset for s in sequences])  # every layer's
+    views = [BatchedLayerCache([s.context.caches[i] for s in sequences], offset) for i in range(layers)]
     inputs = mx.array([[s.next_input] for s in sequences])
     logits = model(inputs, cache=views)[:, -1, :]
     if all(s.greedy for s in sequences):  # one argmax and one transfer for the batch

@@ -55,7 +55,8 @@ using namespace nb::literals;
 
 namespace node_native {
 
-constexpr int ATTENTION_CHUNK = 256;      // positions per unit of work
+constexpr int ATTENTION_CHUNK = 256;      // the most positions per unit of work
+constexpr int MIN_CHUNK = 32;             // the fewest, unless a sequence holds fewer
 constexpr int MAX_GROUP = 16;             // query heads per KV head handled here
 constexpr long MIN_PARALLEL_VALUES = 1L << 16;  // K and V floats below which one thread does it all
 
@@ -152,8 +153,19 @@ void merge(const Attention& a, const std::vector<Unit>& units, int first, int la
   }
 }
 
+// Positions per unit of work: about four units per thread (few, unequal chunks leave a thread
+// idle: 300 positions in chunks of 256 gave one thread 256 and the other 44), at least
+// MIN_CHUNK, at most ATTENTION_CHUNK.
+int chunk_positions(const Attention& a) {
+  long positions = 0;
+  for (const Sequence& seq : a.sequences) positions += (long)seq.S * a.KH;
+  const long target = 4L * pool().threads();
+  const long chunk = ((positions + target - 1) / target + 15) / 16 * 16;
+  return (int)std::clamp<long>(chunk, MIN_CHUNK, ATTENTION_CHUNK);
+}
+
 void decode_attention_cpu(const Attention& a) {
-  const int G = a.H / a.KH;
+  const int G = a.H / a.KH, chunk = chunk_positions(a);
   std::vector<Unit> units;
   std::vector<int> starts;  // first unit of each (sequence, KV head), then the end
   long values = 0;
@@ -161,7 +173,7 @@ void decode_attention_cpu(const Attention& a) {
     for (int kh = 0; kh < a.KH; kh++) {
       starts.push_back((int)units.size());
       const int S = a.sequences[b].S;
-      for (int s0 = 0; s0 < S; s0 += ATTENTION_CHUNK) units.push_back({b, kh, s0, std::min(S, s0 + ATTENTION_CHUNK)});
+      for (int s0 = 0; s0 < S; s0 += chunk) units.push_back({b, kh, s0, std::min(S, s0 + chunk)});
       if (S == 0) units.push_back({b, kh, 0, 0});
       values += 2L * S * a.D;
     }

@@ -341,7 +341,10 @@ const Isa* best_isa() {
 
 std::atomic<const Isa*> current_isa{best_isa()};
 
-int parts_for(long weights) { return weights < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
+// Threads for a product of `rows` rows by a weight matrix: one below MIN_PARALLEL_WEIGHTS per row
+// (a decode step's k and v projections: waking a second thread costs more than it saves), but the
+// arithmetic grows with the rows (a batch of agents) while the weights read stay the same.
+int parts_for(long weights, int rows) { return weights * rows < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
 
 void direct(const Product& p) {
   const Isa* isa = current_isa.load();
@@ -354,7 +357,7 @@ void direct(const Product& p) {
     rows.out = p.out + (size_t)m0 * p.N;
     if (isa->quantized_inputs) quantized.fill(rows);
     SpanFn span = spans[rows.M];
-    pool().run(parts_for((long)p.N * p.K), [&](int part, int parts) {
+    pool().run(parts_for((long)p.N * p.K, rows.M), [&](int part, int parts) {
       // Spans of whole 8-column groups keep threads off each other's output cache lines.
       int groups = (p.N + 7) / 8;
       int n0 = std::min(p.N, (int)((long)groups * part / parts) * 8);
@@ -409,7 +412,7 @@ void through_sgemm(const Product& p) {
     Product tile = p;
     tile.w = p.w + (size_t)n0 * p.K;
     tile.scales = p.scales + (size_t)n0 * (p.K / BLOCK);
-    pool().run(parts_for((long)rows * p.K), [&](int part, int parts) {
+    pool().run(parts_for((long)rows * p.K, 1), [&](int part, int parts) {
       dequantize_rows(tile, weights, (int)((long)rows * part / parts), (int)((long)rows * (part + 1) / parts));
     });
     sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, rows, p.K, 1.0f, p.x, p.K, weights, p.K, 0.0f, p.out + n0, p.N);
