@@ -60,11 +60,10 @@ def _row(built: dict, restored: dict) -> dict:
     }
 
 
-async def run(bench: Bench) -> Outcome:
-    sizes = bench.profile.context_sizes
-    built = [await bench.context(size) for size in sizes]
-    bench.say(f"restoring {len(built)} contexts in a fresh process ...")
-    worker = bench.run_worker(
+def restore_in_fresh_process(bench: Bench, built: list[dict]) -> dict:
+    """Restore each built context in one new process and decode `restored_decode_tokens` after it
+    (node.bench.worker's `restore`: nothing is checkpointed, so the contexts stay as built)."""
+    return bench.run_worker(
         "restore",
         "--cache-dir",
         str(bench.contexts_dir),
@@ -73,6 +72,13 @@ async def run(bench: Bench) -> Outcome:
         "--decode",
         str(bench.profile.restored_decode_tokens),
     )
+
+
+async def run(bench: Bench) -> Outcome:
+    sizes = bench.profile.context_sizes
+    built = [await bench.context(size) for size in sizes]
+    bench.say(f"restoring {len(built)} contexts in a fresh process ...")
+    worker = restore_in_fresh_process(bench, built)
     rows = [_row(b, r) for b, r in zip(built, worker["agents"])]
     append = await _append_task(bench, built[-1])
     largest = rows[-1]

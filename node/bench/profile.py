@@ -13,6 +13,7 @@ class Profile:
     prefill_sizes: tuple[int, ...]  # scenario 0's prefill rates (reused from scenario 3's contexts)
     decode_tokens: int  # tokens decoded to measure decode speed
     restored_decode_tokens: int  # scenarios 3 and 5: tokens decoded after each restore, both sides
+    peer_rounds: int  # scenario 5: rounds of restore + decode, ours then llama.cpp (medians reported)
     task_tokens: int  # tokens generated per task in scenarios 1, 2 and 4
     batched_tokens: int  # scenario 6: tokens each concurrent agent decodes
     append_tokens: int  # the task appended to the largest context (checkpoint cost)
@@ -28,6 +29,7 @@ QUICK = Profile(
     prefill_sizes=(512, 2048),
     decode_tokens=24,
     restored_decode_tokens=64,  # fewer swung the figures of both sides by 30% on a shared host
+    peer_rounds=3,
     task_tokens=12,
     batched_tokens=64,  # with 12, each request's fixed costs weighed on the 1-agent row and runs swung
     append_tokens=100,

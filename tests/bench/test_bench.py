@@ -19,6 +19,7 @@ TINY = Profile(
     prefill_sizes=(40,),
     decode_tokens=6,
     restored_decode_tokens=3,
+    peer_rounds=2,
     task_tokens=4,
     batched_tokens=4,
     append_tokens=10,
@@ -143,6 +144,7 @@ def test_peer_fields(document):
             "llama_restore_s",
             "llama_decode_tok_s",
         } <= set(row)
+        assert len(row["ours_decode_tok_s_rounds"]) == len(row["llama_decode_tok_s_rounds"]) == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed")
