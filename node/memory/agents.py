@@ -179,17 +179,8 @@ class AgentManager:
         async with self._lock(agent_id):
             await self._pull(agent_id)
             started = self._worker.submit(
-                self._start_task,
-                agent_id,
-                prompt,
-                params,
-                metadata,
-                should_stop,
-                emit,
-                done,
-                scope,
-                text_deltas,
-            )
+                self._start_task, agent_id, prompt, params, metadata, should_stop, emit, done, scope, text_deltas
+            )  # fmt: skip
             started.add_done_callback(
                 lambda f: f.exception() and not done.done() and done.set_exception(f.exception())
             )
@@ -293,17 +284,8 @@ class AgentManager:
 
     # ---- worker-thread side --------------------------------------------------------------
     def _start_task(
-        self,
-        agent_id,
-        prompt,
-        params,
-        metadata,
-        should_stop,
-        emit,
-        done: Future,
-        scope: str | None,
-        text_deltas: bool,
-    ) -> None:
+        self, agent_id, prompt, params, metadata, should_stop, emit, done: Future, scope: str | None, text_deltas: bool
+    ) -> None:  # fmt: skip
         """Prepare the agent's cache and hand the sequence to the worker's batch loop."""
         agent, restore_s = self._acquire(agent_id, prompt, scope)
         sequence = Sequence(
