@@ -371,7 +371,7 @@ def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops)
     if queries.dtype == mx.float32 and hasattr(cache, "update_in_place"):  # a batch (node.runtime.batching)
         keys, values, ranges = cache.update_in_place(keys, values)
         output = ops.decode_attention_ragged(queries, keys, values, ranges, attention.scale)
-    elif queries.dtype == mx.float32 and mask is None and hasattr(cache, "fetched_range"):
+    elif queries.dtype == mx.float32 and mask is None and hasattr(cache, "append"):
         k, v, positions = kv_cache.update_in_place(cache, keys, values)
         output = ops.decode_attention_ragged(queries, [k], [v], [positions], attention.scale)
     else:

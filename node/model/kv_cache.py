@@ -8,8 +8,9 @@ memory once they are checkpointed (`compact`); a rewind further back is served f
 on disk, which keeps the full history.
 
 Both cache classes here store positions `[base, offset)` and share one protocol on top of mlx-lm's
-(`update_and_fetch`, `trim`, `nbytes`): `can_trim_to(position)`, `compact()`, `history_start(offset)`
-(the first position attention still needs), `visible_after_update()`, `fetched_range()` and
+(`update_and_fetch`, `trim`, `nbytes`): `append(keys, values)` (a write that returns the buffer
+range attention reads, not views of it), `can_trim_to(position)`, `compact()`,
+`history_start(offset)` (the first position attention still needs), `visible_after_update()` and
 `install(keys, values, base)`. Global layers use `FullHistoryCache` (base always 0).
 """
 
@@ -20,7 +21,42 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 
-class FullHistoryCache(KVCache):
+class _GrowingBuffer:
+    """Positions [base, offset) at the front of a buffer that grows `step` positions at a time
+    (mlx-lm's KVCache layout), written without fetching: `append` returns the buffer range
+    attention reads instead of views of it (a batched decode step would build and drop two views
+    per agent and layer)."""
+
+    def append(self, keys: mx.array, values: mx.array) -> tuple[int, int]:
+        """Write positions [offset, offset + n); returns the buffer positions [start, stop) that
+        attention reads for them."""
+        n = keys.shape[2]
+        used = self.offset - self.base
+        start = self.history_start(self.offset) - self.base
+        if self.keys is None or used + n > self.keys.shape[2]:
+            self._grow(keys, values, used, n)
+        self.keys[..., used : used + n, :] = keys
+        self.values[..., used : used + n, :] = values
+        self.offset += n
+        return start, used + n
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start, stop = self.append(keys, values)
+        return self.keys[..., start:stop, :], self.values[..., start:stop, :]
+
+    def _grow(self, keys: mx.array, values: mx.array, used: int, n: int) -> None:
+        steps = (self.step + n - 1) // self.step
+        shape = (*keys.shape[:2], steps * self.step)
+        new_k = mx.zeros((*shape, keys.shape[3]), keys.dtype)
+        new_v = mx.zeros((*shape, values.shape[3]), values.dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :used, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :used, :], new_v], axis=2)
+
+
+class FullHistoryCache(_GrowingBuffer, KVCache):
     """mlx-lm's `KVCache` (every position since 0) with the node's cache protocol."""
 
     base = 0
@@ -38,10 +74,6 @@ class FullHistoryCache(KVCache):
         """How many keys attention sees once one more token is added."""
         return self.offset + 1
 
-    def fetched_range(self) -> tuple[int, int]:
-        """Buffer positions [start, stop) that the last `update_and_fetch` returned."""
-        return 0, self.offset
-
     def install(self, keys: mx.array, values: mx.array, base: int) -> None:
         """Fill a fresh cache with positions [base, base + keys.shape[2])."""
         if base != 0:
@@ -49,7 +81,7 @@ class FullHistoryCache(KVCache):
         self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
 
-class SlidingHistoryCache(KVCache):
+class SlidingHistoryCache(_GrowingBuffer, KVCache):
     def __init__(self, window: int) -> None:
         super().__init__()
         self.window = window
@@ -57,33 +89,6 @@ class SlidingHistoryCache(KVCache):
 
     def _visible_start(self, offset: int) -> int:
         return max(0, offset - (self.window - 1))
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        n = keys.shape[2]
-        start = self._visible_start(self.offset) - self.base
-        used = self.offset - self.base
-        if self.keys is None or used + n > self.keys.shape[2]:
-            self._grow(keys, values, used, n)
-        self.keys[..., used : used + n, :] = keys
-        self.values[..., used : used + n, :] = values
-        self.offset += n
-        self.fetched = (start, used + n)
-        return self.keys[..., start : used + n, :], self.values[..., start : used + n, :]
-
-    def fetched_range(self) -> tuple[int, int]:
-        """Buffer positions [start, stop) that the last `update_and_fetch` returned."""
-        return self.fetched
-
-    def _grow(self, keys: mx.array, values: mx.array, used: int, n: int) -> None:
-        steps = (self.step + n - 1) // self.step
-        shape = (*keys.shape[:2], steps * self.step)
-        new_k = mx.zeros((*shape, keys.shape[3]), keys.dtype)
-        new_v = mx.zeros((*shape, values.shape[3]), values.dtype)
-        if self.keys is None:
-            self.keys, self.values = new_k, new_v
-        else:
-            self.keys = mx.concatenate([self.keys[..., :used, :], new_k], axis=2)
-            self.values = mx.concatenate([self.values[..., :used, :], new_v], axis=2)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None):
         if N == 1:
@@ -132,10 +137,9 @@ def update_in_place(
     cache: LayerCache, keys: mx.array, values: mx.array
 ) -> tuple[mx.array, mx.array, tuple[int, int]]:
     """Write a step's keys and values into `cache`; return its buffers and the positions [start,
-    stop) of them that attention reads, for a kernel that takes a range (no slice operations: the
-    views `update_and_fetch` returns are dropped unevaluated)."""
-    cache.update_and_fetch(keys, values)
-    return cache.keys, cache.values, cache.fetched_range()
+    stop) of them that attention reads, for a kernel that takes a range (no slice operations)."""
+    positions = cache.append(keys, values)
+    return cache.keys, cache.values, positions
 
 
 def make_caches(model) -> list[LayerCache]:
