@@ -8,6 +8,9 @@ weight, ~0.29 GB per token. MLX's CPU backend has no fast reduced-precision prod
 with its own CPU kernels (AVX-512F, AVX2+FMA or portable, picked at run time); prefill-sized
 products dequantize once per call and go to OpenBLAS's sgemm, so prefill keeps fp32 BLAS speed.
 
+Where the kernel for this CPU reads them so (AVX-512 VNNI), a matrix's outputs are packed in panels
+of 16 (see "Layout" in int8_matmul.cpp); `row_major` and `Int8Embedding` read either layout.
+
 `quantize_model(model)` replaces the model's `nn.Linear` layers and its embedding (which Gemma
 also uses as its lm_head) in place: the fp32 arrays are dropped, never held beside the int8 ones.
 Where the extension cannot be built the model keeps its fp32 weights, and the node says why. NODE_INT8_WEIGHTS=0 keeps fp32.
@@ -45,11 +48,36 @@ def failure() -> str | None:
     return _failure
 
 
+def row_major(weight: mx.array, scales: mx.array) -> tuple[mx.array, mx.array]:
+    """`quantize`'s int8 weights and scales as (N, K) and (N, K / BLOCK) rows, packed or not."""
+    rows, inputs = weight.shape
+    if not cpu_extension.extension().packed(rows):
+        return weight, scales
+    panel = cpu_extension.extension().PANEL
+    weight = weight.reshape(rows // panel, inputs // 4, panel, 4).transpose(0, 2, 1, 3)
+    scales = scales.reshape(rows // panel, inputs // BLOCK, panel).transpose(0, 2, 1)
+    return weight.reshape(rows, inputs), scales.reshape(rows, inputs // BLOCK)
+
+
 def dequantize(weight: mx.array, scales: mx.array) -> mx.array:
     """The float32 matrix int8 `weight` with per-block `scales` stands for."""
+    weight, scales = row_major(weight, scales)
     rows, inputs = weight.shape
     blocks = weight.astype(mx.float32).reshape(rows, inputs // BLOCK, BLOCK) * scales[..., None]
     return blocks.reshape(rows, inputs)
+
+
+def _rows(weight: mx.array, scales: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
+    """Rows `ids` of int8 `weight` and their scales, packed in panels or not."""
+    count, inputs = weight.shape
+    if not cpu_extension.extension().packed(count):
+        return weight[ids], scales[ids]
+    panel = cpu_extension.extension().PANEL
+    which, lane = ids // panel, ids % panel
+    rows = weight.reshape(count // panel, inputs // 4, panel, 4)[which, :, lane, :]
+    return rows.reshape(*ids.shape, inputs), scales.reshape(count // panel, inputs // BLOCK, panel)[
+        which, :, lane
+    ]
 
 
 class Int8Linear(nn.Module):
@@ -71,9 +99,9 @@ class Int8Embedding(nn.Module):
         self.weight, self.scales = cpu_extension.extension().quantize(weight)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        rows = self.weight[ids].astype(mx.float32)
+        rows, scales = _rows(self.weight, self.scales, ids)
         shape = rows.shape
-        blocks = rows.reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK) * self.scales[ids][..., None]
+        blocks = rows.astype(mx.float32).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK) * scales[..., None]
         return blocks.reshape(shape)
 
     def as_linear(self, x: mx.array) -> mx.array:

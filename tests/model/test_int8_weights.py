@@ -30,6 +30,7 @@ def ext():
 
 def _reference(x: np.ndarray, q: mx.array, scales: mx.array) -> np.ndarray:
     """x @ W^T in float64, W the matrix the int8 weights and scales stand for."""
+    q, scales = int8_weights.row_major(q, scales)
     w = np.array(q).astype(np.float64).reshape(q.shape[0], -1, BLOCK) * np.array(scales)[..., None]
     return x.astype(np.float64) @ w.reshape(q.shape).T
 
@@ -48,17 +49,25 @@ def test_the_best_path_for_this_cpu_is_chosen(ext):
     assert ("avx2" in supported) == (" avx2" in flags and " fma" in flags)
 
 
-def test_quantize_maps_each_block_to_127(ext):
+def test_weights_are_packed_in_panels_where_the_vnni_kernel_reads_them(ext):
+    vnni = ext.supported_isas()[0] == "avx512vnni"
+    assert ext.PANEL == 16
+    assert ext.packed(1024) == vnni and ext.packed(262144) == vnni
+    assert not ext.packed(1030) and not ext.packed(37)
+
+
+@pytest.mark.parametrize("count", [37, 48])  # rows as they are, rows of whole panels (packed with VNNI)
+def test_quantize_maps_each_block_to_127(ext, count):
     rng = np.random.default_rng(1)
-    w = _random(rng, 37, 3 * BLOCK)
+    w = _random(rng, count, 3 * BLOCK)
     w[3, :BLOCK] = 0.0  # an all-zero block keeps scale 0
-    q, scales = ext.quantize(mx.array(w))
+    q, scales = int8_weights.row_major(*ext.quantize(mx.array(w)))
     q, scales = np.array(q), np.array(scales)
-    assert q.dtype == np.int8 and scales.shape == (37, 3)
-    blocks = w.reshape(37, 3, BLOCK)
+    assert q.dtype == np.int8 and scales.shape == (count, 3)
+    blocks = w.reshape(count, 3, BLOCK)
     np.testing.assert_allclose(scales, np.abs(blocks).max(-1) / 127, rtol=1e-6)
     assert np.abs(q).max() == 127 and not q[3, :BLOCK].any()
-    restored = q.reshape(37, 3, BLOCK) * scales[..., None]
+    restored = q.reshape(count, 3, BLOCK) * scales[..., None]
     assert np.all(np.abs(restored - blocks) <= scales[..., None] * 0.5 + 1e-7)
 
 
@@ -86,7 +95,9 @@ def float_path(ext):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
-@pytest.mark.parametrize("outputs,inputs", [(13, BLOCK), (200, 5 * BLOCK), (1030, 10 * BLOCK)])
+@pytest.mark.parametrize(
+    "outputs,inputs", [(13, BLOCK), (200, 5 * BLOCK), (1030, 10 * BLOCK), (256, 10 * BLOCK)]
+)
 def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
     rng = np.random.default_rng(rows * 1000 + outputs)
     q, scales = ext.quantize(mx.array(_random(rng, outputs, inputs)))
@@ -100,10 +111,11 @@ def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(inputs), err_msg=isa)
 
 
-def test_kernel_splits_large_products_across_threads(ext, float_path):
+@pytest.mark.parametrize("outputs", [2053, 2048])
+def test_kernel_splits_large_products_across_threads(ext, float_path, outputs):
     """Past MIN_PARALLEL_WEIGHTS the columns are split across the pool (1 and 2 threads agree)."""
     rng = np.random.default_rng(7)
-    q, scales = ext.quantize(mx.array(_random(rng, 2053, 640)))
+    q, scales = ext.quantize(mx.array(_random(rng, outputs, 640)))
     x = _random(rng, 3, 640)
     expected = _reference(x, q, scales)
     threads = ext.threads()
@@ -116,10 +128,11 @@ def test_kernel_splits_large_products_across_threads(ext, float_path):
         ext.set_threads(threads)
 
 
-def test_prefill_sized_products_go_through_sgemm_in_tiles(ext):
+@pytest.mark.parametrize("outputs", [8200, 8192])  # 5.2M weights: two tiles (of whole panels, packed)
+def test_prefill_sized_products_go_through_sgemm_in_tiles(ext, outputs):
     """Past MAX_DIRECT_ROWS rows W is dequantized (in tiles when large) and multiplied by sgemm."""
     rng = np.random.default_rng(11)
-    q, scales = ext.quantize(mx.array(_random(rng, 8200, 640)))  # 5.2M weights: two tiles
+    q, scales = ext.quantize(mx.array(_random(rng, outputs, 640)))
     x = _random(rng, ext.MAX_DIRECT_ROWS + 1, 640)
     got = np.array(ext.int8_matmul(mx.array(x), q, scales))
     np.testing.assert_allclose(got, _reference(x, q, scales), rtol=1e-4, atol=1e-2)
@@ -144,10 +157,11 @@ def test_bad_shapes_are_refused(ext):
         ext.quantize(mx.zeros((8, BLOCK + 3)))
 
 
-def test_layers_replace_linear_and_embedding(ext, float_path):
+@pytest.mark.parametrize("vocabulary", [300, 304])  # 304: whole panels, packed with VNNI
+def test_layers_replace_linear_and_embedding(ext, float_path, vocabulary):
     rng = np.random.default_rng(5)
-    model = nn.Sequential(nn.Embedding(300, 2 * BLOCK), nn.Linear(2 * BLOCK, 3 * BLOCK, bias=False))
-    model.layers[0].weight = mx.array(_random(rng, 300, 2 * BLOCK))
+    model = nn.Sequential(nn.Embedding(vocabulary, 2 * BLOCK), nn.Linear(2 * BLOCK, 3 * BLOCK, bias=False))
+    model.layers[0].weight = mx.array(_random(rng, vocabulary, 2 * BLOCK))
     model.layers[1].weight = mx.array(_random(rng, 3 * BLOCK, 2 * BLOCK))
     fp32_embedding, fp32_linear = np.array(model.layers[0].weight), np.array(model.layers[1].weight)
     assert int8_weights.quantize_model(model) == 2

@@ -7,13 +7,15 @@
 //
 //   rows <= MAX_DIRECT_ROWS (decode steps)  -> the int8 kernel: W read once per 8 rows, the
 //                                             output columns split across a persistent pool;
-//                                             AVX-512F, AVX2+FMA or portable, picked at run time
+//                                             AVX-512 VNNI, AVX-512F, AVX2+FMA or portable,
+//                                             picked at run time
 //   more rows (prefill)                     -> W dequantized to fp32 once per call (in parallel),
 //                                             then cblas_sgemm (OpenBLAS behind node's shim)
 //
 // Part of node's MLX CPU extension (cpu_ops.cpp; built and loaded by node.model.cpu_extension).
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -58,7 +60,8 @@ constexpr int BLOCK = 64;
 constexpr int MAX_KERNEL_ROWS = 8;    // rows one pass of the kernel reads W for
 constexpr int MAX_DIRECT_ROWS = 16;   // above this, dequantize and use sgemm
 constexpr long MIN_PARALLEL_WEIGHTS = 1L << 18;
-constexpr int PREFETCH_BYTES = 4096;  // VNNI path, several rows
+constexpr int PREFETCH_BYTES = 4096;  // VNNI path for rows, several of them
+constexpr int PANEL = 16;             // outputs per panel of packed weights (one 512-bit lane each)
 
 using node_native::Product;
 
@@ -239,6 +242,50 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) void span_vnni(c
     }
   }
 }
+
+// Packed weights (see "Layout" below): one 512-bit load holds 4 inputs of 16 outputs, and one
+// vpdpbusd per row adds them to 16 outputs' block sums at once, the row's 4 inputs broadcast from
+// memory. The sums start at the row's -128 * (sum of the block's inputs), the weights' offset;
+// per block and row one conversion and one FMA remain, for 16 outputs, where the row kernel above
+// spends a conversion, a scale broadcast and an FMA per output (and reduces each output across
+// lanes): 3 rows of the lm_head cost about what one does, bound by reading the weights.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) void span_vnni_panels(const Product& p, int n0,
+                                                                                     int n1) {
+  constexpr int U = chains(M);  // independent vpdpbusd chains per row
+  const int blocks = p.K / BLOCK;
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
+  for (int n = n0; n < n1; n += PANEL) {
+    const int8_t* w = p.w + (size_t)n * p.K;
+    const float* w_scales = p.scales + (size_t)n * blocks;
+    __m512 acc[M];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+      const int8_t* wb = w + (size_t)b * BLOCK * PANEL;  // read in order: no software prefetch (it was slower)
+      __m512i dot[M][U];
+      for (int m = 0; m < M; m++) {
+        dot[m][0] = _mm512_set1_epi32(p.x_offsets[(size_t)m * blocks + b]);
+        for (int u = 1; u < U; u++) dot[m][u] = _mm512_setzero_si512();
+      }
+      for (int g = 0; g < BLOCK / 4; g++) {
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512((const void*)(wb + g * 4 * PANEL)), flip);
+        for (int m = 0; m < M; m++) {
+          int32_t inputs;
+          std::memcpy(&inputs, p.x_values + (size_t)m * p.K + b * BLOCK + g * 4, 4);
+          dot[m][g % U] = _mm512_dpbusd_epi32(dot[m][g % U], wv, _mm512_set1_epi32(inputs));
+        }
+      }
+      const __m512 scales = _mm512_loadu_ps(w_scales + (size_t)b * PANEL);
+      for (int m = 0; m < M; m++) {
+        __m512i sum = dot[m][0];
+        for (int u = 1; u < U; u++) sum = _mm512_add_epi32(sum, dot[m][u]);
+        const __m512 scale = _mm512_mul_ps(scales, _mm512_set1_ps(p.x_scales[(size_t)m * blocks + b]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; m++) _mm512_storeu_ps(p.out + (size_t)m * p.N + n, acc[m]);
+  }
+}
 #endif
 
 // One block of BLOCK inputs: int8 values, their scale (largest magnitude -> 127) and 128 * scale *
@@ -246,7 +293,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) void span_vnni(c
 // only the VNNI path quantizes its inputs, so it is written for AVX-512 (the compiler leaves the
 // plain loop's max and rounding scalar).
 #ifdef NODE_X86
-__attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+__attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, int8_t* q, float* scale, float* sum,
+                                                                int32_t* offset) {
   __m512 v[BLOCK / 16];
   __m512 largest = _mm512_setzero_ps();
   for (int i = 0; i < BLOCK / 16; i++) {
@@ -261,11 +309,13 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, 
     total = _mm512_add_epi32(total, r);
     _mm_storeu_si128((__m128i*)(q + 16 * i), _mm512_cvtsepi32_epi8(r));
   }
+  const int32_t values = _mm512_reduce_add_epi32(total);
   *scale = top / 127.0f;
-  *sum = 128.0f * *scale * (float)_mm512_reduce_add_epi32(total);
+  *sum = 128.0f * *scale * (float)values;
+  *offset = -128 * values;
 }
 #else
-void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
+void quantize_block(const float* x, int8_t* q, float* scale, float* sum, int32_t* offset) {
   float largest = 0.0f;
   for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(x[k]));
   const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
@@ -273,26 +323,30 @@ void quantize_block(const float* x, int8_t* q, float* scale, float* sum) {
   for (int k = 0; k < BLOCK; k++) total += q[k] = (int8_t)std::nearbyint(x[k] * inverse);
   *scale = largest / 127.0f;
   *sum = 128.0f * *scale * (float)total;
+  *offset = -128 * total;
 }
 #endif
 
-// Rows of x as the VNNI path reads them: per block of BLOCK inputs, the largest magnitude maps to
-// 127; the int8 values, the block scales, and 128 * scale * (sum of the block's values), which the
-// kernel subtracts for the weights' offset of 128.
+// Rows of x as the VNNI paths read them: per block of BLOCK inputs, the largest magnitude maps to
+// 127; the int8 values, the block scales, and the correction for the weights' offset of 128:
+// 128 * scale * (sum of the block's values) for the row kernel, -128 * (sum) for the panel one.
 struct QuantizedRows {
   std::vector<int8_t> values;
   std::vector<float> scales, sums;
+  std::vector<int32_t> offsets;
 
   void fill(Product& p) {
     const size_t blocks = (size_t)p.M * (p.K / BLOCK);
     values.resize((size_t)p.M * p.K);
     scales.resize(blocks);
     sums.resize(blocks);
+    offsets.resize(blocks);
     for (size_t xb = 0; xb < blocks; xb++)  // rows are contiguous, so blocks are too
-      quantize_block(p.x + xb * BLOCK, values.data() + xb * BLOCK, &scales[xb], &sums[xb]);
+      quantize_block(p.x + xb * BLOCK, values.data() + xb * BLOCK, &scales[xb], &sums[xb], &offsets[xb]);
     p.x_values = values.data();
     p.x_scales = scales.data();
     p.x_sums = sums.data();
+    p.x_offsets = offsets.data();
   }
 };
 
@@ -306,11 +360,13 @@ const SpanFn PORTABLE[] = NODE_SPAN_TABLE(span_portable);
 const SpanFn AVX2[] = NODE_SPAN_TABLE(span_avx2);
 const SpanFn AVX512[] = NODE_SPAN_TABLE(span_avx512);
 const SpanFn VNNI[] = NODE_SPAN_TABLE(span_vnni);
+const SpanFn VNNI_PANELS[] = NODE_SPAN_TABLE(span_vnni_panels);
 #endif
 
 struct Isa {
   const char* name;
-  const SpanFn* spans;
+  const SpanFn* spans;        // weights as rows
+  const SpanFn* panel_spans;  // packed weights; nullptr: unpacked a panel at a time for `spans`
   bool (*supported)();
   bool quantized_inputs;  // the spans read Product's x_* fields (QuantizedRows)
 };
@@ -326,11 +382,11 @@ bool has_vnni() {
 
 const Isa ISAS[] = {
 #ifdef NODE_X86
-    {"avx512vnni", VNNI, has_vnni, true},
-    {"avx512f", AVX512, has_avx512, false},
-    {"avx2", AVX2, has_avx2, false},
+    {"avx512vnni", VNNI, VNNI_PANELS, has_vnni, true},
+    {"avx512f", AVX512, nullptr, has_avx512, false},
+    {"avx2", AVX2, nullptr, has_avx2, false},
 #endif
-    {"portable", PORTABLE, always, false},
+    {"portable", PORTABLE, nullptr, always, false},
 };
 
 const Isa* best_isa() {
@@ -341,6 +397,47 @@ const Isa* best_isa() {
 
 std::atomic<const Isa*> current_isa{best_isa()};
 
+// ---------------------------------------------------------------------------------------------
+// Layout. Where the best path for this CPU has a panel kernel, a matrix of whole panels is packed:
+// its outputs in panels of PANEL, each panel's weights by groups of 4 inputs,
+// [N / PANEL][K / 4][PANEL][4], and its scales [N / PANEL][K / BLOCK][PANEL]. Otherwise (and for
+// other shapes) row-major, [N][K] and [N][K / BLOCK]. The choice depends on the machine and N
+// only, so that quantize() and every product agree; the array shapes stay (N, K), (N, K / BLOCK).
+const bool PACKING = best_isa()->panel_spans != nullptr;
+
+bool packed(int N) { return PACKING && N % PANEL == 0; }
+
+size_t weight_at(int N, int K, int n, int k) {
+  if (!packed(N)) return (size_t)n * K + k;
+  return ((size_t)(n / PANEL) * K + k / 4 * 4) * PANEL + (n % PANEL) * 4 + k % 4;
+}
+
+size_t scale_at(int N, int K, int n, int b) {
+  if (!packed(N)) return (size_t)n * (K / BLOCK) + b;
+  return ((size_t)(n / PANEL) * (K / BLOCK) + b) * PANEL + n % PANEL;
+}
+
+// Columns [n0, n1) (whole panels) of packed weights through a kernel for rows: each panel copied
+// out as PANEL rows first (paths other than the best one, run by tests, on packed weights).
+void span_unpacked(SpanFn span, const Product& p, int n0, int n1) {
+  const int blocks = p.K / BLOCK;
+  thread_local std::vector<int8_t> w;
+  thread_local std::vector<float> scales;
+  w.resize((size_t)PANEL * p.K);
+  scales.resize((size_t)PANEL * blocks);
+  for (int n = n0; n < n1; n += PANEL) {
+    for (int r = 0; r < PANEL; r++) {
+      for (int k = 0; k < p.K; k++) w[(size_t)r * p.K + k] = p.w[weight_at(p.N, p.K, n + r, k)];
+      for (int b = 0; b < blocks; b++) scales[(size_t)r * blocks + b] = p.scales[scale_at(p.N, p.K, n + r, b)];
+    }
+    Product panel = p;  // rows 0..PANEL of the copies, written to outputs n..n + PANEL (N stays the stride)
+    panel.w = w.data();
+    panel.scales = scales.data();
+    panel.out = p.out + n;
+    span(panel, 0, PANEL);
+  }
+}
+
 // Threads for a product of `rows` rows by a weight matrix: one below MIN_PARALLEL_WEIGHTS per row
 // (a decode step's k and v projections: waking a second thread costs more than it saves), but the
 // arithmetic grows with the rows (a batch of agents) while the weights read stay the same.
@@ -348,7 +445,10 @@ int parts_for(long weights, int rows) { return weights * rows < MIN_PARALLEL_WEI
 
 void direct(const Product& p) {
   const Isa* isa = current_isa.load();
-  const SpanFn* spans = isa->spans;
+  const bool panels = packed(p.N);
+  const bool unpack = panels && isa->panel_spans == nullptr;
+  // Threads take whole panels, or whole 8-column groups (off each other's output cache lines).
+  const int group = panels ? PANEL : 8;
   QuantizedRows quantized;
   for (int m0 = 0; m0 < p.M; m0 += MAX_KERNEL_ROWS) {
     Product rows = p;
@@ -356,25 +456,34 @@ void direct(const Product& p) {
     rows.x = p.x + (size_t)m0 * p.K;
     rows.out = p.out + (size_t)m0 * p.N;
     if (isa->quantized_inputs) quantized.fill(rows);
-    SpanFn span = spans[rows.M];
+    SpanFn span = panels && !unpack ? isa->panel_spans[rows.M] : isa->spans[rows.M];
     pool().run(parts_for((long)p.N * p.K, rows.M), [&](int part, int parts) {
-      // Spans of whole 8-column groups keep threads off each other's output cache lines.
-      int groups = (p.N + 7) / 8;
-      int n0 = std::min(p.N, (int)((long)groups * part / parts) * 8);
-      int n1 = std::min(p.N, (int)((long)groups * (part + 1) / parts) * 8);
-      span(rows, n0, n1);
+      int groups = (p.N + group - 1) / group;
+      int n0 = std::min(p.N, (int)((long)groups * part / parts) * group);
+      int n1 = std::min(p.N, (int)((long)groups * (part + 1) / parts) * group);
+      if (unpack)
+        span_unpacked(span, rows, n0, n1);
+      else
+        span(rows, n0, n1);
     });
   }
 }
 
+// Rows [n0, n1) of the tile of p's weights that starts at p.w, p.scales (a whole panel when packed).
 void dequantize_rows(const Product& p, float* dst, int n0, int n1) {
   const int blocks = p.K / BLOCK;
   for (int n = n0; n < n1; n++)
     for (int b = 0; b < blocks; b++) {
-      const float s = p.scales[(size_t)n * blocks + b];
-      const int8_t* q = p.w + (size_t)n * p.K + b * BLOCK;
+      const float s = p.scales[scale_at(p.N, p.K, n, b)];
       float* d = dst + (size_t)n * p.K + b * BLOCK;
-      for (int k = 0; k < BLOCK; k++) d[k] = (float)q[k] * s;
+      if (!packed(p.N)) {
+        const int8_t* q = p.w + (size_t)n * p.K + b * BLOCK;
+        for (int k = 0; k < BLOCK; k++) d[k] = (float)q[k] * s;
+      } else {
+        const int8_t* q = p.w + weight_at(p.N, p.K, n, b * BLOCK);
+        for (int g = 0; g < BLOCK / 4; g++)
+          for (int k = 0; k < 4; k++) d[g * 4 + k] = (float)q[g * 4 * PANEL + k] * s;
+      }
     }
 }
 
@@ -404,7 +513,8 @@ float* scratch(size_t floats) {
 void through_sgemm(const Product& p) {
   static sgemm_fn sgemm = find_sgemm();
   if (sgemm == nullptr) return direct(p);
-  const int tile_rows = (int)std::max<size_t>(1, std::min<size_t>(p.N, TILE_FLOATS / p.K));
+  const size_t whole = packed(p.N) ? PANEL : 1;  // tiles start on panels
+  const int tile_rows = (int)std::max<size_t>(whole, std::min<size_t>(p.N, TILE_FLOATS / p.K) / whole * whole);
   float* weights = scratch((size_t)tile_rows * p.K);
   enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
   for (int n0 = 0; n0 < p.N; n0 += tile_rows) {
@@ -484,7 +594,18 @@ mx::array int8_matmul(const mx::array& x, const mx::array& weight, const mx::arr
                    {rows, as_stored(weight), as_stored(scales)});
 }
 
-// Quantize a float32 (N, K) matrix now (not lazily): each block's largest magnitude maps to 127.
+// Weights are read in order at every decode step; on 4 KB pages the hardware prefetchers stop at
+// every page boundary (and each page costs a TLB miss), on 2 MB pages they stream on: the lm_head
+// took 5.0 ms for one row on 4 KB pages, 2.9 ms on 2 MB ones. Linux's default (transparent huge
+// pages on request) gives them to ranges advised so, before they are first written.
+void ask_for_huge_pages(void* data, size_t bytes) {
+  const uintptr_t page = 4096, start = ((uintptr_t)data + page - 1) & ~(page - 1);
+  const uintptr_t end = ((uintptr_t)data + bytes) & ~(page - 1);
+  if (end > start) madvise((void*)start, end - start, MADV_HUGEPAGE);  // a hint: failure changes nothing
+}
+
+// Quantize a float32 (N, K) matrix now (not lazily): each block's largest magnitude maps to 127;
+// packed in panels where this machine's kernel reads them so (see "Layout").
 std::tuple<mx::array, mx::array> quantize(mx::array weight) {
   if (weight.ndim() != 2 || weight.shape(1) % BLOCK != 0)
     throw std::invalid_argument("quantize: weight must be 2-D with a multiple of BLOCK columns");
@@ -497,6 +618,7 @@ std::tuple<mx::array, mx::array> quantize(mx::array weight) {
   const float* w = weight.data<float>();
   int8_t* qd = q.data<int8_t>();
   float* sd = scales.data<float>();
+  ask_for_huge_pages(qd, (size_t)N * K);
   nb::gil_scoped_release released;
   pool().run(pool().threads(), [&](int part, int parts) {
     for (size_t b = (size_t)N * blocks * part / parts; b < (size_t)N * blocks * (part + 1) / parts; b++) {
@@ -504,8 +626,9 @@ std::tuple<mx::array, mx::array> quantize(mx::array weight) {
       float largest = 0.0f;
       for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(src[k]));
       const float scale = largest / 127.0f, inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-      sd[b] = scale;
-      for (int k = 0; k < BLOCK; k++) qd[b * BLOCK + k] = (int8_t)std::nearbyint(src[k] * inverse);
+      const int n = (int)(b / blocks), first = (int)(b % blocks) * BLOCK;
+      sd[scale_at(N, K, n, first / BLOCK)] = scale;
+      for (int k = 0; k < BLOCK; k++) qd[weight_at(N, K, n, first + k)] = (int8_t)std::nearbyint(src[k] * inverse);
     }
   });
   return {q, scales};
@@ -540,7 +663,10 @@ void register_int8_matmul(nb::module_& m) {
         "x @ (weight * scales per block)^T; x (..., K) float32, weight (N, K) int8, scales (N, K / BLOCK)");
   m.def("quantize", &quantize, "weight"_a,
         "(int8 (N, K), float32 scales (N, K / BLOCK)) of a float32 (N, K) matrix, computed now");
-  m.def("isa", &isa, "The int8 kernel path in use (avx512f, avx2, portable).");
+  m.def("packed", &packed, "rows"_a,
+        "Whether quantize() packs a matrix of this many rows (outputs) in panels on this machine");
+  m.attr("PANEL") = PANEL;
+  m.def("isa", &isa, "The int8 kernel path in use (avx512vnni, avx512f, avx2, portable).");
   m.def("use_isa", &use_isa, "name"_a);
   m.def("supported_isas", [] {
     nb::list names;

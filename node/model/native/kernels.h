@@ -20,15 +20,16 @@ inline float dot(const float* a, const float* b, int D) {
 
 struct Product {
   const float* x;       // M x K, row-major
-  const int8_t* w;      // N x K
-  const float* scales;  // N x K / BLOCK
+  const int8_t* w;      // N x K, in panels where int8_matmul.cpp packs them (see there)
+  const float* scales;  // N x K / BLOCK, likewise
   float* out;           // M x N
   int M, N, K;
-  // The rows of x quantized per block (int8_matmul.cpp fills them for its VNNI path): values,
-  // scales, and 128 * scale * sum of each block's values.
-  const int8_t* x_values = nullptr;  // M x K
-  const float* x_scales = nullptr;   // M x K / BLOCK
-  const float* x_sums = nullptr;     // M x K / BLOCK
+  // The rows of x quantized per block (int8_matmul.cpp fills them for its VNNI paths): values,
+  // scales, 128 * scale * sum of each block's values, and -128 * sum of them.
+  const int8_t* x_values = nullptr;    // M x K
+  const float* x_scales = nullptr;     // M x K / BLOCK
+  const float* x_sums = nullptr;       // M x K / BLOCK
+  const int32_t* x_offsets = nullptr;  // M x K / BLOCK
 };
 
 // out = x @ (w * scales)^T (int8_matmul.cpp)
