@@ -2,11 +2,13 @@
 
 For 1, 3 and 8 agents (each with its own short context and cache), the same requests run twice
 through the real `AgentManager`: with the worker's batched decode, and with batching switched off
-(each agent stepped on its own). Aggregate decode tokens/s and wall time, side by side.
+(each agent stepped on its own). Aggregate decode tokens/s and wall time, side by side: medians of
+`batched_rounds` rounds, each round running every agent count in turn (every round in the JSON).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from node.bench.results import Outcome, Table
@@ -29,11 +31,11 @@ def _requests(bench: Bench, count: int, tokens: int):
     ]
 
 
-async def _measure(bench: Bench, count: int, batched: bool, tokens: int) -> dict:
+async def _measure(bench: Bench, count: int, batched: bool, tokens: int, round_: int) -> dict:
     from node.memory.agents import AgentRequest
     from node.runtime.generation import SamplingParams
 
-    manager = await bench.new_manager(f"batched-{count}-{'on' if batched else 'off'}")
+    manager = await bench.new_manager(f"batched-{count}-{'on' if batched else 'off'}-{round_}")
     manager.worker.batched = batched
     try:
         requests = _requests(bench, count, tokens)
@@ -57,28 +59,61 @@ async def _measure(bench: Bench, count: int, batched: bool, tokens: int) -> dict
     }
 
 
+def _median(measures: list[dict], key: str) -> float:
+    return round(statistics.median(m[key] for m in measures), 3)
+
+
 async def run(bench: Bench) -> Outcome:
-    tokens = bench.profile.batched_tokens
+    tokens, rounds = bench.profile.batched_tokens, bench.profile.batched_rounds
     table = Table(
         ["agents", "batched tok/s", "sequential tok/s", "speedup", "batched wall s", "sequential wall s"]
     )
+    measured = {count: {"batched": [], "sequential": []} for count in AGENT_COUNTS}
+    for round_ in range(1, rounds + 1):
+        for count in AGENT_COUNTS:
+            bench.say(
+                f"round {round_}/{rounds}: {count} agent(s), {tokens} tokens each: batched, then one by one ..."
+            )
+            measured[count]["batched"].append(await _measure(bench, count, True, tokens, round_))
+            measured[count]["sequential"].append(await _measure(bench, count, False, tokens, round_))
     rows = []
-    for count in AGENT_COUNTS:
-        bench.say(f"{count} concurrent agent(s), {tokens} tokens each: batched, then one after another ...")
-        on = await _measure(bench, count, True, tokens)
-        off = await _measure(bench, count, False, tokens)
-        speedup = round(on["aggregate_tok_s"] / off["aggregate_tok_s"], 2)
-        rows.append({"agents": count, "batched": on, "sequential": off, "speedup": speedup})
-        table.add(count, on["aggregate_tok_s"], off["aggregate_tok_s"], speedup, on["wall_s"], off["wall_s"])
-    single = rows[0]["batched"]["aggregate_tok_s"]
-    three = next(r for r in rows if r["agents"] == 3)["batched"]["aggregate_tok_s"]
+    for count, runs in measured.items():
+        on, off = runs["batched"], runs["sequential"]
+        row = {
+            "agents": count,
+            "batched_tok_s": _median(on, "aggregate_tok_s"),
+            "sequential_tok_s": _median(off, "aggregate_tok_s"),
+            "batched_wall_s": _median(on, "wall_s"),
+            "sequential_wall_s": _median(off, "wall_s"),
+            "rounds": runs,
+        }
+        row["speedup"] = round(row["batched_tok_s"] / row["sequential_tok_s"], 2)
+        rows.append(row)
+        table.add(
+            count,
+            row["batched_tok_s"],
+            row["sequential_tok_s"],
+            row["speedup"],
+            row["batched_wall_s"],
+            row["sequential_wall_s"],
+        )
+    single = rows[0]["batched_tok_s"]
+    three = next(r for r in rows if r["agents"] == 3)["batched_tok_s"]
+    per_round = [
+        round(t["aggregate_tok_s"] / o["aggregate_tok_s"], 2)
+        for o, t in zip(measured[1]["batched"], measured[3]["batched"], strict=True)
+    ]
     results = {
         "tokens_per_agent": tokens,
+        "rounds": rounds,
         "rows": rows,
         "three_agents_vs_one": round(three / single, 2),
+        "three_agents_vs_one_per_round": per_round,
         "target_three_agents_vs_one": 2.5,
     }
+    each = ", ".join(f"{r}x" for r in per_round)
     notes = [
-        f"3 concurrent agents reach {results['three_agents_vs_one']}x the decode throughput of one (target 2.5x)"
+        f"3 concurrent agents reach {results['three_agents_vs_one']}x the decode throughput of one"
+        + f" (target 2.5x; medians of {rounds} rounds; per round {each})"
     ]
     return Outcome(results=results, table=table, notes=notes)

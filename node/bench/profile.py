@@ -16,6 +16,7 @@ class Profile:
     peer_rounds: int  # scenario 5: rounds of restore + decode, ours then llama.cpp (medians reported)
     task_tokens: int  # tokens generated per task in scenarios 1, 2 and 4
     batched_tokens: int  # scenario 6: tokens each concurrent agent decodes
+    batched_rounds: int  # scenario 6: rounds of 1, 3 and 8 agents (medians reported)
     append_tokens: int  # the task appended to the largest context (checkpoint cost)
     resume_context: int  # tokens of the document that scenario 2's agent starts from
     resume_sessions: int
@@ -32,6 +33,7 @@ QUICK = Profile(
     peer_rounds=3,
     task_tokens=12,
     batched_tokens=64,  # with 12, each request's fixed costs weighed on the 1-agent row and runs swung
+    batched_rounds=3,  # one round's 1-agent and 3-agent rows, a second apart, swung 2.3-2.8x apart on a shared host
     append_tokens=100,
     resume_context=1024,
     resume_sessions=5,

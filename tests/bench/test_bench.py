@@ -22,6 +22,7 @@ TINY = Profile(
     peer_rounds=2,
     task_tokens=4,
     batched_tokens=4,
+    batched_rounds=2,
     append_tokens=10,
     resume_context=30,
     resume_sessions=3,  # the default profiles run 5; 3 keep this test short
@@ -126,10 +127,15 @@ def test_batched_fields(document):
     results = scenario(document, "batched")["results"]
     assert [r["agents"] for r in results["rows"]] == [1, 3, 8]
     for row in results["rows"]:
-        assert row["batched"]["largest_batch"] == row["agents"]
-        assert row["sequential"]["batched"] is False
-        assert {"aggregate_tok_s", "wall_s", "generated_tokens"} <= set(row["batched"])
+        assert len(row["rounds"]["batched"]) == len(row["rounds"]["sequential"]) == TINY.batched_rounds
+        for measure in row["rounds"]["batched"]:
+            assert measure["largest_batch"] == row["agents"]
+            assert {"aggregate_tok_s", "wall_s", "generated_tokens"} <= set(measure)
+        assert all(measure["batched"] is False for measure in row["rounds"]["sequential"])
+        tok_s = sorted(m["aggregate_tok_s"] for m in row["rounds"]["batched"])
+        assert tok_s[0] <= row["batched_tok_s"] <= tok_s[-1]  # the median of the rounds
     assert {"three_agents_vs_one", "target_three_agents_vs_one"} <= set(results)
+    assert len(results["three_agents_vs_one_per_round"]) == TINY.batched_rounds
 
 
 @pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")
