@@ -367,15 +367,31 @@ def _attention_arguments(attention: nn.Module) -> tuple | None:
     )  # fmt: skip
 
 
-def _fused_attention_inputs(attention: nn.Module, x: mx.array, cache, ops) -> tuple | None:
+def _fused_attention_inputs(
+    attention: nn.Module, x: mx.array, cache, ops, split_rows: bool = False
+) -> tuple | None:
     """A decode step's (q, k, v) as one native operation (int8 projections, Gemma's q/k norms,
-    RoPE), or None where this layer does not fit it."""
+    RoPE), or None where this layer does not fit it. `split_rows`: k and v as lists, one array per
+    row (a batch's agents write them into their own caches without slicing)."""
     if x.dtype != mx.float32 or (arguments := _decode_arguments(attention, _attention_arguments)) is None:
         return None
     weights, q_norm, k_norm, heads, kv_heads, head_dim, eps, dims, base, scale = arguments
     positions = _positions(cache.offset)
     return ops.attention_inputs(
-        x, weights, q_norm, k_norm, positions, heads, kv_heads, head_dim, eps, 1.0, dims, base, scale
+        x,
+        weights,
+        q_norm,
+        k_norm,
+        positions,
+        heads,
+        kv_heads,
+        head_dim,
+        eps,
+        1.0,
+        dims,
+        base,
+        scale,
+        split_rows,
     )
 
 
@@ -393,10 +409,11 @@ def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops)
     """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
     one native operation instead of 13 where the projections are int8; attention reads each agent's
     cache buffer over the range it needs (no slice operations, no padding for a batch)."""
-    queries, keys, values = _fused_attention_inputs(attention, x, cache, ops) or _attention_inputs(
+    batch = hasattr(cache, "update_in_place")  # node.runtime.batching's view of several agents' caches
+    queries, keys, values = _fused_attention_inputs(attention, x, cache, ops, batch) or _attention_inputs(
         attention, x, cache
     )
-    if queries.dtype == mx.float32 and hasattr(cache, "update_in_place"):  # a batch (node.runtime.batching)
+    if queries.dtype == mx.float32 and batch:
         keys, values, ranges = cache.update_in_place(keys, values)
         output = ops.decode_attention_ragged(queries, keys, values, ranges, attention.scale)
     elif queries.dtype == mx.float32 and mask is None and hasattr(cache, "append"):

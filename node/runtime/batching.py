@@ -30,11 +30,15 @@ class BatchedLayerCache:
         starts = mx.array([self.width - n for n in self.lengths])[:, None]
         return (columns >= starts)[:, None, None, :]  # (B, 1, 1, width)
 
-    def update_in_place(self, keys: mx.array, values: mx.array) -> tuple[list, list, list]:
+    def update_in_place(self, keys: mx.array | list, values: mx.array | list) -> tuple[list, list, list]:
         """Each agent's cache updated in place; its buffers and the range of them attention reads
-        (for a kernel that takes sequences of different lengths: no padding, no copies)."""
+        (for a kernel that takes sequences of different lengths: no padding, no copies). `keys` and
+        `values`: the batch's (B, ...) arrays, or one (1, ...) array per agent already."""
+        if not isinstance(keys, list):
+            keys = [keys[i : i + 1] for i in range(len(self.caches))]
+            values = [values[i : i + 1] for i in range(len(self.caches))]
         updated = [
-            kv_cache.update_in_place(c, keys[i : i + 1], values[i : i + 1]) for i, c in enumerate(self.caches)
+            kv_cache.update_in_place(c, k, v) for c, k, v in zip(self.caches, keys, values, strict=True)
         ]
         return [k for k, _, _ in updated], [v for _, v, _ in updated], [r for _, _, r in updated]
 

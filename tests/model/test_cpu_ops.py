@@ -253,3 +253,35 @@ def test_fused_decode_layers_keep_the_models_logits(monkeypatch, float_activatio
     for a, b, c in zip(fast, separate, reference):
         assert np.abs(a - b).max() < 1e-3
         assert np.abs(a - c).max() < 1e-3
+
+
+def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, float_activations):
+    """In a batch, the fused attention inputs come out per agent (split_rows: no slice operations
+    before the cache writes); two steps of three agents of different lengths, past the sliding
+    window, give each agent's logits alone."""
+    from node.model.kv_cache import make_caches
+    from node.runtime.batching import BatchedLayerCache
+
+    model = _int8_gemma()
+    prompts = [list(range(3, 3 + n)) for n in (5, 23, 40)]
+    split = []
+    fused = ops.attention_inputs
+    monkeypatch.setattr(ops, "attention_inputs", lambda *a: split.append(a[-1]) or fused(*a))
+
+    def prefilled(prompt):
+        caches = make_caches(model)
+        mx.eval(model(mx.array([prompt[:-1]]), cache=caches))
+        return caches
+
+    alone, batch = [prefilled(p) for p in prompts], [prefilled(p) for p in prompts]
+    inputs = [p[-1] for p in prompts]
+    for _ in range(2):
+        expected = [np.array(model(mx.array([[t]]), cache=c)[0, -1]) for t, c in zip(inputs, alone)]
+        split.clear()
+        offset = mx.array([c[0].offset for c in batch])
+        views = [BatchedLayerCache([c[i] for c in batch], offset) for i in range(len(model.layers))]
+        got = np.array(model(mx.array([[t] for t in inputs]), cache=views)[:, -1])
+        assert split and all(split)  # every layer's inputs came out per agent
+        for row, want in zip(got, expected):
+            assert np.abs(row - want).max() < 1e-4
+        inputs = [int(np.argmax(row)) for row in got]

@@ -8,9 +8,14 @@
 //   x (B, 1, K) float32 -> q (B, H, 1, D), k (B, KH, 1, D), v (B, KH, 1, D)
 //   q = rope(norm(x @ Wq^T per head, q_norm)), k = rope(norm(x @ Wk^T per head, k_norm)), v = x @ Wv^T
 //
+// With split_rows (a batch of agents, each with its own cache), k and v come out per row instead:
+// q, k_0 .. k_{B-1}, v_0 .. v_{B-1}, each (1, KH, 1, D), so that writing them into the agents'
+// caches takes no slice operations (2B per layer and step otherwise).
+//
 // Part of node's MLX CPU extension (cpu_ops.cpp; built and loaded by node.model.cpu_extension).
 
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -37,6 +42,7 @@ struct Layout {
   float eps, norm_offset;
   int rope_dims;
   double rope_base, rope_scale;
+  bool split_rows;
 
   bool operator==(const Layout&) const = default;
 };
@@ -53,17 +59,31 @@ class AttentionInputs : public node_native::CpuPrimitive {
       const float* x = node_native::row_major_floats(held[0], x_copy);
       const int B = (int)held[0].shape(0), K = (int)held[0].shape(-1), D = l.head_dim;
       const int counts[3] = {l.heads, l.kv_heads, l.kv_heads};
+      std::vector<float> split_k, split_v;  // split_rows: k and v of every row, then copied out per row
+      float* results[3] = {out[0].data<float>(), nullptr, nullptr};
+      for (int i = 1; i < 3; i++) {
+        std::vector<float>& rows = i == 1 ? split_k : split_v;
+        if (l.split_rows) rows.resize((size_t)B * counts[i] * D);
+        results[i] = l.split_rows ? rows.data() : out[i].data<float>();
+      }
       for (int i = 0; i < 3; i++)
         node_native::int8_product(node_native::Product{x, held[1 + 2 * i].data<int8_t>(), held[2 + 2 * i].data<float>(),
-                                                       out[i].data<float>(), B, counts[i] * D, K});
+                                                       results[i], B, counts[i] * D, K});
       const int32_t* offsets = held[9].data<int32_t>();
       const bool per_batch = held[9].size() > 1;
       for (int i = 0; i < 2; i++) {  // q and k: norm, then rotation, in place
-        float* rows = out[i].data<float>();
+        float* rows = results[i];
         const long count = (long)B * counts[i];
         node_native::normalize_rows(rows, held[7 + i].data<float>(), rows, 0, count, D, l.eps, l.norm_offset);
         node_native::rotate_rows(rows, offsets, per_batch, rows, 0, count, counts[i], 1, D, l.rope_dims, l.rope_base,
                                  l.rope_scale);
+      }
+      if (l.split_rows) {
+        const size_t row = (size_t)l.kv_heads * D;
+        for (int b = 0; b < B; b++) {
+          std::memcpy(out[1 + b].data<float>(), results[1] + b * row, row * sizeof(float));
+          std::memcpy(out[1 + B + b].data<float>(), results[2] + b * row, row * sizeof(float));
+        }
       }
     });
   }
@@ -75,20 +95,24 @@ class AttentionInputs : public node_native::CpuPrimitive {
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    const int B = inputs[0].shape(0);
-    return {{B, layout_.heads, 1, layout_.head_dim},
-            {B, layout_.kv_heads, 1, layout_.head_dim},
-            {B, layout_.kv_heads, 1, layout_.head_dim}};
+    return shapes(inputs[0].shape(0), layout_);
+  }
+
+  static std::vector<mx::Shape> shapes(int B, const Layout& l) {
+    std::vector<mx::Shape> result{{B, l.heads, 1, l.head_dim}};
+    const int copies = l.split_rows ? 2 * B : 2;
+    for (int i = 0; i < copies; i++) result.push_back({l.split_rows ? 1 : B, l.kv_heads, 1, l.head_dim});
+    return result;
   }
 
  private:
   Layout layout_;
 };
 
-std::tuple<mx::array, mx::array, mx::array> attention_inputs(
-    const mx::array& x, const std::vector<mx::array>& weights, const mx::array& q_norm, const mx::array& k_norm,
-    const mx::array& offsets, int heads, int kv_heads, int head_dim, float eps, float norm_offset, int rope_dims,
-    double rope_base, double rope_scale) {
+nb::tuple attention_inputs(const mx::array& x, const std::vector<mx::array>& weights, const mx::array& q_norm,
+                           const mx::array& k_norm, const mx::array& offsets, int heads, int kv_heads, int head_dim,
+                           float eps, float norm_offset, int rope_dims, double rope_base, double rope_scale,
+                           bool split_rows) {
   if (x.ndim() != 3 || x.shape(1) != 1 || x.dtype() != mx::float32)
     throw std::invalid_argument("attention_inputs: x must be float32 (B, 1, K)");
   if (weights.size() != 6) throw std::invalid_argument("attention_inputs: weights are wq, sq, wk, sk, wv, sv");
@@ -112,12 +136,14 @@ std::tuple<mx::array, mx::array, mx::array> attention_inputs(
   inputs.push_back(q_norm);
   inputs.push_back(k_norm);
   inputs.push_back(offsets.dtype() == mx::int32 ? offsets : mx::astype(offsets, mx::int32, stream));
-  Layout layout{heads, kv_heads, head_dim, eps, norm_offset, rope_dims, rope_base, rope_scale};
+  Layout layout{heads, kv_heads, head_dim, eps, norm_offset, rope_dims, rope_base, rope_scale, split_rows};
   const int B = x.shape(0);
-  auto outputs = mx::array::make_arrays(
-      {{B, heads, 1, head_dim}, {B, kv_heads, 1, head_dim}, {B, kv_heads, 1, head_dim}},
-      {mx::float32, mx::float32, mx::float32}, std::make_shared<AttentionInputs>(stream, layout), inputs);
-  return {outputs[0], outputs[1], outputs[2]};
+  std::vector<mx::Shape> shapes = AttentionInputs::shapes(B, layout);
+  auto outputs = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                        std::make_shared<AttentionInputs>(stream, layout), inputs);
+  if (!split_rows) return nb::make_tuple(outputs[0], outputs[1], outputs[2]);
+  return nb::make_tuple(outputs[0], std::vector<mx::array>(outputs.begin() + 1, outputs.begin() + 1 + B),
+                        std::vector<mx::array>(outputs.begin() + 1 + B, outputs.end()));
 }
 
 }  // namespace
@@ -126,5 +152,7 @@ std::tuple<mx::array, mx::array, mx::array> attention_inputs(
 void register_attention_inputs(nb::module_& m) {
   m.def("attention_inputs", &attention_inputs, "x"_a, "weights"_a, "q_norm"_a, "k_norm"_a, "offsets"_a, "heads"_a,
         "kv_heads"_a, "head_dim"_a, "eps"_a, "norm_offset"_a, "rope_dims"_a, "rope_base"_a, "rope_scale"_a,
-        "(q, k, v) of one decode position: int8 projections, per-head RMS norms of q and k, RoPE");
+        "split_rows"_a = false,
+        "(q, k, v) of one decode position: int8 projections, per-head RMS norms of q and k, RoPE; with "
+        "split_rows, k and v as lists of one (1, KH, 1, D) array per row");
 }

@@ -21,6 +21,7 @@
 namespace node_native {
 
 constexpr int MAX_THREADS = 64;
+constexpr int SPIN_PAUSES = 1000;
 
 
 class Pool {
@@ -73,7 +74,7 @@ class Pool {
   void work(int index, unsigned seen) {
     for (;;) {
       unsigned now = seen;
-      for (int spin = 0; spin < 1000 && (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
+      for (int spin = 0; spin < SPIN_PAUSES && (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
 #if defined(__x86_64__) && defined(__GNUC__)
         _mm_pause();
 #endif
