@@ -9,7 +9,7 @@ with its own CPU kernels (AVX-512F, AVX2+FMA or portable, picked at run time); p
 products dequantize once per call and go to OpenBLAS's sgemm, so prefill keeps fp32 BLAS speed.
 
 Where the kernel for this CPU reads them so (AVX-512 VNNI), a matrix's outputs are packed in panels
-of 16 (see "Layout" in int8_matmul.cpp); `row_major` and `Int8Embedding` read either layout.
+of 16 (see "Layout" in int8_matmul.cpp); `row_major` and the native embedding lookup read either layout.
 
 `quantize_model(model)` replaces the model's `nn.Linear` layers and its embedding (which Gemma
 also uses as its lm_head) in place: the fp32 arrays are dropped, never held beside the int8 ones.
@@ -67,19 +67,6 @@ def dequantize(weight: mx.array, scales: mx.array) -> mx.array:
     return blocks.reshape(rows, inputs)
 
 
-def _rows(weight: mx.array, scales: mx.array, ids: mx.array) -> tuple[mx.array, mx.array]:
-    """Rows `ids` of int8 `weight` and their scales, packed in panels or not."""
-    count, inputs = weight.shape
-    if not cpu_extension.extension().packed(count):
-        return weight[ids], scales[ids]
-    panel = cpu_extension.extension().PANEL
-    which, lane = ids // panel, ids % panel
-    rows = weight.reshape(count // panel, inputs // 4, panel, 4)[which, :, lane, :]
-    return rows.reshape(*ids.shape, inputs), scales.reshape(count // panel, inputs // BLOCK, panel)[
-        which, :, lane
-    ]
-
-
 class Int8Linear(nn.Module):
     """`nn.Linear` (no bias) with int8 weights; x @ W^T by the native kernel."""
 
@@ -99,10 +86,7 @@ class Int8Embedding(nn.Module):
         self.weight, self.scales = cpu_extension.extension().quantize(weight)
 
     def __call__(self, ids: mx.array) -> mx.array:
-        rows, scales = _rows(self.weight, self.scales, ids)
-        shape = rows.shape
-        blocks = rows.astype(mx.float32).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK) * scales[..., None]
-        return blocks.reshape(shape)
+        return cpu_extension.extension().int8_rows(self.weight, self.scales, ids)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return cpu_extension.extension().int8_matmul(x, self.weight, self.scales)
@@ -133,4 +117,5 @@ def describe() -> str:
     module = cpu_extension.extension()
     if module is None:
         return f"unavailable ({_failure})" if _failure else "not loaded"
-    return f"fp32 scale per {BLOCK} inputs, kernel {module.isa()}, {module.threads()} threads"
+    packed = f", outputs packed in panels of {module.PANEL}" if module.packed(module.PANEL) else ""
+    return f"fp32 scale per {BLOCK} inputs, kernel {module.isa()}{packed}, {module.threads()} threads"

@@ -35,8 +35,8 @@ class _GrowingBuffer:
         start = self.history_start(self.offset) - self.base
         if self.keys is None or used + n > self.keys.shape[2]:
             self._grow(keys, values, used, n)
-        self.keys[..., used : used + n, :] = keys
-        self.values[..., used : used + n, :] = values
+        self.keys[:, :, used : used + n] = keys  # (cheaper to build than [..., a:b, :])
+        self.values[:, :, used : used + n] = values
         self.offset += n
         return start, used + n
 

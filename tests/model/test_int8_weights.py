@@ -223,3 +223,18 @@ def test_tiny_engine_runs_on_int8_layers(tiny_engine):
     assert any("int8 weights" in k for k in tiny_engine.info.kernels)
     logits = tiny_engine.model(mx.array([tiny_engine.encode("the cat")]))
     assert np.isfinite(np.array(logits)).all()
+
+
+@pytest.mark.parametrize("count", [37, 48])  # rows as they are, rows of whole panels (packed with VNNI)
+def test_int8_rows_reads_rows_in_either_layout(ext, count):
+    rng = np.random.default_rng(9)
+    q, scales = ext.quantize(mx.array(_random(rng, count, 2 * BLOCK)))
+    table = np.array(int8_weights.dequantize(q, scales))
+    unsigned = np.array(ext.int8_rows(q, scales, mx.array([[0], [17]], mx.uint32)))  # as argmax gives ids
+    np.testing.assert_array_equal(unsigned, table[[[0], [17]]])
+    got = np.array(ext.int8_rows(q, scales, mx.array([[0, count - 1], [17, -1]])))
+    np.testing.assert_array_equal(got, table[[[0, count - 1], [17, count - 1]]])  # -1: the last, as in numpy
+    outside = np.array(ext.int8_rows(q, scales, mx.array([count, 2 * count])))
+    assert not outside.any()  # ids past the table give zero rows, not memory beyond it
+    with pytest.raises(ValueError):
+        ext.int8_rows(q, scales, mx.array([0.5]))
