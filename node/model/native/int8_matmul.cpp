@@ -522,9 +522,12 @@ void through_sgemm(const Product& p) {
     Product tile = p;
     tile.w = p.w + (size_t)n0 * p.K;
     tile.scales = p.scales + (size_t)n0 * (p.K / BLOCK);
-    pool().run(parts_for((long)rows * p.K, 1), [&](int part, int parts) {
-      dequantize_rows(tile, weights, (int)((long)rows * part / parts), (int)((long)rows * (part + 1) / parts));
-    });
+    pool().run(
+        parts_for((long)rows * p.K, 1),
+        [&](int part, int parts) {
+          dequantize_rows(tile, weights, (int)((long)rows * part / parts), (int)((long)rows * (part + 1) / parts));
+        },
+        node_native::Next::later);  // sgemm's threads come next
     sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, rows, p.K, 1.0f, p.x, p.K, weights, p.K, 0.0f, p.out + n0, p.N);
   }
 }

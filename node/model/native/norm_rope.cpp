@@ -40,7 +40,10 @@ constexpr long MIN_PARALLEL_FLOATS = 1L << 16;
 void run_rows(long rows, long row_floats, const std::function<void(long, long)>& rows_job) {
   auto& pool = node_native::pool();
   if (rows * row_floats < MIN_PARALLEL_FLOATS || rows == 1) return rows_job(0, rows);
-  pool.run(pool.threads(), [&](int part, int parts) { rows_job(rows * part / parts, rows * (part + 1) / parts); });
+  // Only prefill chunks have this many rows: MLX's BLAS products follow, not another of our jobs.
+  pool.run(
+      pool.threads(), [&](int part, int parts) { rows_job(rows * part / parts, rows * (part + 1) / parts); },
+      node_native::Next::later);
 }
 
 }  // namespace

@@ -1,11 +1,13 @@
 // A persistent pool of compute threads shared by node's MLX CPU kernels (int8_matmul.cpp,
 // decode_attention.cpp): MLX calls them ~150 times per decode step, too often to start threads
-// for each. Workers spin for the next job for up to SPIN, then sleep: the jobs of one step come
-// microseconds to ~100 us apart (MLX runs the cache writes and other small operations between
-// them; a batch of agents has more of those) and steps ~1 ms apart (Python builds the next
-// graph). Spinning 1000 pauses (~25 us here) let the worker fall asleep between jobs, and every
-// wake-up cost the caller the scheduler's latency: interleaved in one process, 2 ms of spinning
-// took a 3-agent decode step from 13.0-13.7 to 11.7-13.1 ms and a one-agent step 11.1 -> 10.4-10.6 ms.
+// for each. After a decode step's job, workers spin for the next one for up to SPIN, then sleep:
+// the jobs of one step come microseconds to ~100 us apart (MLX runs the cache writes and other
+// small operations between them; a batch of agents has more of those) and steps ~1 ms apart
+// (Python builds the next graph). Spinning ~25 us let the worker fall asleep between jobs, and
+// every wake-up cost the caller the scheduler's latency: interleaved in one process, 2 ms of
+// spinning took a 3-agent decode step from 13.0-13.7 to 11.7-13.1 ms and a one-agent step 11.1 ->
+// 10.4-10.6 ms. A job that OpenBLAS's threads follow (a prefill's dequantized weights, its norms)
+// says so (Next::later): a worker spinning beside sgemm on 2 cores slowed a 2k-token prefill by 20%.
 #pragma once
 
 #include <unistd.h>
@@ -27,6 +29,9 @@ namespace node_native {
 
 constexpr int MAX_THREADS = 64;
 constexpr auto SPIN = std::chrono::microseconds(2000);
+constexpr auto BRIEF_SPIN = std::chrono::microseconds(25);
+
+enum class Next { soon, later };  // when the caller expects its next job: how long workers spin for it
 
 
 class Pool {
@@ -50,7 +55,7 @@ class Pool {
   }
 
   // Runs job(part, parts) for part in [0, parts), the caller taking part 0.
-  void run(int parts, const std::function<void(int, int)>& job) {
+  void run(int parts, const std::function<void(int, int)>& job, Next next = Next::soon) {
     parts = std::max(1, std::min(parts, threads_));
     if (parts == 1) return job(0, 1);
     std::lock_guard<std::mutex> serial(run_mutex_);
@@ -63,6 +68,7 @@ class Pool {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       parts_ = parts;
+      spin_ = next == Next::soon ? SPIN : BRIEF_SPIN;
       pending_.store(parts - 1);
       generation_.fetch_add(1, std::memory_order_release);
     }
@@ -77,14 +83,15 @@ class Pool {
 
  private:
   void work(int index, unsigned seen) {
+    auto spin = BRIEF_SPIN;
     for (;;) {
       unsigned now = seen;
-      const auto deadline = std::chrono::steady_clock::now() + SPIN;
-      for (int spin = 1; (now = generation_.load(std::memory_order_acquire)) == seen; spin++) {
+      const auto deadline = std::chrono::steady_clock::now() + spin;
+      for (int pauses = 1; (now = generation_.load(std::memory_order_acquire)) == seen; pauses++) {
 #if defined(__x86_64__) && defined(__GNUC__)
         _mm_pause();
 #endif
-        if (spin % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
+        if (pauses % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
       }
       if (now == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -93,6 +100,7 @@ class Pool {
       }
       seen = now;
       if (stopping_) return;
+      spin = spin_;
       if (index < parts_) {
         (*job_)(index, parts_);
         pending_.fetch_sub(1, std::memory_order_release);
@@ -108,6 +116,7 @@ class Pool {
   std::atomic<int> pending_{0};
   const std::function<void(int, int)>* job_ = nullptr;
   int parts_ = 0;
+  std::chrono::microseconds spin_ = BRIEF_SPIN;
   bool stopping_ = false;
 };
 
