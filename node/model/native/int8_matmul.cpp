@@ -457,15 +457,18 @@ void direct(const Product& p) {
     rows.out = p.out + (size_t)m0 * p.N;
     if (isa->quantized_inputs) quantized.fill(rows);
     SpanFn span = panels && !unpack ? isa->panel_spans[rows.M] : isa->spans[rows.M];
-    pool().run(parts_for((long)p.N * p.K, rows.M), [&](int part, int parts) {
-      int groups = (p.N + group - 1) / group;
-      int n0 = std::min(p.N, (int)((long)groups * part / parts) * group);
-      int n1 = std::min(p.N, (int)((long)groups * (part + 1) / parts) * group);
-      if (unpack)
-        span_unpacked(span, rows, n0, n1);
-      else
-        span(rows, n0, n1);
-    });
+    pool().run(
+        parts_for((long)p.N * p.K, rows.M),
+        [&](int part, int parts) {
+          int groups = (p.N + group - 1) / group;
+          int n0 = std::min(p.N, (int)((long)groups * part / parts) * group);
+          int n1 = std::min(p.N, (int)((long)groups * (part + 1) / parts) * group);
+          if (unpack)
+            span_unpacked(span, rows, n0, n1);
+          else
+            span(rows, n0, n1);
+        },
+        node_native::Next::kernel);  // a decode step's next product comes within microseconds
   }
 }
 
@@ -527,7 +530,7 @@ void through_sgemm(const Product& p) {
         [&](int part, int parts) {
           dequantize_rows(tile, weights, (int)((long)rows * part / parts), (int)((long)rows * (part + 1) / parts));
         },
-        node_native::Next::later);  // sgemm's threads come next
+        node_native::Next::blas);  // sgemm's threads come next
     sgemm(ROW_MAJOR, NO_TRANS, TRANS, p.M, rows, p.K, 1.0f, p.x, p.K, weights, p.K, 0.0f, p.out + n0, p.N);
   }
 }

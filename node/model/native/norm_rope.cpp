@@ -43,7 +43,7 @@ void run_rows(long rows, long row_floats, const std::function<void(long, long)>&
   // Only prefill chunks have this many rows: MLX's BLAS products follow, not another of our jobs.
   pool.run(
       pool.threads(), [&](int part, int parts) { rows_job(rows * part / parts, rows * (part + 1) / parts); },
-      node_native::Next::later);
+      node_native::Next::blas);
 }
 
 }  // namespace

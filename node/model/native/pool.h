@@ -6,8 +6,10 @@
 // (Python builds the next graph). Spinning ~25 us let the worker fall asleep between jobs, and
 // every wake-up cost the caller the scheduler's latency: interleaved in one process, 2 ms of
 // spinning took a 3-agent decode step from 13.0-13.7 to 11.7-13.1 ms and a one-agent step 11.1 ->
-// 10.4-10.6 ms. A job that OpenBLAS's threads follow (a prefill's dequantized weights, its norms)
-// says so (Next::later): a worker spinning beside sgemm on 2 cores slowed a 2k-token prefill by 20%.
+// 10.4-10.6 ms. Only the int8 decode products set that (Next::kernel); a job that BLAS products
+// follow (a prefill's dequantized weights, its norms) sets a brief spin (Next::blas): a worker
+// spinning beside sgemm on 2 cores slowed a 2k-token prefill by 20% and halved fp32 decode. Other
+// jobs (attention, argmax) keep the setting (Next::unchanged): in an fp32 model BLAS follows them.
 #pragma once
 
 #include <unistd.h>
@@ -31,7 +33,7 @@ constexpr int MAX_THREADS = 64;
 constexpr auto SPIN = std::chrono::microseconds(2000);
 constexpr auto BRIEF_SPIN = std::chrono::microseconds(25);
 
-enum class Next { soon, later };  // when the caller expects its next job: how long workers spin for it
+enum class Next { kernel, blas, unchanged };  // what follows the job: how long workers spin for the next
 
 
 class Pool {
@@ -55,7 +57,9 @@ class Pool {
   }
 
   // Runs job(part, parts) for part in [0, parts), the caller taking part 0.
-  void run(int parts, const std::function<void(int, int)>& job, Next next = Next::soon) {
+  void run(int parts, const std::function<void(int, int)>& job, Next next = Next::unchanged) {
+    if (next != Next::unchanged)  // read by workers after their next job
+      spin_us_.store((next == Next::kernel ? SPIN : BRIEF_SPIN).count(), std::memory_order_relaxed);
     parts = std::max(1, std::min(parts, threads_));
     if (parts == 1) return job(0, 1);
     std::lock_guard<std::mutex> serial(run_mutex_);
@@ -68,7 +72,6 @@ class Pool {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       parts_ = parts;
-      spin_ = next == Next::soon ? SPIN : BRIEF_SPIN;
       pending_.store(parts - 1);
       generation_.fetch_add(1, std::memory_order_release);
     }
@@ -100,7 +103,7 @@ class Pool {
       }
       seen = now;
       if (stopping_) return;
-      spin = spin_;
+      spin = std::chrono::microseconds(spin_us_.load(std::memory_order_relaxed));
       if (index < parts_) {
         (*job_)(index, parts_);
         pending_.fetch_sub(1, std::memory_order_release);
@@ -116,7 +119,7 @@ class Pool {
   std::atomic<int> pending_{0};
   const std::function<void(int, int)>* job_ = nullptr;
   int parts_ = 0;
-  std::chrono::microseconds spin_ = BRIEF_SPIN;
+  std::atomic<long> spin_us_{BRIEF_SPIN.count()};
   bool stopping_ = false;
 };
 
