@@ -45,13 +45,24 @@ def test_second_process_resumes_agent_from_disk(engine, tmp_path):
     history = store.tokens("analyst")
     unfed = store.manifest("analyst")["metadata"]["unfed_tokens"]
     question = " Summary of the biggest risk:"
+    full_prompt = history + unfed + engine.encode(question, add_bos=False)
+    # What this process computes from the same checkpoint, before the second process extends it.
+    restored = store.restore("analyst", engine.make_caches)
+    here = generate(
+        engine, CachedContext(restored.caches, restored.tokens), full_prompt, SamplingParams(max_tokens=8)
+    )
+
     second = run_cli(question, "--agent", "analyst", "--max-tokens", "8", "--cache-dir", cache)
     usage = second["usage"]
     new_tokens = len(unfed) + len(engine.encode(question, add_bos=False))
     assert usage["cached_tokens"] == len(history) >= first["usage"]["prompt_tokens"]
     assert usage["prefilled_tokens"] == new_tokens
     assert usage["restore_s"] < usage["prefill_s"] + 1.0
+    assert second["text"] == here.text  # the second process resumed exactly the stored state
 
-    full_prompt = history + unfed + engine.encode(question, add_bos=False)
+    # Against a cold prefill of the whole prompt: the same context, so the same first token. Later
+    # tokens may part: decode steps and short chunks quantize their activations to int8 per block
+    # (the VNNI path, as llama.cpp's Q8_0 products), a long prefill multiplies them in fp32, so the
+    # keys and values of the positions decoded in the first session differ by that rounding.
     cold = generate(engine, CachedContext(engine.make_caches()), full_prompt, SamplingParams(max_tokens=8))
-    assert second["text"] == cold.text
+    assert second["text"].startswith(engine.decode([cold.token_ids[0]]))
