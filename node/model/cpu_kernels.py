@@ -378,21 +378,8 @@ def _fused_attention_inputs(
     weights, q_norm, k_norm, heads, kv_heads, head_dim, eps, dims, base, scale = arguments
     positions = _positions(cache.offset)
     return ops.attention_inputs(
-        x,
-        weights,
-        q_norm,
-        k_norm,
-        positions,
-        heads,
-        kv_heads,
-        head_dim,
-        eps,
-        1.0,
-        dims,
-        base,
-        scale,
-        split_rows,
-    )
+        x, weights, q_norm, k_norm, positions, heads, kv_heads, head_dim, eps, 1.0, dims, base, scale, split_rows
+    )  # fmt: skip
 
 
 def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.array, mx.array, mx.array]:
