@@ -8,10 +8,9 @@ through the real `AgentManager`: with the worker's batched decode, and with batc
 
 from __future__ import annotations
 
-import statistics
 import time
 
-from node.bench.results import Outcome, Table
+from node.bench.results import Outcome, Table, median
 from node.bench.workbench import Bench
 
 AGENT_COUNTS = (1, 3, 8)
@@ -59,10 +58,6 @@ async def _measure(bench: Bench, count: int, batched: bool, tokens: int, round_:
     }
 
 
-def _median(measures: list[dict], key: str) -> float:
-    return round(statistics.median(m[key] for m in measures), 3)
-
-
 async def run(bench: Bench) -> Outcome:
     tokens, rounds = bench.profile.batched_tokens, bench.profile.batched_rounds
     table = Table(
@@ -81,10 +76,10 @@ async def run(bench: Bench) -> Outcome:
         on, off = runs["batched"], runs["sequential"]
         row = {
             "agents": count,
-            "batched_tok_s": _median(on, "aggregate_tok_s"),
-            "sequential_tok_s": _median(off, "aggregate_tok_s"),
-            "batched_wall_s": _median(on, "wall_s"),
-            "sequential_wall_s": _median(off, "wall_s"),
+            "batched_tok_s": median([m["aggregate_tok_s"] for m in on], 3),
+            "sequential_tok_s": median([m["aggregate_tok_s"] for m in off], 3),
+            "batched_wall_s": median([m["wall_s"] for m in on], 3),
+            "sequential_wall_s": median([m["wall_s"] for m in off], 3),
             "rounds": runs,
         }
         row["speedup"] = round(row["batched_tok_s"] / row["sequential_tok_s"], 2)

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import statistics
 from pathlib import Path
 
 from node.bench.context import restore_in_fresh_process
-from node.bench.results import Outcome, Table, skipped
+from node.bench.results import Outcome, Table, median, skipped
 from node.bench.workbench import Bench
 
 HOW_TO_ENABLE = (
@@ -61,21 +60,16 @@ def _llama(bench: Bench, command: str, gguf: Path, contexts: Path) -> dict:
     return bench.run_json(argv)
 
 
-def _median(values: list) -> float | None:
-    present = [v for v in values if v is not None]
-    return round(statistics.median(present), 5) if present else None
-
-
 def _row(ours_built: dict, cold: dict, ours: list[dict], llama: list[dict]) -> dict:
     """One context's figures; `ours` and `llama` hold its restore + decode in each round."""
     return {
         "tokens": cold["tokens"],
         "ours_prefill_s": ours_built["prefill_s"],
         "llama_prefill_s": cold["prefill_s"],
-        "ours_restore_s": _median([r["restore_s"] for r in ours]),
-        "llama_restore_s": _median([r["restore_s"] for r in llama]),
-        "ours_decode_tok_s": _median([r["decode_tok_s"] for r in ours]),
-        "llama_decode_tok_s": _median([r["decode_tok_s"] for r in llama]),
+        "ours_restore_s": median([r["restore_s"] for r in ours], 5),
+        "llama_restore_s": median([r["restore_s"] for r in llama], 5),
+        "ours_decode_tok_s": median([r["decode_tok_s"] for r in ours], 5),
+        "llama_decode_tok_s": median([r["decode_tok_s"] for r in llama], 5),
         "ours_decode_tok_s_rounds": [r["decode_tok_s"] for r in ours],
         "llama_decode_tok_s_rounds": [r["decode_tok_s"] for r in llama],
         "ours_bytes_on_disk": ours_built["bytes_on_disk"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -54,6 +55,13 @@ class Outcome:
     table: Table | None = None
     notes: list[str] = field(default_factory=list)
     status: str = "ok"
+
+
+def median(values, digits: int) -> float | None:
+    """The median of the values that are present (None where none is), rounded to `digits`: the
+    figure a scenario reports from several rounds."""
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), digits) if present else None
 
 
 def skipped(reason: str, **results) -> Outcome:

@@ -168,8 +168,8 @@ __attribute__((target("avx512f"))) void span_avx512(const Product& p, int n0, in
 // per weight than converting the weights to float, which made the float paths compute-bound (the
 // lm_head took 12 ms on one core, 6.5 ms on two). vpdpbusd multiplies unsigned by signed bytes:
 // the weights become unsigned by flipping their top bit (w + 128: one XOR per block, shared by all
-// rows), and the 128 * sum(x) this adds to a block's dot is subtracted once per output, as a dot
-// of the row's block scales with the inputs' precomputed block sums. Per row and block that leaves
+// rows), and the 128 * sum(x) this adds to a block's dot is taken off once per output, as a dot
+// of the row's block scales with the inputs' block offsets (-128 * sum, scaled). Per row and block that leaves
 // a vpdpbusd, a conversion and an FMA whose scale (weight block's x input block's) comes from a
 // table filled 16 blocks at a time; four outputs are reduced together. A batch of agents (rows)
 // then costs little more than one where reading the weights bounds the product.
@@ -201,16 +201,18 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) inline void vnni
   const int8_t* w = p.w + (size_t)n * p.K;
   const float* w_scales = p.scales + (size_t)n * blocks;
   alignas(64) float scale[M][16];
-  __m512 even[M], odd[M], offset[M];  // two FMA chains per row; the w + 128 correction
-  for (int m = 0; m < M; m++) even[m] = odd[m] = offset[m] = _mm512_setzero_ps();
+  __m512 even[M], odd[M], correction[M];  // two FMA chains per row; the w + 128 correction
+  for (int m = 0; m < M; m++) even[m] = odd[m] = correction[m] = _mm512_setzero_ps();
   for (int b0 = 0; b0 < blocks; b0 += 16) {
     const int count = std::min(16, blocks - b0);
     const __mmask16 live = (__mmask16)((1u << count) - 1);
     const __m512 ws = _mm512_maskz_loadu_ps(live, w_scales + b0);
     for (int m = 0; m < M; m++) {
       const size_t xb = (size_t)m * blocks + b0;
-      _mm512_store_ps(scale[m], _mm512_mul_ps(ws, _mm512_maskz_loadu_ps(live, p.x_scales + xb)));
-      offset[m] = _mm512_fmadd_ps(ws, _mm512_maskz_loadu_ps(live, p.x_sums + xb), offset[m]);
+      const __m512 xs = _mm512_maskz_loadu_ps(live, p.x_scales + xb);
+      _mm512_store_ps(scale[m], _mm512_mul_ps(ws, xs));
+      const __m512 offsets = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, p.x_offsets + xb));
+      correction[m] = _mm512_fmadd_ps(ws, _mm512_mul_ps(xs, offsets), correction[m]);
     }
     int j = 0;
     for (; j + 2 <= count; j += 2) {
@@ -219,7 +221,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) inline void vnni
     }
     if (j < count) vnni_block<M>(p, w, b0 + j, blocks, scale, j, even);
   }
-  for (int m = 0; m < M; m++) out[m] = sum_to_128(_mm512_sub_ps(_mm512_add_ps(even[m], odd[m]), offset[m]));
+  for (int m = 0; m < M; m++) out[m] = sum_to_128(_mm512_add_ps(_mm512_add_ps(even[m], odd[m]), correction[m]));
 }
 
 template <int M>
@@ -293,8 +295,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512dq"))) void span_vnni_p
 // only the VNNI path quantizes its inputs, so it is written for AVX-512 (the compiler leaves the
 // plain loop's max and rounding scalar).
 #ifdef NODE_X86
-__attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, int8_t* q, float* scale, float* sum,
-                                                                int32_t* offset) {
+__attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, int8_t* q, float* scale, int32_t* offset) {
   __m512 v[BLOCK / 16];
   __m512 largest = _mm512_setzero_ps();
   for (int i = 0; i < BLOCK / 16; i++) {
@@ -309,43 +310,38 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_block(const float* x, 
     total = _mm512_add_epi32(total, r);
     _mm_storeu_si128((__m128i*)(q + 16 * i), _mm512_cvtsepi32_epi8(r));
   }
-  const int32_t values = _mm512_reduce_add_epi32(total);
   *scale = top / 127.0f;
-  *sum = 128.0f * *scale * (float)values;
-  *offset = -128 * values;
+  *offset = -128 * _mm512_reduce_add_epi32(total);
 }
 #else
-void quantize_block(const float* x, int8_t* q, float* scale, float* sum, int32_t* offset) {
+void quantize_block(const float* x, int8_t* q, float* scale, int32_t* offset) {
   float largest = 0.0f;
   for (int k = 0; k < BLOCK; k++) largest = std::max(largest, std::fabs(x[k]));
   const float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
   int total = 0;
   for (int k = 0; k < BLOCK; k++) total += q[k] = (int8_t)std::nearbyint(x[k] * inverse);
   *scale = largest / 127.0f;
-  *sum = 128.0f * *scale * (float)total;
   *offset = -128 * total;
 }
 #endif
 
 // Rows of x as the VNNI paths read them: per block of BLOCK inputs, the largest magnitude maps to
-// 127; the int8 values, the block scales, and the correction for the weights' offset of 128:
-// 128 * scale * (sum of the block's values) for the row kernel, -128 * (sum) for the panel one.
+// 127; the int8 values, the block scales, and -128 * (sum of the block's values): what the
+// weights' offset of 128 adds to the block's dot, taken off by both VNNI kernels.
 struct QuantizedRows {
   std::vector<int8_t> values;
-  std::vector<float> scales, sums;
+  std::vector<float> scales;
   std::vector<int32_t> offsets;
 
   void fill(Product& p) {
     const size_t blocks = (size_t)p.M * (p.K / BLOCK);
     values.resize((size_t)p.M * p.K);
     scales.resize(blocks);
-    sums.resize(blocks);
     offsets.resize(blocks);
     for (size_t xb = 0; xb < blocks; xb++)  // rows are contiguous, so blocks are too
-      quantize_block(p.x + xb * BLOCK, values.data() + xb * BLOCK, &scales[xb], &sums[xb], &offsets[xb]);
+      quantize_block(p.x + xb * BLOCK, values.data() + xb * BLOCK, &scales[xb], &offsets[xb]);
     p.x_values = values.data();
     p.x_scales = scales.data();
-    p.x_sums = sums.data();
     p.x_offsets = offsets.data();
   }
 };

@@ -25,10 +25,9 @@ struct Product {
   float* out;           // M x N
   int M, N, K;
   // The rows of x quantized per block (int8_matmul.cpp fills them for its VNNI paths): values,
-  // scales, 128 * scale * sum of each block's values, and -128 * sum of them.
+  // scales, and -128 * the sum of each block's values.
   const int8_t* x_values = nullptr;    // M x K
   const float* x_scales = nullptr;     // M x K / BLOCK
-  const float* x_sums = nullptr;       // M x K / BLOCK
   const int32_t* x_offsets = nullptr;  // M x K / BLOCK
 };
 
