@@ -368,18 +368,37 @@ def _attention_arguments(attention: nn.Module) -> tuple | None:
 
 
 def _fused_attention_inputs(
-    attention: nn.Module, x: mx.array, cache, ops, split_rows: bool = False
+    attention: nn.Module, x: mx.array, cache, ops, split_rows: bool = False, into: list | None = None
 ) -> tuple | None:
     """A decode step's (q, k, v) as one native operation (int8 projections, Gemma's q/k norms,
     RoPE), or None where this layer does not fit it. `split_rows`: k and v as lists, one array per
-    row (a batch's agents write them into their own caches without slicing)."""
+    row. `into`: caches, one per row, that k and v go straight into (see `_writable_in_place`);
+    returns q and the buffer ranges attention reads then."""
     if x.dtype != mx.float32 or (arguments := _decode_arguments(attention, _attention_arguments)) is None:
         return None
     weights, q_norm, k_norm, heads, kv_heads, head_dim, eps, dims, base, scale = arguments
     positions = _positions(cache.offset)
-    return ops.attention_inputs(
-        x, weights, q_norm, k_norm, positions, heads, kv_heads, head_dim, eps, 1.0, dims, base, scale, split_rows
+    if into is None:
+        return ops.attention_inputs(
+            x, weights, q_norm, k_norm, positions, heads, kv_heads, head_dim, eps, 1.0, dims, base, scale, split_rows
+        )  # fmt: skip
+    targets = [c.advance(1) for c in into]
+    (queries,) = ops.attention_inputs(
+        x, weights, q_norm, k_norm, positions, heads, kv_heads, head_dim, eps, 1.0, dims, base, scale, False,
+        [c.keys for c in into], [c.values for c in into], [index for index, _ in targets],
     )  # fmt: skip
+    return queries, [span for _, span in targets]
+
+
+def _writable_in_place(caches: list, ops) -> bool:
+    """Whether a native operation may write a step's k and v into these caches' buffers itself: they
+    have room, and nothing but the cache sees them (no view of them, no pending operation on them,
+    no other handle), so that no one can tell the buffer changed (MLX's own test for donating a
+    buffer to an operation's output). Otherwise MLX writes them (2 operations per cache)."""
+    return all(
+        hasattr(c, "advance") and c.room() > 0 and ops.exclusive(c.keys) and ops.exclusive(c.values)
+        for c in caches
+    )
 
 
 def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.array, mx.array, mx.array]:
@@ -394,9 +413,21 @@ def _attention_inputs(attention: nn.Module, x: mx.array, cache) -> tuple[mx.arra
 
 def _gemma_decode_attention(attention: nn.Module, x: mx.array, mask, cache, ops) -> mx.array:
     """A decode step's attention before its output projection, (B, 1, H * D). Its inputs come from
-    one native operation instead of 13 where the projections are int8; attention reads each agent's
-    cache buffer over the range it needs (no slice operations, no padding for a batch)."""
+    one native operation instead of 13 where the projections are int8, which also writes k and v
+    into the caches where it may; attention reads each agent's cache buffer over the range it needs
+    (no slice operations, no padding for a batch)."""
     batch = hasattr(cache, "update_in_place")  # node.runtime.batching's view of several agents' caches
+    caches = cache.caches if batch else [cache]
+    if (
+        (batch or mask is None)
+        and _writable_in_place(caches, ops)
+        and (fused := _fused_attention_inputs(attention, x, cache, ops, into=caches))
+    ):
+        queries, ranges = fused
+        keys, values = [c.keys for c in caches], [c.values for c in caches]
+        return ops.decode_attention_ragged(queries, keys, values, ranges, attention.scale).reshape(
+            x.shape[0], 1, -1
+        )
     queries, keys, values = _fused_attention_inputs(attention, x, cache, ops, batch) or _attention_inputs(
         attention, x, cache
     )

@@ -31,14 +31,25 @@ class _GrowingBuffer:
         """Write positions [offset, offset + n); returns the buffer positions [start, stop) that
         attention reads for them."""
         n = keys.shape[2]
-        used = self.offset - self.base
-        start = self.history_start(self.offset) - self.base
-        if self.keys is None or used + n > self.keys.shape[2]:
-            self._grow(keys, values, used, n)
+        if self.room() < n:
+            self._grow(keys, values, self.offset - self.base, n)
+        used, positions = self.advance(n)
         self.keys[:, :, used : used + n] = keys  # (cheaper to build than [..., a:b, :])
         self.values[:, :, used : used + n] = values
+        return positions
+
+    def room(self) -> int:
+        """How many more positions the buffers hold without growing."""
+        return 0 if self.keys is None else self.keys.shape[2] - (self.offset - self.base)
+
+    def advance(self, n: int) -> tuple[int, tuple[int, int]]:
+        """Count positions [offset, offset + n) as written (for a kernel that writes them into the
+        buffers itself; needs `room`): the buffer index they go to, and the buffer positions
+        [start, stop) that attention reads for them."""
+        used = self.offset - self.base
+        start = self.history_start(self.offset) - self.base
         self.offset += n
-        return start, used + n
+        return used, (start, used + n)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         start, stop = self.append(keys, values)

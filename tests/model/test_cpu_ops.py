@@ -233,40 +233,50 @@ def _decode_logits(model, prompt: list[int], steps: int) -> list[np.ndarray]:
 
 
 def test_fused_decode_layers_keep_the_models_logits(monkeypatch, float_activations):
-    """Decode steps through the fused layer (attention_inputs, decode attention, attention_output,
-    gated_mlp) against the same model with separate attention inputs and with MLX's own operations
-    throughout, past the sliding window."""
+    """Decode steps through the fused layer (attention_inputs writing k and v into the caches,
+    decode attention, attention_output, gated_mlp), the same with k and v written through MLX, with
+    separate attention inputs and with MLX's own operations throughout, past the sliding window."""
     model = _int8_gemma()
     prompt = list(range(3, 40))
-    fused_calls = []
+    into = []
     fused = cpu_kernels._fused_attention_inputs
-    monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a: fused_calls.append(1) or fused(*a))
+    monkeypatch.setattr(
+        cpu_kernels, "_fused_attention_inputs", lambda *a, **k: into.append(k.get("into")) or fused(*a, **k)
+    )
     fast = _decode_logits(model, prompt, 12)
-    assert fused_calls
-    monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a: None)
+    assert into and all(into)  # every layer's k and v went straight into its cache
+    monkeypatch.setattr(cpu_kernels, "_writable_in_place", lambda *a: False)
+    into.clear()
+    written_by_mlx = _decode_logits(model, prompt, 12)
+    assert into and not any(into)
+    monkeypatch.setattr(cpu_kernels, "_fused_attention_inputs", lambda *a, **k: None)
     separate = _decode_logits(model, prompt, 12)
     cpu_kernels.uninstall(model)  # MLX's own operations throughout (int8 products stay)
     try:
         reference = _decode_logits(model, prompt, 12)
     finally:
         cpu_kernels.install(model)
-    for a, b, c in zip(fast, separate, reference):
-        assert np.abs(a - b).max() < 1e-3
+    for a, b, c, d in zip(fast, written_by_mlx, separate, reference):
+        assert np.array_equal(a, b)
         assert np.abs(a - c).max() < 1e-3
+        assert np.abs(a - d).max() < 1e-3
 
 
-def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, float_activations):
-    """In a batch, the fused attention inputs come out per agent (split_rows: no slice operations
-    before the cache writes); two steps of three agents of different lengths, past the sliding
-    window, give each agent's logits alone."""
+@pytest.mark.parametrize("in_place", [True, False])
+def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, float_activations, in_place):
+    """In a batch, the fused attention inputs write k and v into each agent's cache (in_place), or
+    hand them out per agent (split_rows: no slice operations before MLX writes them); two steps of
+    three agents of different lengths, past the sliding window, give each agent's logits alone."""
     from node.model.kv_cache import make_caches
     from node.runtime.batching import BatchedLayerCache
 
     model = _int8_gemma()
     prompts = [list(range(3, 3 + n)) for n in (5, 23, 40)]
-    split = []
+    calls = []
     fused = ops.attention_inputs
-    monkeypatch.setattr(ops, "attention_inputs", lambda *a: split.append(a[-1]) or fused(*a))
+    monkeypatch.setattr(ops, "attention_inputs", lambda *a: calls.append(a) or fused(*a))
+    if not in_place:
+        monkeypatch.setattr(cpu_kernels, "_writable_in_place", lambda *a: False)
 
     def prefilled(prompt):
         caches = make_caches(model)
@@ -277,11 +287,45 @@ def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, 
     inputs = [p[-1] for p in prompts]
     for _ in range(2):
         expected = [np.array(model(mx.array([[t]]), cache=c)[0, -1]) for t, c in zip(inputs, alone)]
-        split.clear()
+        calls.clear()
         offset = mx.array([c[0].offset for c in batch])
         views = [BatchedLayerCache([c[i] for c in batch], offset) for i in range(len(model.layers))]
         got = np.array(model(mx.array([[t] for t in inputs]), cache=views)[:, -1])
-        assert split and all(split)  # every layer's inputs came out per agent
+        assert len(calls) == len(model.layers)
+        if in_place:  # every layer wrote into the three agents' buffers
+            assert all(len(a) == 17 and len(a[-1]) == 3 for a in calls)
+        else:  # every layer's k and v came out per agent
+            assert all(len(a) == 14 and a[-1] for a in calls)
         for row, want in zip(got, expected):
             assert np.abs(row - want).max() < 1e-4
         inputs = [int(np.argmax(row)) for row in got]
+        assert [c[0].offset for c in batch] == [c[0].offset for c in alone]
+
+
+def test_a_decode_step_never_writes_into_a_buffer_another_array_sees(monkeypatch, ops):
+    """A context started as a view of another's buffers (a shared prefix): when the other rewinds
+    and decodes, its step must not write into the shared buffer in place (the view would change
+    under its holder); MLX writes it into a copy instead, and later steps go in place again."""
+    from node.model import kv_cache
+
+    model = _int8_gemma()
+    prompt = list(range(3, 30))
+    owner = kv_cache.make_caches(model)
+    mx.eval(model(mx.array([prompt]), cache=owner))
+    view = kv_cache.prefix_views(owner, len(prompt), kv_cache.make_caches(model))
+    mx.eval([c.keys for c in view] + [c.values for c in view])
+    seen = [(np.array(c.keys), np.array(c.values)) for c in view]
+    assert not ops.exclusive(owner[0].keys)
+    kv_cache.trim_to(owner, len(prompt) - 3)  # the next step writes inside the view's positions
+    into = []
+    fused = cpu_kernels._fused_attention_inputs
+    monkeypatch.setattr(
+        cpu_kernels, "_fused_attention_inputs", lambda *a, **k: into.append(k.get("into")) or fused(*a, **k)
+    )
+    mx.eval(model(mx.array([[7]]), cache=owner))
+    assert into and not any(into)
+    for (keys, values), cache in zip(seen, view):
+        assert np.array_equal(np.array(cache.keys), keys) and np.array_equal(np.array(cache.values), values)
+    into.clear()
+    mx.eval(model(mx.array([[8]]), cache=owner))  # the copy is the owner's alone
+    assert into and all(into)
