@@ -130,12 +130,20 @@ def test_batched_fields(document):
         assert len(row["rounds"]["batched"]) == len(row["rounds"]["sequential"]) == TINY.batched_rounds
         for measure in row["rounds"]["batched"]:
             assert measure["largest_batch"] == row["agents"]
-            assert {"aggregate_tok_s", "wall_s", "generated_tokens"} <= set(measure)
+            assert {"aggregate_tok_s", "wall_s", "generated_tokens", "decode_tok_s"} <= set(measure)
+            # a decode step runs every agent still generating at once; the steps are part of the wall time
+            generated = measure["generated_tokens"]
+            assert -(-generated // row["agents"]) <= measure["decode_steps"] <= generated
+            assert 0 < measure["decode_steps_s"] <= measure["wall_s"]
         assert all(measure["batched"] is False for measure in row["rounds"]["sequential"])
-        tok_s = sorted(m["aggregate_tok_s"] for m in row["rounds"]["batched"])
-        assert tok_s[0] <= row["batched_tok_s"] <= tok_s[-1]  # the median of the rounds
-    assert {"three_agents_vs_one", "target_three_agents_vs_one"} <= set(results)
+        for field, median in (("aggregate_tok_s", "batched_tok_s"), ("decode_tok_s", "batched_decode_tok_s")):
+            tok_s = sorted(m[field] for m in row["rounds"]["batched"])
+            assert tok_s[0] <= row[median] <= tok_s[-1]  # the median of the rounds
+    assert {"three_agents_vs_one", "three_agents_vs_one_decode_steps", "target_three_agents_vs_one"} <= set(
+        results
+    )
     assert len(results["three_agents_vs_one_per_round"]) == TINY.batched_rounds
+    assert len(results["three_agents_vs_one_decode_steps_per_round"]) == TINY.batched_rounds
 
 
 @pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")

@@ -36,7 +36,15 @@ def _normal(rng, *shape) -> mx.array:
 
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "positions", "dim"),
-    [(1, 4, 1, 70, 256), (1, 4, 1, 2049, 256), (3, 4, 1, 600, 256), (1, 8, 2, 1000, 64), (1, 4, 1, 1, 256)],
+    [
+        (1, 4, 1, 70, 256),
+        (1, 4, 1, 2049, 256),
+        (3, 4, 1, 600, 256),
+        (1, 8, 2, 1000, 64),
+        (1, 4, 1, 1, 256),
+        (1, 4, 2, 37, 80),
+        (2, 6, 3, 130, 72),
+    ],
 )
 @pytest.mark.parametrize("masked", [False, True])
 def test_decode_attention_matches_mlx(ops, batch, heads, kv_heads, positions, dim, masked):
