@@ -9,7 +9,8 @@ on disk, which keeps the full history.
 
 Both cache classes here store positions `[base, offset)` and share one protocol on top of mlx-lm's
 (`update_and_fetch`, `trim`, `nbytes`): `append(keys, values)` (a write that returns the buffer
-range attention reads, not views of it), `can_trim_to(position)`, `compact()`,
+range attention reads, not views of it), `room()` and `advance(n)` (for a native operation that
+writes a decode step's keys and values into the buffers itself), `can_trim_to(position)`, `compact()`,
 `history_start(offset)` (the first position attention still needs), `visible_after_update()` and
 `install(keys, values, base)`. Global layers use `FullHistoryCache` (base always 0).
 """
