@@ -91,7 +91,7 @@ def test_blocked_causal_attention_matches_masked(length, offset, window):
     assert mx.allclose(got, want, atol=2e-6, rtol=1e-5).item()
 
 
-def test_installed_kernels_keep_the_models_output(tiny_engine, monkeypatch):
+def test_installed_kernels_keep_the_models_output(tiny_engine, monkeypatch, float_activations):
     model, prompt = tiny_engine.model, mx.array([tiny_engine.encode("the cat sat on the mat " * 12)])
     blocked_calls = []
     blocked = cpu_kernels.blocked_causal_attention

@@ -7,27 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from node.model import cpu_extension, cpu_kernels
+from node.model import cpu_kernels
 from node.runtime.batching import batched_step
 from node.runtime.generation import CachedContext, SamplingParams, Sequence, prefill, step
-
-
-@pytest.fixture(scope="module")
-def ops():
-    module = cpu_extension.extension()
-    assert module is not None, cpu_extension.failure()
-    return module
-
-
-@pytest.fixture
-def float_activations(ops):
-    """The int8 products on a path that keeps activations in float (the VNNI path quantizes them per
-    block, as llama.cpp does, which moves logits by up to ~1%): for comparisons of one graph against
-    another that should agree to float rounding."""
-    used = ops.isa()
-    ops.use_isa(next(isa for isa in ops.supported_isas() if isa != "avx512vnni"))
-    yield
-    ops.use_isa(used)
 
 
 def _normal(rng, *shape) -> mx.array:

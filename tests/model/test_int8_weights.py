@@ -106,7 +106,10 @@ def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
     for isa in ext.supported_isas():
         assert ext.use_isa(isa) == isa
         got = np.array(ext.int8_matmul(mx.array(x), q, scales))
-        quantized = isa in QUANTIZED_INPUT_PATHS and rows <= ext.MAX_DIRECT_ROWS  # more rows: sgemm, float
+        quantized = ext.quantizes_inputs(rows, outputs)  # decode rows, or many on packed weights
+        assert quantized == (
+            isa in QUANTIZED_INPUT_PATHS and (rows <= ext.MAX_DIRECT_ROWS or outputs % 16 == 0)
+        )
         want = _reference(_quantized_inputs(x), q, scales) if quantized else expected
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.sqrt(inputs), err_msg=isa)
 
