@@ -61,8 +61,9 @@ def test_second_process_resumes_agent_from_disk(engine, tmp_path):
     assert second["text"] == here.text  # the second process resumed exactly the stored state
 
     # Against a cold prefill of the whole prompt: the same context, so the same first token. Later
-    # tokens may part: decode steps and short chunks quantize their activations to int8 per block
-    # (the VNNI path, as llama.cpp's Q8_0 products), a long prefill multiplies them in fp32, so the
-    # keys and values of the positions decoded in the first session differ by that rounding.
+    # tokens may part at a near tie: the positions decoded in the first session went through the
+    # decode step's kernels (fused attention inputs, decode attention), a cold prefill through the
+    # prefill's (blocked causal attention, MLX's own operations), so their keys and values differ by
+    # float rounding, which int8 activations (the VNNI path, as llama.cpp's Q8_0 products) amplify.
     cold = generate(engine, CachedContext(engine.make_caches()), full_prompt, SamplingParams(max_tokens=8))
     assert second["text"].startswith(engine.decode([cold.token_ids[0]]))
