@@ -252,19 +252,30 @@ def test_fused_decode_layers_keep_the_models_logits(monkeypatch, float_activatio
         assert np.abs(a - d).max() < 1e-3
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, float_activations, in_place):
+@pytest.mark.parametrize("case", ["in_place", "split_rows", "same_bits"])
+def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, request, case):
     """In a batch, the fused attention inputs write k and v into each agent's cache (in_place), or
     hand them out per agent (split_rows: no slice operations before MLX writes them); two steps of
-    three agents of different lengths, past the sliding window, give each agent's logits alone."""
+    three agents of different lengths, past the sliding window, give each agent's logits alone. On
+    the VNNI path (same_bits) they are the same bits: a row's products are exact integer sums and
+    the decode attention chunks a sequence by its own length, so an agent's answer does not depend
+    on who shares its batch."""
     from node.model.kv_cache import make_caches
     from node.runtime.batching import BatchedLayerCache
 
+    if case != "same_bits":
+        request.getfixturevalue("float_activations")
+    elif ops.isa() != "avx512vnni":
+        pytest.skip(
+            "bit-identical rows need the VNNI path (the float paths sum 1 and 3 rows in different orders)"
+        )
     model = _int8_gemma()
-    prompts = [list(range(3, 3 + n)) for n in (5, 23, 40)]
+    # alone, 300 positions go in chunks of 48; batched with the others (405) they went in 64s
+    prompts = [list(range(3, 3 + n)) for n in (5, 100, 300)]
     calls = []
     fused = ops.attention_inputs
     monkeypatch.setattr(ops, "attention_inputs", lambda *a: calls.append(a) or fused(*a))
+    in_place = case != "split_rows"
     if not in_place:
         monkeypatch.setattr(cpu_kernels, "_writable_in_place", lambda *a: False)
 
@@ -287,7 +298,7 @@ def test_fused_batch_hands_each_agent_its_own_keys_and_values(monkeypatch, ops, 
         else:  # every layer's k and v came out per agent
             assert all(len(a) == 14 and a[-1] for a in calls)
         for row, want in zip(got, expected):
-            assert np.abs(row - want).max() < 1e-4
+            assert np.array_equal(row, want) if case == "same_bits" else np.abs(row - want).max() < 1e-4
         inputs = [int(np.argmax(row)) for row in got]
         assert [c[0].offset for c in batch] == [c[0].offset for c in alone]
 

@@ -153,26 +153,26 @@ void merge(const Attention& a, const std::vector<Unit>& units, int first, int la
   }
 }
 
-// Positions per unit of work: about four units per thread (few, unequal chunks leave a thread
-// idle: 300 positions in chunks of 256 gave one thread 256 and the other 44), at least
-// MIN_CHUNK, at most ATTENTION_CHUNK.
-int chunk_positions(const Attention& a) {
-  long positions = 0;
-  for (const Sequence& seq : a.sequences) positions += (long)seq.S * a.KH;
+// Positions per unit of work for one sequence of S positions: about four units per thread (few,
+// unequal chunks leave a thread idle: 300 positions in chunks of 256 gave one thread 256 and the
+// other 44), at least MIN_CHUNK, at most ATTENTION_CHUNK. It depends on the sequence alone, not on
+// the others in its batch, so that a sequence's result is the same bits batched or alone (the
+// chunks are merged in order).
+int chunk_positions(int S, int KH) {
   const long target = 4L * pool().threads();
-  const long chunk = ((positions + target - 1) / target + 15) / 16 * 16;
+  const long chunk = (((long)S * KH + target - 1) / target + 15) / 16 * 16;
   return (int)std::clamp<long>(chunk, MIN_CHUNK, ATTENTION_CHUNK);
 }
 
 void decode_attention_cpu(const Attention& a) {
-  const int G = a.H / a.KH, chunk = chunk_positions(a);
+  const int G = a.H / a.KH;
   std::vector<Unit> units;
   std::vector<int> starts;  // first unit of each (sequence, KV head), then the end
   long values = 0;
   for (int b = 0; b < a.B; b++)
     for (int kh = 0; kh < a.KH; kh++) {
       starts.push_back((int)units.size());
-      const int S = a.sequences[b].S;
+      const int S = a.sequences[b].S, chunk = chunk_positions(S, a.KH);
       for (int s0 = 0; s0 < S; s0 += chunk) units.push_back({b, kh, s0, std::min(S, s0 + chunk)});
       if (S == 0) units.push_back({b, kh, 0, 0});
       values += 2L * S * a.D;
