@@ -85,15 +85,6 @@ def _quantized_inputs(x: np.ndarray) -> np.ndarray:
     return (steps * (largest / np.float32(127))).reshape(x.shape)
 
 
-@pytest.fixture
-def float_path(ext):
-    """The best path that keeps activations in float, for tests about something else than rounding."""
-    used = ext.isa()
-    ext.use_isa(next(isa for isa in ext.supported_isas() if isa not in QUANTIZED_INPUT_PATHS))
-    yield
-    ext.use_isa(used)
-
-
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize(
     "outputs,inputs", [(13, BLOCK), (200, 5 * BLOCK), (1030, 10 * BLOCK), (256, 10 * BLOCK)]
@@ -115,7 +106,7 @@ def test_kernel_matches_numpy_on_every_path(ext, rows, outputs, inputs):
 
 
 @pytest.mark.parametrize("outputs", [2053, 2048])
-def test_kernel_splits_large_products_across_threads(ext, float_path, outputs):
+def test_kernel_splits_large_products_across_threads(ext, float_activations, outputs):
     """Past MIN_PARALLEL_WEIGHTS the columns are split across the pool (1 and 2 threads agree)."""
     rng = np.random.default_rng(7)
     q, scales = ext.quantize(mx.array(_random(rng, outputs, 640)))
@@ -141,7 +132,7 @@ def test_prefill_sized_products_go_through_sgemm_in_tiles(ext, outputs):
     np.testing.assert_allclose(got, _reference(x, q, scales), rtol=1e-4, atol=1e-2)
 
 
-def test_leading_axes_and_strided_inputs(ext, float_path):
+def test_leading_axes_and_strided_inputs(ext, float_activations):
     rng = np.random.default_rng(3)
     q, scales = ext.quantize(mx.array(_random(rng, 96, 2 * BLOCK)))
     x = mx.array(_random(rng, 2 * BLOCK, 2, 3)).transpose(1, 2, 0)  # not row-contiguous
@@ -161,7 +152,7 @@ def test_bad_shapes_are_refused(ext):
 
 
 @pytest.mark.parametrize("vocabulary", [300, 304])  # 304: whole panels, packed with VNNI
-def test_layers_replace_linear_and_embedding(ext, float_path, vocabulary):
+def test_layers_replace_linear_and_embedding(ext, float_activations, vocabulary):
     rng = np.random.default_rng(5)
     model = nn.Sequential(nn.Embedding(vocabulary, 2 * BLOCK), nn.Linear(2 * BLOCK, 3 * BLOCK, bias=False))
     model.layers[0].weight = mx.array(_random(rng, vocabulary, 2 * BLOCK))
