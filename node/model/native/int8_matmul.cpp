@@ -442,6 +442,21 @@ void span_unpacked(SpanFn span, const Product& p, int n0, int n1) {
 // arithmetic grows with the rows (a batch of agents) while the weights read stay the same.
 int parts_for(long weights, int rows) { return weights * rows < MIN_PARALLEL_WEIGHTS ? 1 : pool().threads(); }
 
+// Rows [m0, m0 + count) of a product (and of its quantized inputs, where it has them).
+Product rows_of(const Product& p, int m0, int count) {
+  const size_t blocks = (size_t)(p.K / BLOCK);
+  Product rows = p;
+  rows.M = count;
+  rows.x = p.x + (size_t)m0 * p.K;
+  rows.out = p.out + (size_t)m0 * p.N;
+  if (p.x_values != nullptr) {
+    rows.x_values = p.x_values + (size_t)m0 * p.K;
+    rows.x_scales = p.x_scales + m0 * blocks;
+    rows.x_offsets = p.x_offsets + m0 * blocks;
+  }
+  return rows;
+}
+
 void direct(const Product& p) {
   const Isa* isa = current_isa.load();
   const bool panels = packed(p.N);
@@ -450,10 +465,7 @@ void direct(const Product& p) {
   const int group = panels ? PANEL : 8;
   QuantizedRows quantized;
   for (int m0 = 0; m0 < p.M; m0 += MAX_KERNEL_ROWS) {
-    Product rows = p;
-    rows.M = std::min(MAX_KERNEL_ROWS, p.M - m0);
-    rows.x = p.x + (size_t)m0 * p.K;
-    rows.out = p.out + (size_t)m0 * p.N;
+    Product rows = rows_of(p, m0, std::min(MAX_KERNEL_ROWS, p.M - m0));
     if (isa->quantized_inputs) quantized.fill(rows);
     SpanFn span = panels && !unpack ? isa->panel_spans[rows.M] : isa->spans[rows.M];
     pool().run(
@@ -512,9 +524,14 @@ float* scratch(size_t floats) {
   return buffer.get();
 }
 
+// The cblas_sgemm found at the first prefill (none: many-row products go through `direct`).
+sgemm_fn bound_sgemm() {
+  static const sgemm_fn sgemm = find_sgemm();
+  return sgemm;
+}
+
 void through_sgemm(const Product& p) {
-  static sgemm_fn sgemm = find_sgemm();
-  if (sgemm == nullptr) return direct(p);
+  const sgemm_fn sgemm = bound_sgemm();
   const size_t whole = packed(p.N) ? PANEL : 1;  // tiles start on panels
   const int tile_rows = (int)std::max<size_t>(whole, std::min<size_t>(p.N, TILE_FLOATS / p.K) / whole * whole);
   float* weights = scratch((size_t)tile_rows * p.K);
@@ -545,7 +562,7 @@ void blocked(const Product& p) {
   Product all = p;
   QuantizedRows quantized;
   quantized.fill(all);
-  const int blocks = p.K / BLOCK, panels = p.N / PANEL;
+  const int panels = p.N / PANEL;
   pool().run(
       pool().threads(),
       [&](int part, int parts) {
@@ -553,31 +570,33 @@ void blocked(const Product& p) {
         for (int r0 = 0; r0 < p.M; r0 += ROW_BLOCK)
           for (int n = n0; n < n1; n += PANEL)
             for (int m0 = r0; m0 < std::min(p.M, r0 + ROW_BLOCK); m0 += MAX_KERNEL_ROWS) {
-              Product rows = all;
-              rows.M = std::min(MAX_KERNEL_ROWS, p.M - m0);
-              rows.x = p.x + (size_t)m0 * p.K;
-              rows.x_values = all.x_values + (size_t)m0 * p.K;
-              rows.x_scales = all.x_scales + (size_t)m0 * blocks;
-              rows.x_offsets = all.x_offsets + (size_t)m0 * blocks;
-              rows.out = p.out + (size_t)m0 * p.N;
-              isa->panel_spans[rows.M](rows, n, n + PANEL);
+              const int count = std::min(MAX_KERNEL_ROWS, p.M - m0);
+              isa->panel_spans[count](rows_of(all, m0, count), n, n + PANEL);
             }
       },
       node_native::Next::blas);
 }
 
-// Whether a product goes through `blocked` (and so quantizes its inputs, as `direct` does).
-bool blocks_rows(int M, int N) {
-  return M > MAX_DIRECT_ROWS && packed(N) && current_isa.load()->panel_spans != nullptr;
+enum class Path { direct, blocked, sgemm };
+
+// Which path a product of M rows by N outputs takes on the current ISA.
+Path path_for(int M, int N) {
+  if (M <= MAX_DIRECT_ROWS) return Path::direct;
+  if (packed(N) && current_isa.load()->panel_spans != nullptr) return Path::blocked;
+  return bound_sgemm() != nullptr ? Path::sgemm : Path::direct;
+}
+
+// Whether such a product quantizes its inputs per block (the VNNI paths, not sgemm's fp32).
+bool quantizes_inputs(int M, int N) {
+  return current_isa.load()->quantized_inputs && path_for(M, N) != Path::sgemm;
 }
 
 void product(const Product& p) {
-  if (p.M <= MAX_DIRECT_ROWS)
-    direct(p);
-  else if (blocks_rows(p.M, p.N))
-    blocked(p);
-  else
-    through_sgemm(p);
+  switch (path_for(p.M, p.N)) {
+    case Path::direct: return direct(p);
+    case Path::blocked: return blocked(p);
+    case Path::sgemm: return through_sgemm(p);
+  }
 }
 
 }  // namespace
@@ -756,13 +775,8 @@ std::vector<std::string> supported_isas() {
 void register_int8_matmul(nb::module_& m) {
   m.attr("BLOCK") = BLOCK;
   m.attr("MAX_DIRECT_ROWS") = MAX_DIRECT_ROWS;
-  m.def(
-      "quantizes_inputs",
-      [](int rows, int outputs) {
-        return current_isa.load()->quantized_inputs &&
-               (rows <= MAX_DIRECT_ROWS || blocks_rows(rows, outputs) || find_sgemm() == nullptr);
-      },
-      "rows"_a, "outputs"_a, "Whether a product of this shape on the current path quantizes its inputs per block");
+  m.def("quantizes_inputs", &quantizes_inputs, "rows"_a, "outputs"_a,
+        "Whether a product of this shape on the current path quantizes its inputs per block");
   m.def("int8_matmul", &int8_matmul, "x"_a, "weight"_a, "scales"_a,
         "x @ (weight * scales per block)^T; x (..., K) float32, weight (N, K) int8, scales (N, K / BLOCK)");
   m.def("quantize", &quantize, "weight"_a,

@@ -34,7 +34,7 @@ int main() {
         // Paths that quantize the inputs per block are checked against products of the inputs
         // they see (QuantizedRows), the others against the inputs themselves.
         std::vector<float> seen(x);
-        if (isa.quantized_inputs && (M <= MAX_DIRECT_ROWS || blocks_rows(M, N) || find_sgemm() == nullptr)) {
+        if (quantizes_inputs(M, N)) {
           Product p{x.data(), stored.data(), stored_scales.data(), out.data(), M, N, K};
           QuantizedRows rows;
           rows.fill(p);
