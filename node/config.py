@@ -81,6 +81,11 @@ class NodeConfig:
     api_key: str | None = _setting(None, "require this key (Bearer or X-API-Key) on every call but the cards")
     max_message_bytes: int = _setting(256_000, "largest request body")
     max_tokens: int = _setting(256, "most tokens generated per task")
+    stream_chunk_s: float = _setting(
+        0.1,
+        "seconds an A2A stream gathers text into one artifact chunk (0: a chunk per token)",
+        flag="--stream-chunk",
+    )
     max_agents: int = _setting(64, "agents kept in memory before the least recently used is evicted")
     memory_budget_bytes: int = _setting(4 << 30, "bytes of KV cache kept in memory before eviction")
     disk_budget_bytes: int | None = _setting(
@@ -159,6 +164,8 @@ class NodeConfig:
             raise ConfigError("peer_timeout_s and heartbeat_s must be positive")
         if self.delegation_timeout_s <= 0:
             raise ConfigError("delegation_timeout_s must be positive")
+        if self.stream_chunk_s < 0:
+            raise ConfigError("stream_chunk_s must be 0 or more")
         bad_keys = [entry for entry in self.peer_keys if "=" not in entry]
         if bad_keys:
             raise ConfigError(f"peer keys are URL=KEY; got {bad_keys}")

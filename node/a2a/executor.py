@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ANSWER_ARTIFACT = "answer"
-CHUNK_S = 0.1
 MAX_TOOL_ROUNDS = 4  # MCP tool calls per turn
 DRAIN_S = 15.0
 SHUTDOWN_REASON = "the node shut down before the task finished; send it again"
@@ -176,7 +175,7 @@ class SkillExecutor(AgentExecutor):
 
     # ---- one turn ------------------------------------------------------------------------
     async def _run_turn(self, request: TurnRequest, updater: TaskUpdater, stop: threading.Event) -> None:
-        out = TaskOutput(updater)
+        out = TaskOutput(updater, self.runtime.config.stream_chunk_s)
         completion = await self.answer(request, out, stop)
         if completion.finish_reason == "cancelled" or stop.is_set():
             if self.runtime.shutting_down:  # stopped by the shutdown, not by cancel()
@@ -307,13 +306,16 @@ class TaskOutput:
     """What a turn publishes: its answer as chunks of one artifact, and any further artifacts (the
     coordinator's report).
 
-    Text deltas are gathered for CHUNK_S before they go out as one chunk: an SDK event per token
-    costs the event loop enough that the model's thread, waiting for the GIL, decodes ~25% slower.
-    The text gathered last is held back so that the last chunk is marked as such.
+    Text deltas are gathered for `chunk_s` seconds (the node's --stream-chunk) before they go out
+    as one chunk: an SDK event per token costs the event loop enough that the model's thread,
+    waiting for the GIL, decodes ~25% slower. The text gathered last is held back so that the last
+    chunk is marked as such.
     """
 
-    def __init__(self, updater: TaskUpdater) -> None:
+    def __init__(self, updater: TaskUpdater, chunk_s: float, clock=time.monotonic) -> None:
         self._updater = updater
+        self._chunk_s = chunk_s
+        self._clock = clock
         self._artifact_id = f"{ANSWER_ARTIFACT}-{uuid.uuid4().hex[:12]}"
         self._pending: str | None = None
         self._pending_since = 0.0
@@ -323,8 +325,8 @@ class TaskOutput:
     async def write(self, text: str) -> None:
         if not text:
             return
-        now = time.monotonic()
-        if self._pending is not None and now - self._pending_since >= CHUNK_S:
+        now = self._clock()
+        if self._pending is not None and now - self._pending_since >= self._chunk_s:
             await self._send(self._pending, last=False)
             self._pending = None
         if self._pending is None:

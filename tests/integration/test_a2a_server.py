@@ -39,8 +39,7 @@ pytestmark = pytest.mark.slow
 SKILLS = ("technical_analysis", "business_analysis", "coordination")
 MAX_TOKENS = 24  # what the tests ask for
 # The node's --max-tokens: what a request without max_tokens gets (the cancel test's stream, which
-# must still be running when its cancel arrives: the stream sends a chunk every 100 ms, ~8-12
-# tokens at today's decode speed, before the cancel can even be sent).
+# must still be running when its cancel arrives).
 CAP = 96
 MAX_MESSAGE_BYTES = 20_000
 
@@ -55,6 +54,11 @@ def node(tmp_path_factory):
         str(CAP),
         "--max-message-bytes",
         str(MAX_MESSAGE_BYTES),
+        # A chunk per token: what the streaming and cancel tests see then does not depend on how
+        # many tokens the machine decodes in the default 100 ms (tests/a2a/test_task_output.py
+        # checks the gathering itself).
+        "--stream-chunk",
+        "0",
     ).start()
     yield process
     assert process.stop() == 0, process.log()[-3000:]
@@ -144,7 +148,6 @@ async def test_skill_agents_answer_concurrently_on_their_own_endpoints(node):
 async def test_streaming_yields_incremental_artifact_chunks(node):
     async with http_client() as http:
         client = await a2a_client(http, node.url, streaming=True)
-        # Enough tokens to span several of the stream's 100 ms chunks (node.a2a.executor.CHUNK_S).
         events = await send(
             client, "Explain prefix caching.", skill="technical_analysis", max_tokens=MAX_TOKENS
         )

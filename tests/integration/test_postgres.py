@@ -35,7 +35,9 @@ def database_url():
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory, database_url):
     folder = tmp_path_factory.mktemp("pg-nodes")
-    common = ("--database-url", database_url, "--heartbeat", "1", "--max-tokens", "24")
+    # A chunk per token and room for 96: the task streamed on P1 is still running when P2 reads and
+    # follows it after the first chunk, however fast this machine decodes.
+    common = ("--database-url", database_url, "--heartbeat", "1", "--max-tokens", "96", "--stream-chunk", "0")
     p1 = NodeProcess(free_port(), folder / "p1", "--skills", "technical_analysis", "--registry", *common)
     p1.start()
     p2 = NodeProcess(
