@@ -639,16 +639,27 @@ class CheckpointStore:
 
 
 def _rows(caches: list, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K/V of positions [start, stop) per layer, as fp32 numpy `(tokens, heads, dim)`."""
+    """K/V of positions [start, stop) per layer, as fp32 numpy `(tokens, heads, dim)` copies (later
+    steps write the caches' buffers in place)."""
     rows = []
     for cache in caches:
-        keys, values = kv_cache.positions(cache, start, stop)
-        rows.append((_token_major(keys), _token_major(values)))
+        span = kv_cache.buffer_span(cache, start, stop)
+        rows.append((_token_major(cache.keys, span), _token_major(cache.values, span)))
     return rows
 
 
-def _token_major(array: mx.array) -> np.ndarray:
-    return np.array(array[0].astype(mx.float32).transpose(1, 0, 2), copy=True)
+HOST_READABLE = (mx.float32, mx.float16)  # dtypes numpy reads through the buffer protocol
+
+
+def _token_major(buffer: mx.array, span: slice) -> np.ndarray:
+    """Positions `span` of a `(1, heads, positions, dim)` buffer as a new `(n, heads, dim)` fp32
+    array. Read in place where numpy can: an MLX slice per layer cost the model thread ~2 ms per
+    save of 18 layers, against ~0.1 ms for the copies alone."""
+    if buffer.dtype in HOST_READABLE:
+        rows = np.asarray(memoryview(buffer))[0, :, span]
+    else:
+        rows = np.asarray(buffer[0, :, span].astype(mx.float32))
+    return np.array(rows.transpose(1, 0, 2), dtype=np.float32, order="C")
 
 
 def _gather(files: OpenBlocks, path: tuple[BlockRef, ...], name: str, start: int, stop: int) -> mx.array:

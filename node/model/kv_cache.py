@@ -185,10 +185,16 @@ def compact(caches: list[LayerCache]) -> None:
 
 def positions(cache: LayerCache, start: int, stop: int) -> tuple[mx.array, mx.array]:
     """Keys and values of absolute positions [start, stop) of one layer."""
+    span = buffer_span(cache, start, stop)
+    return cache.keys[..., span, :], cache.values[..., span, :]
+
+
+def buffer_span(cache: LayerCache, start: int, stop: int) -> slice:
+    """Where absolute positions [start, stop) of one layer lie in its `keys` and `values` buffers."""
     base = cache.base
     if start < base:
         raise ValueError(f"positions before {base} are no longer in memory")
-    return cache.keys[..., start - base : stop - base, :], cache.values[..., start - base : stop - base, :]
+    return slice(start - base, stop - base)
 
 
 def prefix_views(caches: list[LayerCache], position: int, fresh: list[LayerCache]) -> list[LayerCache] | None:

@@ -18,6 +18,7 @@ from node.errors import CacheLocked, DiskBudgetExceeded, MemoryBudgetExceeded
 from node.memory.agents import AgentManager, AgentRequest
 from node.memory.checkpoint import CheckpointStore
 from node.memory.checkpoint_format import BLOCK_TOKENS
+from node.model import kv_cache
 from node.runtime.generation import CachedContext, SamplingParams, generate
 
 GREEDY = SamplingParams(max_tokens=6)
@@ -300,6 +301,37 @@ async def test_storage_dtypes_round_trip(tiny_engine, tmp_path, storage, toleran
         a = np.array(original.keys[..., start - original.base : original.offset - original.base, :])
         b = np.array(loaded.keys[..., : loaded.offset - loaded.base, :])
         assert np.max(np.abs(a - b)) <= tolerance * max(1.0, np.max(np.abs(a)))
+
+
+def test_a_planned_save_holds_its_own_copy_of_the_rows(tiny_engine, tmp_path):
+    """The plan reads the caches' buffers in place (numpy over their memory) and must copy: later
+    steps write those buffers in place while the writer thread has yet to commit."""
+    context = CachedContext(tiny_engine.make_caches())
+    generate(tiny_engine, context, tiny_engine.encode(TEXT * 3), GREEDY)
+    store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
+    plan = store.plan("alpha", context.tokens, context.caches, (), 0, {})
+    planned = [rows for block in plan.new_blocks for rows in block.rows]
+    read = [_token_major(kv_cache.positions(c, 0, c.offset)) for c in context.caches]  # through MLX
+    assert len(planned) == len(read) and all(_equal(p, r) for p, r in zip(planned, read))
+    for cache in context.caches:  # what a later step's in-place write could do to the buffers
+        np.asarray(memoryview(cache.keys))[...] = 0
+        np.asarray(memoryview(cache.values))[...] = 0
+    assert all(_equal(p, r) for p, r in zip(planned, read))
+    store.commit(plan)
+    restored = store.restore("alpha", tiny_engine.make_caches)
+    assert restored.tokens == context.tokens
+    for cache, (keys, values) in zip(restored.caches, read, strict=True):  # stored as float16
+        kept = _token_major(kv_cache.positions(cache, cache.base, cache.offset))
+        np.testing.assert_allclose(kept[0], keys[cache.base : cache.offset], rtol=1e-2, atol=1e-3)
+        np.testing.assert_allclose(kept[1], values[cache.base : cache.offset], rtol=1e-2, atol=1e-3)
+
+
+def _token_major(pair) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.array(a[0]).transpose(1, 0, 2) for a in pair)
+
+
+def _equal(pair, other) -> bool:
+    return all(np.array_equal(a, b) for a, b in zip(pair, other, strict=True))
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_no_garbage(tiny_engine, tmp_path):
