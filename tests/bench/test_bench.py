@@ -144,6 +144,11 @@ def test_batched_fields(document):
     )
     assert len(results["three_agents_vs_one_per_round"]) == TINY.batched_rounds
     assert len(results["three_agents_vs_one_decode_steps_per_round"]) == TINY.batched_rounds
+    for paired, per_round in (
+        ("three_agents_vs_one_paired", "three_agents_vs_one_per_round"),
+        ("three_agents_vs_one_decode_steps_paired", "three_agents_vs_one_decode_steps_per_round"),
+    ):
+        assert min(results[per_round]) <= results[paired] <= max(results[per_round])
 
 
 @pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")
