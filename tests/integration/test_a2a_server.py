@@ -183,7 +183,8 @@ async def test_subscribe_to_a_running_task_and_push_configs(node):
             node.url, ClientConfig(httpx_client=http, streaming=False, polling=True)
         )
         streaming = await a2a_client(http, node.url, streaming=True)
-        task = final_task(await send(polling, "Describe a cache in a few words.", max_tokens=12))
+        # The node's cap: the task must outlast the two calls before the subscription on a fast machine.
+        task = final_task(await send(polling, "Describe a cache in a few words.", max_tokens=CAP))
         assert task.status.state in (TaskState.TASK_STATE_SUBMITTED, TaskState.TASK_STATE_WORKING)
         config = TaskPushNotificationConfig(task_id=task.id, id="hook-1", url="http://127.0.0.1:9/hook")
         await polling.create_task_push_notification_config(config)

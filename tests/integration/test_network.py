@@ -36,6 +36,9 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 HEARTBEAT_S = 1.0
+# What the kill test's sub-tasks may generate: they must still be running when its 0.2 s poll looks,
+# however fast the machine decodes (~1 s at 100 tok/s).
+LONG_TASK_TOKENS = 96
 REQUEST = "Should we put a cache in front of our product database?"
 
 
@@ -44,7 +47,7 @@ def network(tmp_path_factory):
     folder = tmp_path_factory.mktemp("network")
     b_port = free_port()
     registry = f"http://127.0.0.1:{b_port}"
-    common = ("--heartbeat", str(HEARTBEAT_S), "--max-tokens", "24")
+    common = ("--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(LONG_TASK_TOKENS))
     b = NodeProcess(b_port, folder / "b", "--skills", "coordination", "--registry", *common)
     a = NodeProcess(
         free_port(),
@@ -134,7 +137,9 @@ async def test_a_peer_killed_mid_task_is_retried_elsewhere_and_the_gap_reported(
     a, b, c = network["a"], network["b"], network["c"]
     async with http_client() as http:
         client = await a2a_client(http, b.url, streaming=True)
-        running = asyncio.create_task(send(client, REQUEST, f"ctx-{uuid.uuid4()}", max_tokens=24))
+        running = asyncio.create_task(
+            send(client, REQUEST, f"ctx-{uuid.uuid4()}", max_tokens=LONG_TASK_TOKENS)
+        )
         await wait_until_running(http, a.url, tasks=2)
         a.proc.kill()  # SIGKILL: no graceful shutdown, no leaving the registry
         a.proc.wait()
