@@ -54,7 +54,9 @@ def tool_calls(reply: Reply) -> list[dict]:
 
 
 def completion_body(cid: str, model: str, reply: Reply) -> dict:
-    message: dict = {"role": "assistant", "content": reply.text or None}
+    # No text is null beside tool calls (OpenAI's shape), else a string, empty when the model
+    # stopped at once: clients read `content` as text.
+    message: dict = {"role": "assistant", "content": None if reply.calls and not reply.text else reply.text}
     if reply.calls:
         message["tool_calls"] = tool_calls(reply)
     choice = {

@@ -67,6 +67,12 @@ async def test_stream_with_include_usage(manager):
     assert manager.calls[0]["params"].temperature == 1.5
 
 
+async def test_an_answer_that_stops_at_once_is_empty_text_not_null(manager):
+    manager.scripts = [""]
+    empty = await make_client(manager).chat.completions.create(model="m", messages=user("Hi"), max_tokens=8)
+    assert empty.choices[0].message.content == "" and empty.choices[0].finish_reason == "stop"
+
+
 async def test_tool_calls_non_stream_and_stream(manager):
     client = make_client(manager)
     manager.scripts = [CALL, CALL]
