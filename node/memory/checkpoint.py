@@ -653,8 +653,8 @@ HOST_READABLE = (mx.float32, mx.float16)  # dtypes numpy reads through the buffe
 
 def _token_major(buffer: mx.array, span: slice) -> np.ndarray:
     """Positions `span` of a `(1, heads, positions, dim)` buffer as a new `(n, heads, dim)` fp32
-    array. Read in place where numpy can: an MLX slice per layer cost the model thread ~2 ms per
-    save of 18 layers, against ~0.1 ms for the copies alone."""
+    array. Read in place where numpy can: an MLX slice, cast and transpose per layer cost the model
+    thread ~2 ms per save of an 80-token agent (18 layers), the numpy copies ~0.5-1 ms."""
     if buffer.dtype in HOST_READABLE:
         rows = np.asarray(memoryview(buffer))[0, :, span]
     else:
