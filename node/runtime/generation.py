@@ -64,7 +64,12 @@ def rewind(context: CachedContext, position: int, fresh_caches: Callable[[], lis
 
 
 def _prefill_chunk(model, context: CachedContext, chunk: list[int]) -> None:
-    model(mx.array(chunk)[None], cache=context.caches)
+    logits = model(mx.array(chunk)[None], cache=context.caches)
+    if len(chunk) == 1:
+        # One token goes through the decode step's kernels, which may write its keys and values
+        # into the cache buffers inside an operation that only the logits depend on (evaluating
+        # the buffers, already there, runs nothing); one position's logits cost one decode step.
+        mx.eval(logits)
     mx.eval([c.keys for c in context.caches] + [c.values for c in context.caches])
     context.tokens.extend(chunk)
 
