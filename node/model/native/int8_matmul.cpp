@@ -479,7 +479,7 @@ void direct(const Product& p) {
           else
             span(rows, n0, n1);
         },
-        node_native::Next::kernel);  // a decode step's next product comes within microseconds
+        p.decode_step ? node_native::Next::kernel : node_native::Next::blas);
   }
 }
 
@@ -619,8 +619,10 @@ class Int8MatMul : public node_native::CpuPrimitive {
       const mx::array &x = in[0], &w = in[1], &s = in[2];
       std::vector<float> copy;
       const int K = (int)w.shape(1);
-      product(Product{node_native::row_major_floats(x, copy), w.data<int8_t>(), s.data<float>(),
-                      out[0].data<float>(), (int)(x.size() / K), (int)w.shape(0), K});
+      Product p{node_native::row_major_floats(x, copy), w.data<int8_t>(), s.data<float>(), out[0].data<float>(),
+                (int)(x.size() / K), (int)w.shape(0), K};
+      p.decode_step = x.ndim() < 2 || x.shape(-2) == 1;  // (..., positions, K): one position per sequence
+      product(p);
     });
   }
 

@@ -29,6 +29,10 @@ struct Product {
   const int8_t* x_values = nullptr;    // M x K
   const float* x_scales = nullptr;     // M x K / BLOCK
   const int32_t* x_offsets = nullptr;  // M x K / BLOCK
+  // Part of a decode step (one position per sequence): node's kernels follow within microseconds,
+  // so the pool's workers keep spinning. False in a prefill, where BLAS's threads (attention) come
+  // next and a spinning worker would take their core.
+  bool decode_step = true;
 };
 
 // out = x @ (w * scales)^T (int8_matmul.cpp)
