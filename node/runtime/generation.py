@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors
 
 from node.errors import PromptTooLong
 from node.model import cpu_kernels, kv_cache
 from node.runtime.events import Completion, Usage
 from node.runtime.prefix import common_prefix_length
+from node.runtime.sampling import make_sampler
 
 PREFILL_CHUNK = 512
 REPETITION_WINDOW = 64
