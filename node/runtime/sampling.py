@@ -6,8 +6,9 @@ kernel (~0.5 s) the first time each top_p value is seen. The nucleus is almost a
 tokens, so `nucleus` finds it among the `CANDIDATES` most likely ones (one partition pass) and
 sorts only those; where they hold less than top_p of the probability it falls back to mlx-lm's
 full sort. Either way the kept set is mlx-lm's: the smallest run of most likely tokens whose
-probability reaches top_p (up to float rounding at the boundary), and the token is drawn from it
-with MLX's generator (so `seed` stays reproducible) at the request's temperature.
+probability reaches top_p (up to float rounding at the boundary). The token is drawn by inverse
+CDF with one number from MLX's generator (so `seed` stays reproducible) at the request's
+temperature, from the nucleus or from every token when top_p does not limit them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ Sampler = Callable[[mx.array], mx.array]
 
 
 def make_sampler(temperature: float, top_p: float) -> Sampler:
-    """Logits (1, V) -> a token id array (1,): greedy at temperature 0, else drawn at `temperature`
-    from the top_p nucleus (all tokens when top_p is not in (0, 1))."""
-    if temperature == 0 or not 0 < top_p < 1:
-        return mlx_lm_sampler(temperature)
-    return lambda logits: mx.concatenate([_draw(row, temperature, top_p) for row in logits])
+    """Logits (B, V) -> token ids (B,): greedy at temperature 0, else drawn at `temperature` from
+    the top_p nucleus (from every token when top_p is not in (0, 1))."""
+    if temperature == 0:
+        return mlx_lm_sampler(0.0)
+    return lambda logits: mx.array([_draw(row, temperature, top_p) for row in logits])
 
 
 def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray | None:
@@ -51,10 +52,18 @@ def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray | None:
     return ids[best >= threshold]
 
 
-def _draw(row: mx.array, temperature: float, top_p: float) -> mx.array:
+def _draw(row: mx.array, temperature: float, top_p: float) -> int:
     logits = np.asarray(row.astype(mx.float32))
-    ids = nucleus(logits, top_p)
-    if ids is None:
-        return mx.random.categorical(apply_top_p(row[None], top_p) * (1 / temperature))
-    choice = mx.random.categorical(mx.array(logits[ids]) * (1 / temperature))
-    return mx.array(ids)[choice][None]
+    ids = nucleus(logits, top_p) if 0 < top_p < 1 else None
+    if ids is None and 0 < top_p < 1:  # mlx-lm's full sort: -inf outside the nucleus
+        logits = np.asarray(apply_top_p(row[None], top_p)[0])
+    choice = _inverse_cdf((logits if ids is None else logits[ids]) / temperature)
+    return int(choice if ids is None else ids[choice])
+
+
+def _inverse_cdf(scaled: np.ndarray) -> int:
+    """An index drawn with probability softmax(scaled): one uniform number from MLX's generator
+    against the running sum (mx.random.categorical draws a Gumbel number per entry: ~4 ms for
+    262,144 of them, half a decode step)."""
+    cdf = np.cumsum(np.exp(scaled - scaled.max(), dtype=np.float64))
+    return int(min(np.searchsorted(cdf, mx.random.uniform().item() * cdf[-1], side="right"), len(cdf) - 1))

@@ -41,15 +41,24 @@ def test_a_flat_distribution_falls_back_to_the_full_sort():
     assert token.shape == (1,) and int(token.item()) in _mlx_lm_kept(logits, 0.9)
 
 
-def test_tokens_are_drawn_from_the_nucleus_in_proportion():
+@pytest.mark.parametrize(
+    "top_p, temperature, expected",
+    [
+        (0.75, 1.0, [0.5 / 0.8, 0.3 / 0.8, 0, 0]),  # keeps 0.5 and 0.3: 0.8 reaches 0.75
+        (1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),  # every token
+        (1.0, 0.5, [p * p / 0.365 for p in (0.5, 0.3, 0.15, 0.05)]),  # p^(1/T), normalized
+    ],
+)
+def test_tokens_are_drawn_in_proportion(top_p, temperature, expected):
     probs = [0.5, 0.3, 0.15, 0.05]
     logits = np.full(5000, -1e9, np.float32)
     logits[: len(probs)] = [math.log(p) for p in probs]
-    sampler = make_sampler(1.0, 0.75)  # keeps 0.5 and 0.3: 0.8 reaches 0.75
+    sampler = make_sampler(temperature, top_p)
     mx.random.seed(1)
-    drawn = np.array([int(sampler(mx.array(logits)[None]).item()) for _ in range(2000)])
-    assert set(drawn.tolist()) == {0, 1}
-    assert abs((drawn == 0).mean() - 0.5 / 0.8) < 0.04
+    drawn = np.array([int(sampler(mx.array(logits)[None]).item()) for _ in range(3000)])
+    shares = [(drawn == token).mean() for token in range(len(probs))]
+    assert set(drawn.tolist()) <= {t for t, share in enumerate(expected) if share > 0}
+    assert all(abs(share - want) < 0.03 for share, want in zip(shares, expected, strict=True)), shares
 
 
 def test_a_seed_draws_the_same_tokens_and_a_batch_one_per_row():
