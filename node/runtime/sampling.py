@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
 CANDIDATES = 1024
+SPAN = 1024  # entries per block of the inverse-CDF search
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -63,7 +64,18 @@ def _draw(row: mx.array, temperature: float, top_p: float) -> int:
 
 def _inverse_cdf(scaled: np.ndarray) -> int:
     """An index drawn with probability softmax(scaled): one uniform number from MLX's generator
-    against the running sum (mx.random.categorical draws a Gumbel number per entry: ~4 ms for
-    262,144 of them, half a decode step)."""
-    cdf = np.cumsum(np.exp(scaled - scaled.max(), dtype=np.float64))
-    return int(min(np.searchsorted(cdf, mx.random.uniform().item() * cdf[-1], side="right"), len(cdf) - 1))
+    against the running sum, found per block of SPAN entries, then within the block
+    (mx.random.categorical draws a Gumbel number per entry: ~4 ms for 262,144 of them, half a
+    decode step; a float64 cumsum of all of them ~2.7 ms)."""
+    weights = np.exp(scaled - scaled.max())
+    blocks = np.add.reduceat(weights, np.arange(0, len(weights), SPAN), dtype=np.float64)
+    ends = np.cumsum(blocks)
+    target = mx.random.uniform().item() * ends[-1]
+    block = min(int(np.searchsorted(ends, target, side="right")), len(ends) - 1)
+    inside = weights[block * SPAN : (block + 1) * SPAN]
+    offset = target - (ends[block - 1] if block else 0.0)
+    running = np.cumsum(inside, dtype=np.float64)
+    index = int(np.searchsorted(running, offset, side="right"))
+    if index >= len(inside):  # rounding between the two sums: the block's last likely entry
+        index = int(np.flatnonzero(inside)[-1])
+    return block * SPAN + index

@@ -61,6 +61,17 @@ def test_tokens_are_drawn_in_proportion(top_p, temperature, expected):
     assert all(abs(share - want) < 0.03 for share, want in zip(shares, expected, strict=True)), shares
 
 
+def test_draws_find_likely_tokens_in_any_block_of_the_vocabulary():
+    where, probs = [5, 1500, 3100, 4999], [0.4, 0.3, 0.2, 0.1]  # four blocks of the search, the last partial
+    logits = np.full(5000, -1e9, np.float32)
+    logits[where] = [math.log(p) for p in probs]
+    sampler = make_sampler(1.0, 1.0)
+    mx.random.seed(2)
+    drawn = np.array([int(sampler(mx.array(logits)[None]).item()) for _ in range(3000)])
+    assert set(drawn.tolist()) == set(where)
+    assert all(abs((drawn == t).mean() - p) < 0.03 for t, p in zip(where, probs, strict=True))
+
+
 def test_a_seed_draws_the_same_tokens_and_a_batch_one_per_row():
     logits = mx.array(np.random.default_rng(3).standard_normal((3, 262144)).astype(np.float32) * 8)
     sampler = make_sampler(0.7, 0.9)
