@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from node.bench import batched, context, memory, multi_agent, peer, runtime, sessions, store, weights
+from node.bench import (
+    batched,
+    context,
+    memory,
+    multi_agent,
+    peer,
+    runtime,
+    sampling,
+    sessions,
+    store,
+    weights,
+)
 from node.bench.results import Outcome
 from node.bench.workbench import Bench
 from node.errors import BenchError
@@ -37,6 +48,7 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(8, "weights", "Decode weights: int8 vs fp32, greedy agreement and speed", weights.run),
     Scenario(9, "store", "Shared block store: resume from S3 vs local disk vs prefill", store.run),
+    Scenario(10, "sampling", "Sampling a token: node's samplers vs mlx-lm's", sampling.run),
 ]
 
 

@@ -33,7 +33,7 @@ TINY = Profile(
 SCENARIOS = (
     ("runtime", "single", "resume", "context", "multi_agent")
     + (("peer",) if peer.llama_cpp_installed() else ())
-    + ("batched", "weights")
+    + ("batched", "weights", "sampling")
 )
 COMMON = {
     "id",
@@ -149,6 +149,14 @@ def test_batched_fields(document):
         ("three_agents_vs_one_decode_steps_paired", "three_agents_vs_one_decode_steps_per_round"),
     ):
         assert min(results[per_round]) <= results[paired] <= max(results[per_round])
+
+
+def test_sampling_fields(document):
+    results = scenario(document, "sampling")["results"]
+    assert [(r["temperature"], r["top_p"]) for r in results["rows"]] == [(0.8, 1.0), (0.8, 0.9)]
+    for row in results["rows"]:
+        assert row["ours_ms"] > 0 and row["mlx_lm_ms"] > 0
+        assert row["speedup"] == round(row["mlx_lm_ms"] / row["ours_ms"], 1)
 
 
 @pytest.mark.skipif(not peer.llama_cpp_installed(), reason="llama-cpp-python not installed")
