@@ -3,9 +3,9 @@
 mlx-lm's `apply_top_p` sorts the whole vocabulary every step: on Gemma 3's 262,144 entries that
 took ~33 ms on this project's CPU, four times the decode step itself, and its `mx.compile` JITs a
 kernel (~0.5 s) the first time each top_p value is seen. The nucleus is almost always a few
-tokens, so `nucleus` finds it among the `CANDIDATES` most likely ones (one partition pass) and
-sorts only those; where they hold less than top_p of the probability it falls back to mlx-lm's
-full sort. Either way the kept set is mlx-lm's: the smallest run of most likely tokens whose
+tokens, so `nucleus` looks for it among the tokens within MARGIN of the most likely one (one
+comparison pass), then among the `CANDIDATES` most likely (one partition pass), sorting only
+those; where they hold less than top_p of the probability it falls back to mlx-lm's full sort. Either way the kept set is mlx-lm's: the smallest run of most likely tokens whose
 probability reaches top_p (up to float rounding at the boundary). The token is drawn by inverse
 CDF with one number from MLX's generator (so `seed` stays reproducible) at the request's
 temperature, from the nucleus or from every token when top_p does not limit them.
@@ -21,6 +21,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.sample_utils import make_sampler as mlx_lm_sampler
 
 CANDIDATES = 1024
+MARGIN = 10.0  # logits this far below the best: each e^-10 as likely
 SPAN = 1024  # entries per block of the inverse-CDF search
 
 Sampler = Callable[[mx.array], mx.array]
@@ -35,22 +36,37 @@ def make_sampler(temperature: float, top_p: float) -> Sampler:
 
 
 def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray | None:
-    """Ids of the top_p nucleus of one row of logits, most likely first; None where the
-    `CANDIDATES` most likely tokens hold less than top_p (or tie with the next one)."""
+    """Ids of the top_p nucleus of one row of logits, most likely first; None where no candidate
+    set (`_candidates`) holds it."""
+    total = None
+    for ids in _candidates(logits):
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = logits[ids]
+        if total is None:
+            total = np.exp(logits - best[0], dtype=np.float64).sum()
+        probs = np.exp(best - best[0], dtype=np.float64) / total
+        before = np.cumsum(probs) - probs  # the probability of the tokens ahead of each
+        kept = int((before < top_p).sum())
+        if kept == len(ids) and len(ids) < logits.shape[-1]:
+            continue  # the nucleus may reach past the candidates
+        threshold = best[kept - 1]
+        if kept < len(ids) and best[-1] >= threshold:
+            continue  # a tie at the threshold may continue past the candidates
+        return ids[best >= threshold]
+    return None
+
+
+def _candidates(logits: np.ndarray):
+    """Ever larger sets of the most likely tokens, each holding every token more likely than its
+    least likely one: those within MARGIN of the best logit (one comparison pass: a few hundred
+    tokens of a model's peaked distribution), then the CANDIDATES most likely (a partition pass)."""
+    near = np.flatnonzero(logits >= logits.max() - MARGIN)
     count = min(CANDIDATES, logits.shape[-1])
-    ids = np.argpartition(logits, -count)[-count:]
-    ids = ids[np.argsort(-logits[ids], kind="stable")]
-    best = logits[ids]
-    total = np.exp(logits - best[0], dtype=np.float64).sum()
-    probs = np.exp(best - best[0], dtype=np.float64) / total
-    before = np.cumsum(probs) - probs  # the probability of the tokens ahead of each
-    kept = int((before < top_p).sum())
-    if kept == count and count < logits.shape[-1]:
-        return None  # the nucleus may reach past the candidates
-    threshold = best[kept - 1]
-    if kept < count and best[-1] >= threshold:
-        return None  # a tie at the threshold may continue past the candidates
-    return ids[best >= threshold]
+    if len(near) <= count:
+        yield near
+        if len(near) == count:
+            return
+    yield np.argpartition(logits, -count)[-count:]
 
 
 def _draw(row: mx.array, temperature: float, top_p: float) -> int:

@@ -34,6 +34,16 @@ def test_the_nucleus_is_mlx_lms_kept_set(top_p, seed):
     assert list(logits[ids]) == sorted(logits[ids], reverse=True)
 
 
+def test_a_wider_distribution_finds_the_nucleus_among_the_partitioned_candidates(monkeypatch):
+    logits = (np.random.default_rng(5).standard_normal(262144) * 3).astype(np.float32)
+    assert (logits >= logits.max() - sampling.MARGIN).sum() > sampling.CANDIDATES  # past the margin set
+    monkeypatch.setattr(sampling, "apply_top_p", None)  # no fallback to the full sort
+    ids = nucleus(logits, 0.5)
+    assert ids is not None and 1 < len(ids) < sampling.CANDIDATES
+    differing = set(ids.tolist()) ^ _mlx_lm_kept(logits, 0.5)
+    assert len(differing) <= 1
+
+
 def test_a_flat_distribution_falls_back_to_the_full_sort():
     logits = np.random.default_rng(0).standard_normal(262144).astype(np.float32)
     assert nucleus(logits, 0.9) is None  # ~160k tokens hold 90%: past the candidates
