@@ -86,8 +86,8 @@ class Demo:
         # The two nodes share the machine by the agents they host (A two, B one), so their compute
         # threads do not oversubscribe it (measured: 1.3-1.6 tok/s per agent oversubscribed).
         cores = available_cores()
-        threads_a = str(max(1, cores - cores // 3))
         threads = str(max(1, cores // 3))
+        threads_a = str(max(1, cores - int(threads)))
         self.a = DemoNode(
             "A", a_port, root / "node-a", root, "--skills", "technical_analysis,business_analysis",
             "--registry", "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS), "--threads", threads_a,
