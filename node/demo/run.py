@@ -86,16 +86,16 @@ class Demo:
         # The two nodes share the machine by the agents they host (A two, B one), so their compute
         # threads do not oversubscribe it (measured: 1.3-1.6 tok/s per agent oversubscribed).
         cores = available_cores()
-        threads = str(max(1, cores // 3))
-        threads_a = str(max(1, cores - int(threads)))
+        threads_b = max(1, cores // 3)
+        threads_a = max(1, cores - threads_b)
         self.a = DemoNode(
             "A", a_port, root / "node-a", root, "--skills", "technical_analysis,business_analysis",
-            "--registry", "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS), "--threads", threads_a,
+            "--registry", "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS), "--threads", str(threads_a),
         )  # fmt: skip
         self.b = DemoNode(
             "B", free_port(), root / "node-b", root, "--skills", "coordination",
             "--join", self.a.url, "--heartbeat", str(HEARTBEAT_S), "--max-tokens", str(MAX_TOKENS),
-            "--threads", threads,
+            "--threads", str(threads_b),
         )  # fmt: skip
         self.nodes = [self.a, self.b]
         self.contexts = {skill: f"demo-{skill}-{uuid.uuid4().hex[:8]}" for skill in QUESTIONS}

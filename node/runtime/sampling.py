@@ -5,8 +5,9 @@ took ~33 ms on this project's CPU, four times the decode step itself, and its `m
 kernel (~0.5 s) the first time each top_p value is seen. The nucleus is almost always a few
 tokens, so `nucleus` looks for it among the tokens within MARGIN of the most likely one (one
 comparison pass), then among the `CANDIDATES` most likely (one partition pass), sorting only
-those; where they hold less than top_p of the probability it falls back to mlx-lm's full sort. Either way the kept set is mlx-lm's: the smallest run of most likely tokens whose
-probability reaches top_p (up to float rounding at the boundary). The token is drawn by inverse
+those; where they hold less than top_p of the probability it falls back to mlx-lm's full sort.
+Either way the kept set is mlx-lm's: the smallest run of most likely tokens whose probability
+reaches top_p (up to float rounding at the boundary). The token is drawn by inverse
 CDF with one number from MLX's generator (so `seed` stays reproducible) at the request's
 temperature, from the nucleus or from every token when top_p does not limit them.
 """
@@ -38,13 +39,12 @@ def make_sampler(temperature: float, top_p: float) -> Sampler:
 def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray | None:
     """Ids of the top_p nucleus of one row of logits, most likely first; None where no candidate
     set (`_candidates`) holds it."""
-    total = None
-    for ids in _candidates(logits):
+    top = logits.max()
+    total = np.exp(logits - top, dtype=np.float64).sum()
+    for ids in _candidates(logits, top):
         ids = ids[np.argsort(-logits[ids], kind="stable")]
         best = logits[ids]
-        if total is None:
-            total = np.exp(logits - best[0], dtype=np.float64).sum()
-        probs = np.exp(best - best[0], dtype=np.float64) / total
+        probs = np.exp(best - top, dtype=np.float64) / total
         before = np.cumsum(probs) - probs  # the probability of the tokens ahead of each
         kept = int((before < top_p).sum())
         if kept == len(ids) and len(ids) < logits.shape[-1]:
@@ -56,11 +56,12 @@ def nucleus(logits: np.ndarray, top_p: float) -> np.ndarray | None:
     return None
 
 
-def _candidates(logits: np.ndarray):
+def _candidates(logits: np.ndarray, top: float):
     """Ever larger sets of the most likely tokens, each holding every token more likely than its
-    least likely one: those within MARGIN of the best logit (one comparison pass: a few hundred
-    tokens of a model's peaked distribution), then the CANDIDATES most likely (a partition pass)."""
-    near = np.flatnonzero(logits >= logits.max() - MARGIN)
+    least likely one: those within MARGIN of the best logit `top` (one comparison pass: a few
+    hundred tokens of a model's peaked distribution), then the CANDIDATES most likely (a partition
+    pass)."""
+    near = np.flatnonzero(logits >= top - MARGIN)
     count = min(CANDIDATES, logits.shape[-1])
     if len(near) <= count:
         yield near
@@ -71,11 +72,12 @@ def _candidates(logits: np.ndarray):
 
 def _draw(row: mx.array, temperature: float, top_p: float) -> int:
     logits = np.asarray(row.astype(mx.float32))
-    ids = nucleus(logits, top_p) if 0 < top_p < 1 else None
-    if ids is None and 0 < top_p < 1:  # mlx-lm's full sort: -inf outside the nucleus
-        logits = np.asarray(apply_top_p(row[None], top_p)[0])
-    choice = _inverse_cdf((logits if ids is None else logits[ids]) / temperature)
-    return int(choice if ids is None else ids[choice])
+    if not 0 < top_p < 1:
+        return _inverse_cdf(logits / temperature)
+    ids = nucleus(logits, top_p)
+    if ids is None:  # mlx-lm's full sort: -inf outside the nucleus
+        return _inverse_cdf(np.asarray(apply_top_p(row[None], top_p)[0]) / temperature)
+    return int(ids[_inverse_cdf(logits[ids] / temperature)])
 
 
 def _inverse_cdf(scaled: np.ndarray) -> int:
