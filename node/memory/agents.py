@@ -134,9 +134,11 @@ class AgentManager:
         """Upload committed contexts to `block_store` (s3://BUCKET/PREFIX) and pull newer ones
         from it before use (`node.memory.sync`)."""
         from node.memory.remote_store import ObjectStore
-        from node.memory.sync import RemoteTier
+        from node.memory.sync import RemoteTier, window_start
 
-        self.remote = RemoteTier(self.store, ObjectStore(block_store))
+        self.remote = RemoteTier(
+            self.store, ObjectStore(block_store), window_start=window_start(self.engine.make_caches())
+        )
         self.store.on_commit = self.remote.enqueue
 
     # ---- public API ----------------------------------------------------------------------

@@ -1,22 +1,30 @@
 """Content-addressed KV block files (layout in `checkpoint_format`): write once, read verified.
 
-Blocks are written with safetensors and read with `pread` and a small header parser: a restore
-reads only the tensors (layers) it needs into one reused buffer, checks their digests and decodes
-them straight into the caches' final layout.
+Blocks are safetensors files, read with `pread` and a small header parser: a restore reads only the
+tensors (layers) it needs into one reused buffer, checks their digests and decodes them straight
+into the caches' final layout.
+
+A block's tensors are laid out in the order a restore needs them: the token ids, then the layers
+that keep their whole history (a model's global-attention layers), then the sliding-window layers,
+which a restore reads only from the blocks holding their window. So the first `head_bytes` of a
+block are all that a context's older blocks must provide, and a node pulling a context from the
+shared store (`node.memory.sync`) fetches that much of them first, as a *partial* block file
+(`<key>.safetensors.partial`), and the rest in the background. A read that needs more of a partial
+block than it holds waits for the rest (`BlockStore.complete`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from node.durable import fsync_path
 from node.errors import CheckpointCorrupt
@@ -31,6 +39,7 @@ def _corrupt(key: str, message: str) -> CheckpointCorrupt:
 
 
 _NUMPY_DTYPES = {"F16": np.float16, "U16": np.uint16, "I8": np.int8, "I32": np.int32, "F32": np.float32}
+_SAFETENSORS_DTYPES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
 
 
 def temporary_name(name: str) -> str:
@@ -58,12 +67,15 @@ class BlockFile:
     new memory.
     """
 
-    def __init__(self, path: Path, key: str, scratch: Scratch | None = None) -> None:
-        self.path, self.key, self._scratch = path, key, scratch
+    def __init__(self, path: Path, key: str, scratch: Scratch | None = None, complete=None) -> None:
+        """`complete` (for a partial block file): called when a read needs bytes past the file's
+        end; returns the path of the whole block once it is there."""
+        self.path, self.key, self._scratch, self._complete = path, key, scratch, complete
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise _corrupt(key, f"block {key} is unreadable: {e}") from e
+        self._size = os.fstat(self._fd).st_size
         try:
             (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
             header = json.loads(os.pread(self._fd, size, 8))
@@ -93,9 +105,36 @@ class BlockFile:
             raise _corrupt(self.key, f"block {self.key} has no tensor {name}")
         return entry
 
+    def head_bytes(self) -> int | None:
+        """Bytes from the file's start through the token ids and the whole-history layers' tensors
+        (None: a block written before the layout put them first)."""
+        history = self.meta.get("history_layers")
+        if history is None:
+            return None
+        names = ["tokens"] + [f"{kind}.{i}" for i in history for kind in ("k", "v")]
+        names += [n + ".scale" for n in names if n + ".scale" in self._entries]
+        return self._offset + max(self._entry(n)["data_offsets"][1] for n in names)
+
+    def present(self) -> list[str]:
+        """The tensors this file holds whole (all of them unless it is a partial block)."""
+        return [n for n, e in self._entries.items() if self._offset + e["data_offsets"][1] <= self._size]
+
+    def _ensure_whole(self, stop: int) -> None:
+        if self._offset + stop <= self._size or self._complete is None:
+            return
+        path = self._complete(self.key)
+        os.close(self._fd)
+        self.path, self._complete = path, None
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
+        self._size = os.fstat(self._fd).st_size
+
     def tensor(self, name: str, *, fresh: bool = False) -> np.ndarray:
         entry = self._entry(name)
         start, stop = entry["data_offsets"]
+        self._ensure_whole(stop)
         nbytes = stop - start
         buffer = (
             memoryview(bytearray(nbytes)) if fresh or self._scratch is None else self._scratch.get(nbytes)
@@ -137,18 +176,45 @@ class BlockFile:
 class BlockStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root) / "blocks"
+        # Set by the shared store's tier: brings a partial block's rest, returns the whole block's
+        # path (raises CheckpointError when it cannot).
+        self.complete: Callable[[str], Path] | None = None
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
+    def partial_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors.partial"
+
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
 
+    def held(self, key: str) -> bool:
+        """Whole, or in part with its rest on the way."""
+        return self.path(key).exists() or self.partial_path(key).exists()
+
+    def size(self, key: str) -> int:
+        for path in (self.path(key), self.partial_path(key)):
+            with contextlib.suppress(FileNotFoundError):
+                return path.stat().st_size
+        return 0
+
+    def whole_path(self, key: str) -> Path:
+        """The whole block's file, its rest fetched first if it is partial (for readers that
+        read files by path)."""
+        path = self.path(key)
+        if not path.exists() and self.partial_path(key).exists() and self.complete is not None:
+            return self.complete(key)
+        return path
+
     def open(self, key: str, scratch: Scratch | None = None) -> BlockFile:
         path = self.path(key)
-        if not path.exists():
-            raise _corrupt(key, f"block {key} is missing")
-        return BlockFile(path, key, scratch)
+        if path.exists():
+            return BlockFile(path, key, scratch)
+        partial = self.partial_path(key)
+        if partial.exists() and self.complete is not None:
+            return BlockFile(partial, key, scratch, self.complete)
+        raise _corrupt(key, f"block {key} is missing")
 
     def write(
         self,
@@ -157,14 +223,18 @@ class BlockStore:
         storage: str,
         tokens: np.ndarray,
         layers: list[tuple[np.ndarray, np.ndarray]],
+        history_layers: tuple[int, ...] = (),
     ) -> int:
-        """Store a block unless one with this key exists; returns the bytes written (0: reused)."""
+        """Store a block unless one with this key exists; returns the bytes written (0: reused).
+        `history_layers`: the layers whose caches keep their whole history, stored first."""
         target = self.path(key)
         if target.exists():
             return 0
         tensors: dict[str, np.ndarray] = {"tokens": np.ascontiguousarray(tokens, dtype=np.int32)}
         dtypes: dict[str, str] = {}
-        for i, (keys, values) in enumerate(layers):
+        order = [*history_layers, *(i for i in range(len(layers)) if i not in history_layers)]
+        for i in order:
+            keys, values = layers[i]
             for kind, rows in (("k", keys), ("v", values)):
                 name = f"{kind}.{i}"
                 dtypes[name], arrays = encode(rows, storage)
@@ -176,17 +246,13 @@ class BlockStore:
             "storage": storage,
             "length": len(tokens),
             "dtypes": dtypes,
+            "history_layers": sorted(history_layers),
             "digests": {name: tensor_digest(array) for name, array in tensors.items()},
         }
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / temporary_name(target.name)
         try:
-            try:
-                save_file(tensors, str(temporary), metadata={"node": json.dumps(meta)})
-            except Exception as e:  # safetensors wraps I/O errors (a full disk) in its own type
-                raise OSError(f"cannot write block {key}: {e}") from e
-            with temporary.open("rb+") as handle:
-                os.fsync(handle.fileno())
+            _save_in_order(tensors, temporary, {"node": json.dumps(meta)})
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)
@@ -194,12 +260,13 @@ class BlockStore:
         return target.stat().st_size
 
     def delete(self, key: str) -> int:
-        path = self.path(key)
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            return 0
+        size = 0
+        for path in (self.path(key), self.partial_path(key)):
+            try:
+                size += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass
         return size
 
     def stored(self) -> Iterator[tuple[str, int]]:
@@ -210,12 +277,37 @@ class BlockStore:
             yield path.name.removesuffix(".safetensors"), path.stat().st_size
 
     def remove_temporaries(self) -> int:
-        """Delete temporary files of interrupted writes (only while holding the cache lock)."""
+        """Delete temporary files of interrupted writes and partial blocks of interrupted pulls
+        (only while holding the cache lock; a pull finds what its contexts miss again)."""
         removed = 0
-        for path in self.root.glob("*/.*.tmp") if self.root.exists() else ():
-            path.unlink(missing_ok=True)
-            removed += 1
+        for pattern in ("*/.*.tmp", "*/*.partial"):
+            for path in self.root.glob(pattern) if self.root.exists() else ():
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
+
+
+def _save_in_order(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file with the tensors in the dict's order (the format allows any order
+    of data; the safetensors package sorts by dtype and name, which would scatter the layers a
+    partial block must hold), fsynced."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, array in tensors.items():
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for array in tensors.values():
+            handle.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 class OpenBlocks:

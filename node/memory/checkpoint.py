@@ -73,6 +73,7 @@ class SavePlan:
     new_blocks: list[_NewBlock]
     manifest: dict
     orphans: list[str] = field(default_factory=list)
+    history_layers: tuple[int, ...] = ()  # layers whose caches keep every position (stored first)
 
 
 class CheckpointStore:
@@ -97,6 +98,8 @@ class CheckpointStore:
         # Called with each manifest once committed (on the writer thread): the shared block store's
         # write-back (`node.memory.sync`) queues it for upload there.
         self.on_commit: Callable[[dict], None] | None = None
+        # Called with a context's id once it is restored (the shared store completes its blocks).
+        self.on_restore: Callable[[str], None] | None = None
         self._index: PrefixIndex | None = None
         self._sizes: dict[str, int] = {}
         self._used: dict[str, float] = {}
@@ -308,7 +311,7 @@ class CheckpointStore:
             self._used[agent_id] = now
             (self._pinned.add if pinned else self._pinned.discard)(agent_id)
             self._scopes[agent_id] = scope
-            return SavePlan(agent_id, path, new_blocks, manifest, orphans)
+            return SavePlan(agent_id, path, new_blocks, manifest, orphans, history_layers(caches))
 
     def _new_blocks(self, tokens, caches, path, start, persisted, carried) -> list[_NewBlock]:
         new_blocks = []
@@ -350,7 +353,9 @@ class CheckpointStore:
                 if pacer is not None:
                     pacer.before_block()
                 started = time.perf_counter()
-                size = self.blocks.write(block.ref.key, block.parent, self.storage, block.tokens, layers)
+                size = self.blocks.write(
+                    block.ref.key, block.parent, self.storage, block.tokens, layers, plan.history_layers
+                )
                 written += size
                 if pacer is not None:
                     pacer.after_block(time.perf_counter() - started)
@@ -400,18 +405,25 @@ class CheckpointStore:
 
     def adopt(self, manifest: dict) -> None:
         """Take a newer version of a context written elsewhere (the shared block store), whose
-        blocks are on this disk already: its manifest replaces ours and the index follows."""
+        blocks are on this disk already (whole or partial): its manifest replaces ours and the
+        index follows."""
         agent_id = manifest["agent_id"]
         self._check_manifest(agent_id, manifest)
-        missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.exists(ref["key"])]
+        missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.held(ref["key"])]
         if missing:
             raise CheckpointCorrupt(f"context {agent_id!r} names blocks not on disk: {missing[:3]}")
         self._write_manifest(agent_id, {k: v for k, v in manifest.items() if k != "version"})
         with self._guard:
             self.index()
             for ref in manifest["blocks"]:
-                self._sizes[ref["key"]] = self._block_size(ref["key"])
+                self._sizes[ref["key"]] = self.blocks.size(ref["key"])
             self._index_manifest(manifest)
+
+    def block_completed(self, key: str) -> None:
+        """A partial block's rest arrived (its size counts in full toward the disk budget)."""
+        with self._guard:
+            if key in self._sizes:
+                self._sizes[key] = self.blocks.size(key)
 
     # ---- budget and garbage --------------------------------------------------------------
     def bytes_stored(self) -> int:
@@ -521,6 +533,8 @@ class CheckpointStore:
         restored = self.restore_path(path, make_caches, position)
         with self._guard:
             self._used[agent_id] = time.time()
+        if self.on_restore is not None:
+            self.on_restore(agent_id)
         return Restored(
             restored.tokens,
             restored.caches,
@@ -613,11 +627,7 @@ class CheckpointStore:
 
     def bytes_on_disk(self, agent_id: str) -> int:
         """Bytes of the blocks a context references (shared blocks counted in full)."""
-        return sum(self._block_size(ref.key) for ref in self._stored_path(agent_id))
-
-    def _block_size(self, key: str) -> int:
-        path = self.blocks.path(key)
-        return path.stat().st_size if path.exists() else 0
+        return sum(self.blocks.size(ref.key) for ref in self._stored_path(agent_id))
 
     def usage(self) -> dict:
         """What `cache du` prints: blocks and bytes stored, contexts, what sharing saves."""
@@ -636,6 +646,11 @@ class CheckpointStore:
             "disk_budget_bytes": self.disk_budget_bytes,
             "legacy_checkpoints": len(list((self.root / LEGACY_FOLDER).glob("*/manifest.json"))),
         }
+
+
+def history_layers(caches: list) -> tuple[int, ...]:
+    """The layers whose caches keep every position (global attention), not a sliding window."""
+    return tuple(i for i, cache in enumerate(caches) if cache.history_start(1 << 40) == 0)
 
 
 def _rows(caches: list, start: int, stop: int) -> list[tuple[np.ndarray, np.ndarray]]:

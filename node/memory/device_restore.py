@@ -227,7 +227,7 @@ def plan_restore(store, agent_id: str, caches: list, position=None) -> RestorePl
 
 def plan_path(store, path: list[BlockRef], caches: list, position=None) -> RestorePlan:
     """What to read for `caches` from a path of blocks (`CheckpointStore.restore_path`'s input)."""
-    parsed = HEADERS.get_all([(store.blocks.path(ref.key), ref.key) for ref in path])
+    parsed = HEADERS.get_all([(store.blocks.whole_path(ref.key), ref.key) for ref in path])
     blocks = [(ref.as_dict(), block) for ref, block in zip(path, parsed)]
     tokens = [t for ref, block in blocks for t in block.token_ids[: ref["length"]].tolist()]
     stop = len(tokens) if position is None else min(position(tokens), len(tokens))

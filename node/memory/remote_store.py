@@ -83,13 +83,21 @@ class ObjectStore:
         self._call(self._client.put_object, Bucket=self.url.bucket, Key=self.block_key(key), Body=body)
         return len(body)
 
-    def get_block(self, key: str, target: Path) -> int | None:
-        """Download a block into `target` (a temporary path the caller verifies); None if absent."""
+    def get_block(self, key: str, target: Path, first: int = 0, stop: int | None = None) -> int | None:
+        """Download bytes [first, stop) of a block (all of it by default) into `target` (a
+        temporary path the caller verifies), appended when `first` > 0; None if absent."""
+        extra = (
+            {}
+            if first == 0 and stop is None
+            else {"Range": f"bytes={first}-{'' if stop is None else stop - 1}"}
+        )
         try:
-            response = self._call(self._client.get_object, Bucket=self.url.bucket, Key=self.block_key(key))
+            response = self._call(
+                self._client.get_object, Bucket=self.url.bucket, Key=self.block_key(key), **extra
+            )
         except _Missing:
             return None
-        return self._call(_stream_into, response["Body"], Path(target))
+        return self._call(_stream_into, response["Body"], Path(target), "ab" if first else "wb")
 
     def delete_block(self, key: str) -> None:
         self._call(self._client.delete_object, Bucket=self.url.bucket, Key=self.block_key(key))
@@ -202,9 +210,9 @@ class _Conflict(Exception):
     pass
 
 
-def _stream_into(body, target: Path) -> int:
+def _stream_into(body, target: Path, mode: str) -> int:
     size = 0
-    with target.open("wb") as handle:
+    with target.open(mode) as handle:
         for chunk in body.iter_chunks(CHUNK_BYTES):
             size += handle.write(chunk)
     return size

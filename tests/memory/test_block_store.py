@@ -4,16 +4,20 @@ nodes, an outage (serving from local disk, retried) and a corrupted object refus
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from node.memory.agents import AgentManager
 from node.memory.checkpoint import CheckpointStore
 from node.memory.remote_store import ObjectStore
+from node.memory.sync import COMPLETE_THREADS, RemoteTier, window_start
 from node.runtime.generation import SamplingParams
 from tests.seaweedfs import s3_environment, seaweedfs, weed_unusable
+from tests.tiny_models import WINDOW
 
 pytestmark = pytest.mark.skipif(weed_unusable() is not None, reason=str(weed_unusable()))
 GREEDY = SamplingParams(max_tokens=6)
@@ -118,9 +122,10 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     await one.generate("delta", prompt, GREEDY)
     await one.close()
     remote = ObjectStore(bucket)
-    key = remote.latest_manifest("delta")["blocks"][0]["key"]
+    first = remote.latest_manifest("delta")["blocks"][0]
+    key = first["key"]
     body = bytearray(remote._client.get_object(Bucket="agents", Key=remote.block_key(key))["Body"].read())
-    body[-10] ^= 0xFF
+    body[first["head"] - 10] ^= 0xFF  # in the part a pull fetches first (a global layer's values)
     remote._client.put_object(Bucket="agents", Key=remote.block_key(key), Body=bytes(body))
 
     two = await _node(tiny_engine, tmp_path / "two", bucket)
@@ -153,3 +158,83 @@ async def test_a_copy_in_memory_gives_way_to_a_newer_turn_run_elsewhere(tiny_eng
         await one.close()
         await two.close()
     assert third.usage.cached_tokens == len(newer)
+
+
+def _blocked_completer(tier) -> threading.Event:
+    """Hold the tier's background completions until the returned event is set."""
+    release = threading.Event()
+    for _ in range(COMPLETE_THREADS):
+        tier._completer.submit(release.wait)
+    return release
+
+
+def _pulling_store(engine, root: Path, bucket: str) -> tuple[CheckpointStore, RemoteTier]:
+    store = CheckpointStore(root, engine.info.fingerprint)
+    store.open_for_serving()
+    return store, RemoteTier(store, ObjectStore(bucket), window_start=window_start(engine.make_caches()))
+
+
+async def _uploaded_context(engine, root: Path, bucket: str, agent_id: str) -> list[int]:
+    one = await _node(engine, root, bucket)
+    await one.generate(agent_id, engine.encode(TEXT * 40), GREEDY)
+    history = await one.tokens(agent_id)
+    await one.close()
+    return history
+
+
+async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_the_background(
+    tiny_engine, tmp_path, bucket
+):
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "zeta")
+    source = CheckpointStore(tmp_path / "one", tiny_engine.info.fingerprint)
+    whole = source.restore("zeta", tiny_engine.make_caches)
+    refs = source.manifest("zeta")["blocks"]
+    total = sum(source.blocks.size(ref["key"]) for ref in refs)
+
+    store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
+    release = _blocked_completer(tier)
+    try:
+        pulled = tier.pull("zeta")
+        older = [ref["key"] for ref in refs if ref["start"] + ref["length"] <= len(history) - WINDOW]
+        assert len(older) >= 2 and pulled.tokens == len(history)
+        assert all(store.blocks.partial_path(key).exists() for key in older)
+        assert pulled.bytes_downloaded < total - len(older) * 4096  # heads only, for those
+        # the restore needs no block's rest: same tokens and caches as the source's
+        resumed = store.restore("zeta", tiny_engine.make_caches)
+        assert resumed.tokens == whole.tokens == history
+        for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
+            assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+        assert tier.status()["completing_blocks"] == len(older)  # queued behind the held completer
+        # a read of an older position needs a partial block's rest: the reader fetches it now
+        early = len(history) // 3
+        needed = next(ref["key"] for ref in refs if ref["start"] < early <= ref["start"] + ref["length"])
+        assert len(store.restore("zeta", tiny_engine.make_caches, lambda t: early).tokens) == early
+        assert store.blocks.exists(needed) and not store.blocks.partial_path(needed).exists()
+        release.set()
+        _wait(lambda: tier.status()["completing_blocks"] == 0)
+    finally:
+        release.set()
+        tier.close()
+    assert not any(store.blocks.partial_path(key).exists() for key in older)
+    assert sum(store.blocks.size(ref["key"]) for ref in refs) == total
+    store.verify("zeta")
+    store.close()
+
+
+async def test_partial_blocks_of_a_stopped_node_are_fetched_again(tiny_engine, tmp_path, bucket):
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "eta")
+    store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
+    tier.pull("eta")
+    tier._deferred.clear()  # the node stops before it completes the partial blocks
+    tier.close()
+    store.close()
+    assert list((tmp_path / "two" / "blocks").glob("*/*.partial"))
+
+    two = await _node(tiny_engine, tmp_path / "two", bucket)  # restarts: partial blocks removed
+    assert not list((tmp_path / "two" / "blocks").glob("*/*.partial"))
+    result = await two.generate("eta", history + tiny_engine.encode(" and then", add_bos=False), GREEDY)
+    status = two.remote.status()
+    await two.close()
+    assert result.usage.cached_tokens == len(history)  # the pull brought the missing blocks back
+    assert status["downloaded_blocks"] >= 1
+    CheckpointStore(tmp_path / "two", tiny_engine.info.fingerprint).verify("eta")

@@ -179,9 +179,10 @@ async def test_a_damaged_shared_playbook_block_is_set_aside_and_new_conversation
     await manager.ensure_prefix("skill", playbook, pinned=True)
     await manager.close()
     store = CheckpointStore(tmp_path, tiny_engine.info.fingerprint)
-    block = store.blocks.path(store.path("skill")[0].key)
+    key = store.path("skill")[0].key
+    block, head = store.blocks.path(key), store.blocks.open(key).head_bytes()
     data = bytearray(block.read_bytes())
-    data[-64] ^= 0x10
+    data[head - 64] ^= 0x10  # in a global layer's values, which every restore of the skill reads
     block.write_bytes(bytes(data))
 
     resumed = await _manager(tiny_engine, tmp_path)
@@ -420,3 +421,33 @@ def test_sigkill_at_any_moment_keeps_a_valid_checkpoint_and_leaves_no_garbage(
         assert not list(tmp_path.rglob("*.tmp"))
         assert {p.stem for p in _block_files(tmp_path)} == {ref.key for ref in store.path("victim")}
         store.close()
+
+
+def test_a_block_stores_its_whole_history_layers_first_as_plain_safetensors(tmp_path):
+    from safetensors.numpy import load_file
+
+    from node.errors import CheckpointCorrupt
+    from node.memory.blocks import BlockStore
+
+    blocks, key = BlockStore(tmp_path), "ab" * 16
+    layers = [(np.full((4, 1, 8), i, np.float32), np.full((4, 1, 8), -i, np.float32)) for i in range(4)]
+    blocks.write(key, None, "float16", np.arange(4), layers, history_layers=(2,))
+    loaded = load_file(blocks.path(key))  # the safetensors package reads it (and checks its layout)
+    assert sorted(loaded) == sorted(["tokens", *(f"{kind}.{i}" for i in range(4) for kind in "kv")])
+    assert (loaded["k.2"] == 2).all() and (loaded["v.3"] == -3).all()
+
+    block = blocks.open(key)
+    head = block.head_bytes()
+    block.close()
+    blocks.partial_path(key).write_bytes(blocks.path(key).read_bytes()[:head])
+    blocks.path(key).rename(tmp_path / "whole")
+    asked = []
+    blocks.complete = lambda wanted: asked.append(wanted) or tmp_path / "whole"
+    partial = blocks.open(key)
+    assert sorted(partial.present()) == ["k.2", "tokens", "v.2"]  # the head: tokens, then layer 2
+    assert (partial.tensor("v.2") == -2).all() and asked == []
+    assert (partial.tensor("k.0") == 0).all() and asked == [key]  # past the head: the rest is fetched
+    partial.close()
+    blocks.complete = None
+    with pytest.raises(CheckpointCorrupt):
+        blocks.open(key)  # partial, and nothing to complete it
