@@ -7,6 +7,7 @@ takes several; chat templates are rendered with jinja2's sandbox, as transformer
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -32,6 +33,24 @@ def _chat_template(folder: Path, config: dict) -> str | None:
     return template
 
 
+# Markup tokens a reply may carry that the API layers read (tool calls, reasoning): kept in text.
+VISIBLE_MARKUP = frozenset({"<|python_tag|>", "<tool_call>", "</tool_call>", "<think>", "</think>"})
+# Another modality's markers, which a GGUF types as ordinary added tokens (user-defined, like
+# Gemma's `<b>` or its runs of newlines): a model answering in text has no use for them.
+_MEDIA_MARKER = re.compile(r"<[^<>\s]*(image|audio|video)[^<>\s]*>|\[multimodal\]")
+
+
+def _hidden_ids(tokenizer) -> frozenset[int]:
+    """Added tokens that are markup, not text: special ones (`<bos>`, `<unused12>`) except
+    `VISIBLE_MARKUP`, and media markers (Gemma's `<start_of_image>`). A base model emits them now
+    and then; in a reply's text they are noise."""
+    return frozenset(
+        i
+        for i, token in tokenizer.get_added_tokens_decoder().items()
+        if (token.special and token.content not in VISIBLE_MARKUP) or _MEDIA_MARKER.fullmatch(token.content)
+    )
+
+
 def _raise(message: str):
     raise ModelSpecError(f"chat template error: {message}")
 
@@ -52,6 +71,7 @@ class TextTokenizer:
         self.eos_token_id = self._id(self.eos_token)
         self.chat_template = _chat_template(folder, config)
         self.extra_eos_ids = self._generation_eos(folder)
+        self._hidden = _hidden_ids(self._tokenizer)
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self._tokenizer.token_to_id(token)
@@ -71,7 +91,8 @@ class TextTokenizer:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=False)
+        """The text of generated ids, markup tokens left out (`_hidden_ids`)."""
+        return self._tokenizer.decode([i for i in ids if i not in self._hidden], skip_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment

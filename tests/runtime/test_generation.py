@@ -151,3 +151,25 @@ def test_a_one_token_prefill_chunk_fills_its_cache_position(engine):
         for a, b in zip(kv_cache.positions(one, 29, 30), kv_cache.positions(other, 29, 30), strict=True):
             a, b = np.array(a), np.array(b)  # the two paths round activations differently (int8 rows)
             assert np.linalg.norm(a - b) < 0.05 * np.linalg.norm(b), (np.linalg.norm(a), np.linalg.norm(b))
+
+
+def test_a_reply_leaves_out_markup_tokens_and_keeps_text_that_looks_like_markup(engine):
+    """The base model now and then emits `<start_of_image>` (a user-defined token in the GGUF,
+    like `<b>`): a reply's text leaves it out, and the control tokens, and keeps HTML and tags."""
+    text = "Hello <b>bold</b> [link] and <tag>"
+    ids = engine.encode(text, add_bos=False)
+    markers = [engine.tokenizer.token_to_id(t) for t in ("<start_of_image>", "[multimodal]", "<unused7>")]
+    assert None not in markers
+    assert engine.decode([engine.bos_token_id, markers[0], *ids[:3], *markers[1:], *ids[3:]]) == text
+
+
+def test_tool_call_markers_stay_in_a_reply():
+    from tokenizers import AddedToken, Tokenizer, models
+
+    from node.model.tokenizer import _hidden_ids
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "call": 1}, unk_token="[UNK]"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<|python_tag|>", "<|eot_id|>")])
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False), AddedToken("<audio_soft_token>")])
+    hidden = {tokenizer.id_to_token(i) for i in _hidden_ids(tokenizer)}
+    assert hidden == {"<|eot_id|>", "<audio_soft_token>"}
