@@ -265,7 +265,7 @@ class SkillExecutor(AgentExecutor):
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0,
-            stop=prompt_format.stop,
+            turn_stop=prompt_format.stop,
             repetition_penalty=prompt_format.repetition_penalty,
         )
 

@@ -170,7 +170,9 @@ class ChatService:
             max_tokens=self.max_tokens(request),
             temperature=request.temperature,
             top_p=request.top_p,
-            stop=request.stop_sequences + tuple(getattr(self.manager.engine, "chat_stop", ())),
+            stop=request.stop_sequences,
+            turn_stop=self.manager.engine.chat_stop,
+            repetition_penalty=self.manager.engine.prompt_format.repetition_penalty,
         )
 
 

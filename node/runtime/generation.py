@@ -33,6 +33,9 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    # The prompt format's end-of-turn strings: they end a reply once it has begun (a base model may
+    # open its answer with a blank line, which would otherwise end it empty).
+    turn_stop: tuple[str, ...] = ()
     seed: int | None = None
     # Penalty on tokens the reply itself already used (its last REPETITION_WINDOW tokens, never the
     # prompt's): base models loop without one. None: no penalty.
@@ -91,9 +94,11 @@ class _TextStream:
     token so far each step made a reply's detokenization quadratic in its length.
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...]) -> None:
-        self.decode, self.stop = decode, stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: tuple[str, ...], turn_stop: tuple[str, ...] = ()
+    ) -> None:
+        self.decode, self.stop, self.turn_stop = decode, stop, turn_stop
+        self.holdback = max((len(s) for s in stop + turn_stop), default=1) - 1
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -114,15 +119,25 @@ class _TextStream:
     def add(self, token: int) -> str:
         self.ids.append(token)
         self._decode_window()
-        for s in self.stop:
-            index = self.text.find(s)
-            if index >= 0:
-                self.text, self.stop_sequence = self.text[:index], s
-                return self.flush()
+        found = self._first_stop()
+        if found is not None:
+            index, self.stop_sequence = found
+            self.text = self.text[:index]
+            return self.flush()
         safe = len(self.text) - self.holdback
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":
             safe -= 1
         return self._emit(safe)
+
+    def _first_stop(self) -> tuple[int, str] | None:
+        """The earliest stop in the text (a turn stop only where it reaches past leading blanks)."""
+        found = [(i, s) for s in self.stop if (i := self.text.find(s)) >= 0]
+        begun = len(self.text) - len(self.text.lstrip())
+        if begun < len(self.text):
+            found += [
+                (i, s) for s in self.turn_stop if (i := self.text.find(s, max(0, begun - len(s) + 1))) >= 0
+            ]
+        return min(found, default=None)
 
     def flush(self) -> str:
         return self._emit(len(self.text.rstrip("\ufffd")) if self.stop_sequence is None else len(self.text))
@@ -169,7 +184,7 @@ class Sequence:
         self.processors = make_logits_processors(
             repetition_penalty=params.repetition_penalty, repetition_context_size=REPETITION_WINDOW
         )
-        self.stream = _TextStream(engine.decode, params.stop)
+        self.stream = _TextStream(engine.decode, params.stop, params.turn_stop)
         self.generated: list[int] = []
         self.next_input = prompt[-1]
         self.finish_reason: str | None = None

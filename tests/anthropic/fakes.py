@@ -23,6 +23,8 @@ class FakeEngine:
 
     info = SimpleNamespace(name="fake-model (scripted)", folder="/nonexistent")
     context_limit = 4000
+    chat_stop: tuple[str, ...] = ()  # an instruction-tuned model's: its stop tokens end a turn
+    prompt_format = SimpleNamespace(repetition_penalty=None)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return ([1] if add_bos else []) + [ord(c) for c in text]

@@ -79,7 +79,7 @@ def test_stream_helper_assembles_the_message(client):
         model="claude-opus-4-1",
         max_tokens=10,
         system=[{"type": "text", "text": "You complete lists."}],
-        messages=user("List three colours:"),
+        messages=user("Name three colours."),
         extra_body=GREEDY,
     ) as stream:
         pieces = list(stream.text_stream)

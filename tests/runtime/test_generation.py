@@ -173,3 +173,25 @@ def test_tool_call_markers_stay_in_a_reply():
     tokenizer.add_tokens([AddedToken("<tool_call>", special=False), AddedToken("<audio_soft_token>")])
     hidden = {tokenizer.id_to_token(i) for i in _hidden_ids(tokenizer)}
     assert hidden == {"<|eot_id|>", "<audio_soft_token>"}
+
+
+def test_a_turn_stop_ends_a_reply_only_once_it_has_begun():
+    from node.runtime.generation import _TextStream
+
+    def run(pieces, stop=(), turn_stop=("\n\n", "\nQuestion:")):
+        stream = _TextStream(lambda ids: "".join(pieces[i] for i in ids), stop, turn_stop)
+        text = ""
+        for i in range(len(pieces)):
+            text += stream.add(i)
+            if stream.stop_sequence is not None:
+                break
+        return text + stream.flush(), stream.stop_sequence
+
+    # a base model opening with a blank line: the reply goes on, and ends at the next blank line
+    assert run(["\n\n", "The sea", " is wide.", "\n\n", "More"]) == ("\n\nThe sea is wide.", "\n\n")
+    # a turn marker reaching past the leading blanks ends it (a blank reply, but a decided one)
+    assert run(["\n", "\nQuestion:", " next"]) == ("\n", "\nQuestion:")
+    # the client's own stop sequences apply from the first character
+    assert run(["\n\n", "The sea"], stop=("\n",)) == ("", "\n")
+    # the earliest stop wins, whichever list it is in
+    assert run(["Yes.", "\n\n", "STOP"], stop=("STOP",)) == ("Yes.", "\n\n")
