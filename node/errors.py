@@ -8,7 +8,8 @@ NodeError
 │   ├── CheckpointCorrupt        digest, size or structure mismatch
 │   ├── CheckpointModelMismatch  written by another model or tokenizer
 │   ├── CheckpointVersionError   an unknown format version
-│   └── CacheLocked              another process serves this cache folder
+│   ├── CacheLocked              another process serves this cache folder
+│   └── BlockStoreUnavailable    a block's rest is in the shared store, which cannot be reached
 ├── MemoryBudgetExceeded  a request whose KV cache cannot fit the memory budget
 ├── DiskBudgetExceeded    a context that cannot fit the disk budget
 ├── InvalidAgentId        an agent id that is not safe to use
@@ -56,6 +57,11 @@ class CheckpointVersionError(CheckpointError):
 
 class CacheLocked(CheckpointError):
     """Another process holds the cache folder's lock (it serves those agents)."""
+
+
+class BlockStoreUnavailable(CheckpointError):
+    """A read needs the rest of a partial block (pulled heads-first from the shared block store)
+    and the store does not answer: retry later; nothing is lost or set aside."""
 
 
 class MemoryBudgetExceeded(NodeError):

@@ -10,7 +10,14 @@ import logging
 
 from starlette.responses import JSONResponse
 
-from node.errors import DiskBudgetExceeded, MemoryBudgetExceeded, NodeError, PromptTooLong, WorkerDead
+from node.errors import (
+    BlockStoreUnavailable,
+    DiskBudgetExceeded,
+    MemoryBudgetExceeded,
+    NodeError,
+    PromptTooLong,
+    WorkerDead,
+)
 from node.server.guards import BodyTooLarge, NotJson, Overloaded, Refused, Unauthorized
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,8 @@ def api_error_from(error: BaseException) -> ApiError:
         return ApiError(status, error_type, error.message)
     if isinstance(error, MemoryBudgetExceeded):
         return ApiError(529, "overloaded_error", f"the node's memory is full: {error}; retry later")
+    if isinstance(error, BlockStoreUnavailable):
+        return ApiError(529, "overloaded_error", f"{error}; retry later")
     if isinstance(error, PromptTooLong):
         return invalid_request(f"prompt is too long: {error}")
     if isinstance(error, DiskBudgetExceeded):

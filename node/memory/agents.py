@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from node.errors import CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
+from node.errors import BlockStoreUnavailable, CheckpointCorrupt, CheckpointError, MemoryBudgetExceeded
 from node.memory.agent_ids import validate_agent_id
 from node.memory.checkpoint import CheckpointStore, Restored
 from node.memory.cost_model import ObservedCosts
@@ -399,6 +399,8 @@ class AgentManager:
             if not self.store.exists(agent_id):
                 return None
             restored = self._read_stored(agent_id, None, self._limit(prompt), len(prompt))
+        except BlockStoreUnavailable:
+            raise  # sound, only out of reach for now: the task fails and the context stays
         except CheckpointError as e:
             self._refuse(agent_id, e)
             return None

@@ -10,7 +10,8 @@ which a restore reads only from the blocks holding their window. So the first `h
 block are all that a context's older blocks must provide, and a node pulling a context from the
 shared store (`node.memory.sync`) fetches that much of them first, as a *partial* block file
 (`<key>.safetensors.partial`), and the rest in the background. A read that needs more of a partial
-block than it holds waits for the rest (`BlockStore.complete`).
+block than it holds waits for the rest (`BlockStore.complete`). Partial blocks survive a restart
+(the tier completes them then); they count as stored blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Self
 import numpy as np
 
 from node.durable import fsync_path
-from node.errors import CheckpointCorrupt
+from node.errors import BlockStoreUnavailable, CheckpointCorrupt
 from node.memory.checkpoint_format import tensor_digest
 from node.memory.kv_codec import decode_into, encode
 
@@ -203,8 +204,8 @@ class BlockStore:
         """The whole block's file, its rest fetched first if it is partial (for readers that
         read files by path)."""
         path = self.path(key)
-        if not path.exists() and self.partial_path(key).exists() and self.complete is not None:
-            return self.complete(key)
+        if not path.exists() and self.partial_path(key).exists():
+            return self._rest(key)
         return path
 
     def open(self, key: str, scratch: Scratch | None = None) -> BlockFile:
@@ -212,9 +213,22 @@ class BlockStore:
         if path.exists():
             return BlockFile(path, key, scratch)
         partial = self.partial_path(key)
-        if partial.exists() and self.complete is not None:
-            return BlockFile(partial, key, scratch, self.complete)
+        if partial.exists():
+            return BlockFile(partial, key, scratch, self._rest)
         raise _corrupt(key, f"block {key} is missing")
+
+    def _rest(self, key: str) -> Path:
+        if self.complete is None:
+            raise BlockStoreUnavailable(
+                f"block {key} is partial here and its rest is in the shared block store: serve with "
+                "--block-store to read it"
+            )
+        return self.complete(key)
+
+    def partial_keys(self) -> list[str]:
+        return [
+            p.name.removesuffix(".safetensors.partial") for p in self.root.glob("*/*.safetensors.partial")
+        ]
 
     def write(
         self,
@@ -270,20 +284,21 @@ class BlockStore:
         return size
 
     def stored(self) -> Iterator[tuple[str, int]]:
-        """(key, bytes) of every stored block."""
+        """(key, bytes) of every stored block, whole or partial."""
         if not self.root.exists():
             return
-        for path in self.root.glob("*/*.safetensors"):
-            yield path.name.removesuffix(".safetensors"), path.stat().st_size
+        for pattern in ("*/*.safetensors.partial", "*/*.safetensors"):
+            for path in self.root.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):  # completed or deleted meanwhile
+                    yield path.name.split(".", 1)[0], path.stat().st_size
 
     def remove_temporaries(self) -> int:
-        """Delete temporary files of interrupted writes and partial blocks of interrupted pulls
-        (only while holding the cache lock; a pull finds what its contexts miss again)."""
+        """Delete temporary files of interrupted writes (only while holding the cache lock).
+        Partial blocks stay: the shared store's tier completes them."""
         removed = 0
-        for pattern in ("*/.*.tmp", "*/*.partial"):
-            for path in self.root.glob(pattern) if self.root.exists() else ():
-                path.unlink(missing_ok=True)
-                removed += 1
+        for path in self.root.glob("*/.*.tmp") if self.root.exists() else ():
+            path.unlink(missing_ok=True)
+            removed += 1
         return removed
 
 

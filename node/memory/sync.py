@@ -16,8 +16,9 @@
   and the whole-history layers, `blocks`): ~5.5x fewer bytes at 8k tokens of Gemma 3. So a pull
   fetches just the heads of those blocks (ranged GETs, byte counts from the uploaded manifest) as
   partial block files, adopts the manifest, and completes the blocks in the background; a read
-  that needs a block's rest first waits for it (`complete_block`). A pull also brings back blocks
-  its local context lacks (partial blocks of a node stopped before they were completed).
+  that needs a block's rest first fetches it (`complete_block`). Partial blocks of a node stopped
+  before it completed them are completed after the restart, and a pull brings back any block its
+  local context lacks.
 - A store that does not answer makes neither path fail: uploads stay queued and are retried every
   `retry_s`, pulls find nothing, and `status()` (shown by /health) says so.
 
@@ -38,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.errors import CheckpointCorrupt, CheckpointError
+from node.errors import BlockStoreUnavailable, CheckpointCorrupt, CheckpointError
 from node.memory.blocks import BlockFile, temporary_name
 from node.memory.checkpoint import CheckpointStore
 from node.memory.remote_store import ObjectStore, StoreUnavailable
@@ -50,6 +51,7 @@ KEEP_VERSIONS = 2
 TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB at fp16)
 COMPLETE_THREADS = 1  # background completions of partial blocks: one at a time, beside serving
 COMPLETE_AFTER_S = 1.0  # a pull's completions start after its context's restore, or this long after
+LEFTOVER = ""  # the `_deferred` entry of partial blocks found at start
 CLOSE_TIMEOUT_S = 30.0
 
 
@@ -103,6 +105,10 @@ class RemoteTier:
         self._completer = ThreadPoolExecutor(COMPLETE_THREADS, thread_name_prefix="block-store-completion")
         store.blocks.complete = self.complete_block
         store.on_restore = self.start_completing
+        leftover = store.blocks.partial_keys()  # of a node stopped before it completed them
+        if leftover:
+            self._deferred[LEFTOVER] = leftover
+            self._complete_later(LEFTOVER)
         self._thread = threading.Thread(target=self._loop, name="block-store-uploader", daemon=True)
         self._thread.start()
 
@@ -302,9 +308,7 @@ class RemoteTier:
         if heads:
             with self._completion_lock:
                 self._deferred[agent_id] = list(heads)
-            later = threading.Timer(COMPLETE_AFTER_S, self.start_completing, [agent_id])
-            later.daemon = True
-            later.start()
+            self._complete_later(agent_id)
         self._uploaded.update(ref["key"] for ref in manifest["blocks"])
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
@@ -360,6 +364,11 @@ class RemoteTier:
         for key in keys:
             self._completion(key)
 
+    def _complete_later(self, agent_id: str) -> None:
+        later = threading.Timer(COMPLETE_AFTER_S, self.start_completing, [agent_id])
+        later.daemon = True
+        later.start()
+
     def complete_block(self, key: str) -> Path:
         """A partial block's rest, now (`BlockStore.complete`, called by its readers): fetched on
         the reader's thread unless a completion is under way."""
@@ -377,7 +386,9 @@ class RemoteTier:
         try:
             return future.result()
         except StoreUnavailable as e:
-            raise CheckpointError(f"block {key} is not whole here and the block store is unreachable") from e
+            raise BlockStoreUnavailable(
+                f"block {key} is partial here and the block store does not answer"
+            ) from e
 
     def _completion(self, key: str) -> Future:
         with self._completion_lock:

@@ -221,20 +221,33 @@ async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_th
     store.close()
 
 
-async def test_partial_blocks_of_a_stopped_node_are_fetched_again(tiny_engine, tmp_path, bucket):
+async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_again(
+    tiny_engine, tmp_path, bucket
+):
     history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "eta")
     store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
     tier.pull("eta")
     tier._deferred.clear()  # the node stops before it completes the partial blocks
     tier.close()
     store.close()
-    assert list((tmp_path / "two" / "blocks").glob("*/*.partial"))
+    partial = sorted((tmp_path / "two" / "blocks").glob("*/*.partial"))
+    assert partial
 
-    two = await _node(tiny_engine, tmp_path / "two", bucket)  # restarts: partial blocks removed
-    assert not list((tmp_path / "two" / "blocks").glob("*/*.partial"))
+    two = await _node(tiny_engine, tmp_path / "two", bucket)  # restarts: completes them
     result = await two.generate("eta", history + tiny_engine.encode(" and then", add_bos=False), GREEDY)
+    _wait(lambda: not any(path.exists() for path in partial))
     status = two.remote.status()
     await two.close()
-    assert result.usage.cached_tokens == len(history)  # the pull brought the missing blocks back
-    assert status["downloaded_blocks"] >= 1
+    assert result.usage.cached_tokens == len(history)
+    assert status["completed_blocks"] == len(partial) and status["downloaded_blocks"] == 0
     CheckpointStore(tmp_path / "two", tiny_engine.info.fingerprint).verify("eta")
+
+    first = min((tmp_path / "two" / "blocks").glob("*/*.safetensors"))
+    first.unlink()  # a block lost from the disk
+    three = await _node(tiny_engine, tmp_path / "two", bucket)
+    history = await three.tokens("eta")
+    again = await three.generate("eta", history + tiny_engine.encode(" again", add_bos=False), GREEDY)
+    status = three.remote.status()
+    await three.close()
+    assert again.usage.cached_tokens == len(history)  # the pull brought what was missing back
+    assert status["downloaded_blocks"] >= 1

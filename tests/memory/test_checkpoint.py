@@ -426,7 +426,7 @@ def test_sigkill_at_any_moment_keeps_a_valid_checkpoint_and_leaves_no_garbage(
 def test_a_block_stores_its_whole_history_layers_first_as_plain_safetensors(tmp_path):
     from safetensors.numpy import load_file
 
-    from node.errors import CheckpointCorrupt
+    from node.errors import BlockStoreUnavailable, CheckpointCorrupt
     from node.memory.blocks import BlockStore
 
     blocks, key = BlockStore(tmp_path), "ab" * 16
@@ -448,6 +448,12 @@ def test_a_block_stores_its_whole_history_layers_first_as_plain_safetensors(tmp_
     assert (partial.tensor("v.2") == -2).all() and asked == []
     assert (partial.tensor("k.0") == 0).all() and asked == [key]  # past the head: the rest is fetched
     partial.close()
-    blocks.complete = None
+    blocks.complete = None  # a node serving without its block store
+    partial = blocks.open(key)
+    assert (partial.tensor("k.2") == 2).all()
+    with pytest.raises(BlockStoreUnavailable):
+        partial.tensor("k.0")
+    partial.close()
+    blocks.delete(key)
     with pytest.raises(CheckpointCorrupt):
-        blocks.open(key)  # partial, and nothing to complete it
+        blocks.open(key)
