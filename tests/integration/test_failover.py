@@ -6,7 +6,9 @@ loopback) and a registry and task store in PostgreSQL.
 
 A conversation runs on N1; once N1's /health says its write-back is done, N1 is killed (SIGKILL).
 The next turn, sent to N2, reports cached tokens covering the whole history (pulled from the store,
-not prefilled); N3, started afterwards, resumes the conversation the same way.
+not prefilled); N3, started afterwards, resumes the conversation the same way, and is killed right
+after that turn (its write-back and the rest of its pulled blocks possibly still under way):
+restarted, it serves the next turn with the whole history cached.
 """
 
 from __future__ import annotations
@@ -42,22 +44,26 @@ def shared(tmp_path_factory):
 def start(tiny_gguf, tmp_path_factory, shared):
     weed, database_url = shared
     folder = tmp_path_factory.mktemp("failover")
-    started = []
+    started = {}
 
     def start_node(name: str, *flags: str):
-        (folder / name).mkdir()
+        """A new node, or one started before (then killed) again on its own folder."""
         with pytest.MonkeyPatch.context() as env:
             for key, value in s3_environment(weed.endpoint).items():
                 env.setenv(key, value)
+            if name in started:
+                env.setenv("NODE_MODEL_CACHE", str(folder / name / "models"))
+                return started[name].start()
+            (folder / name).mkdir()
             node = start_tiny_node(
                 tiny_gguf, folder / name, "--skills", SKILL, "--max-tokens", "8", "--heartbeat", "1",
                 "--database-url", database_url, "--block-store", "s3://agents/failover", *flags,
             )  # fmt: skip
-        started.append(node)
+        started[name] = node
         return node
 
     yield start_node
-    for node in started:
+    for node in started.values():
         node.stop()
 
 
@@ -111,12 +117,16 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
         fourth = await _turn(http, n3, context_id)
         joined = (await http.get(f"{n3.url}/health")).json()["block_store"]
         after = await _routed(http, n3, context_id, n3.url)  # the registry follows the last holder
+        _kill(n3)
+        start("n3")  # restarted on its own cache folder
+        fifth = await _turn(http, n3, context_id)
     print(
         f"\nfailover figures: turn 2 on N1 prompt {second['promptTokens']} tokens; turn 3 on N2: prompt "
         f"{third['promptTokens']}, cached {third['cachedTokens']}, prefilled {third['prefilledTokens']}, "
         f"{third['seconds']:.3f} s end to end, pull {health['block_store']['last_pull']}; a new conversation "
         f"on N2 cached {cold['cachedTokens']}; turn 4 on N3 (joined later): cached {fourth['cachedTokens']} of "
-        f"{fourth['promptTokens']}, {fourth['seconds']:.3f} s, pull {joined['last_pull']}"
+        f"{fourth['promptTokens']}, {fourth['seconds']:.3f} s, pull {joined['last_pull']}; turn 5 on N3 "
+        f"killed and restarted: cached {fifth['cachedTokens']} of {fifth['promptTokens']}"
     )
     assert first["cachedTokens"] < second["cachedTokens"]
     # the history up to turn 2's reply came from the store (a reply re-rendered by the chat template
@@ -125,6 +135,7 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
     assert third["prefilledTokens"] == third["promptTokens"] - third["cachedTokens"]
     assert health["block_store"]["last_pull"]["tokens"] >= second["promptTokens"]
     assert fourth["cachedTokens"] >= third["promptTokens"]
+    assert fifth["cachedTokens"] >= fourth["promptTokens"]  # turn 4 survived the kill
     assert joined["reachable"] is True
     assert hot["holder"] == n1.url and hot["alive"]
     assert failed_over["holder"] == n1.url and not failed_over["alive"]
