@@ -15,10 +15,9 @@
   A restore reads all of a context's last blocks but only the *head* of the older ones (token ids
   and the whole-history layers, `blocks`): ~5.5x fewer bytes at 8k tokens of Gemma 3. So a pull
   fetches just the heads of those blocks (ranged GETs, byte counts from the uploaded manifest) as
-  partial block files, adopts the manifest, and completes the blocks in the background; a read
-  that needs a block's rest first fetches it (`complete_block`). Partial blocks of a node stopped
-  before it completed them are completed after the restart, and a pull brings back any block its
-  local context lacks.
+  partial block files, adopts the manifest, and leaves the rest to `partial_blocks` (in the
+  background, or at once for a read that needs it). A pull also brings back any block its local
+  context lacks.
 - A store that does not answer makes neither path fail: uploads stay queued and are retried every
   `retry_s`, pulls find nothing, and `status()` (shown by /health) says so.
 
@@ -30,18 +29,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-from node.errors import BlockStoreUnavailable, CheckpointCorrupt, CheckpointError
+from node.errors import CheckpointCorrupt, CheckpointError
 from node.memory.blocks import BlockFile, temporary_name
 from node.memory.checkpoint import CheckpointStore
+from node.memory.partial_blocks import PartialBlocks
 from node.memory.remote_store import ObjectStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -49,9 +47,6 @@ MAX_PENDING_BYTES = 1 << 30
 RETRY_S = 2.0
 KEEP_VERSIONS = 2
 TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB at fp16)
-COMPLETE_THREADS = 1  # background completions of partial blocks: one at a time, beside serving
-COMPLETE_AFTER_S = 1.0  # a pull's completions start after its context's restore, or this long after
-LEFTOVER = ""  # the `_deferred` entry of partial blocks found at start
 CLOSE_TIMEOUT_S = 30.0
 
 
@@ -96,19 +91,8 @@ class RemoteTier:
         self.downloaded_bytes = self.downloaded_blocks = 0
         self.upload_s = 0.0
         self.last_pull: Pull | None = None
-        self.completed_blocks = 0
-        self._completions: dict[str, Future] = {}
-        self._deferred: dict[str, list[str]] = {}  # agent -> partial blocks not yet being completed
-        self._stopped = False
-        self._completion_lock = threading.Lock()
         self._transfers = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="block-store-transfer")
-        self._completer = ThreadPoolExecutor(COMPLETE_THREADS, thread_name_prefix="block-store-completion")
-        store.blocks.complete = self.complete_block
-        store.on_restore = self.start_completing
-        leftover = store.blocks.partial_keys()  # of a node stopped before it completed them
-        if leftover:
-            self._deferred[LEFTOVER] = leftover
-            self._complete_later(LEFTOVER)
+        self.partial = PartialBlocks(store, remote, self._verify, self._unreachable, retry_s)
         self._thread = threading.Thread(target=self._loop, name="block-store-uploader", daemon=True)
         self._thread.start()
 
@@ -136,11 +120,7 @@ class RemoteTier:
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Flush (within `timeout`: an unreachable store keeps the rest local), then stop."""
-        for agent_id in list(self._deferred):
-            self.start_completing(agent_id)
-        with self._completion_lock:
-            completing = list(self._completions.values())
-        wait(completing, timeout)  # partial blocks left are refetched by the next pull
+        self.partial.close(timeout)
         flushed = self.flush(timeout)
         if not flushed:
             logger.warning(
@@ -150,9 +130,6 @@ class RemoteTier:
         with self._changed:
             self._closing = True
             self._changed.notify_all()
-        with self._completion_lock:
-            self._stopped = True
-        self._completer.shutdown(wait=False, cancel_futures=True)
         self._transfers.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout=5)
 
@@ -305,10 +282,7 @@ class RemoteTier:
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
         sizes = list(self._transfers.map(lambda key: self._download(key, heads.get(key)), keys))
         self.store.adopt(manifest)
-        if heads:
-            with self._completion_lock:
-                self._deferred[agent_id] = list(heads)
-            self._complete_later(agent_id)
+        self.partial.defer(agent_id, list(heads))
         self._uploaded.update(ref["key"] for ref in manifest["blocks"])
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
@@ -355,90 +329,6 @@ class RemoteTier:
         finally:
             temporary.unlink(missing_ok=True)
 
-    # ---- partial blocks ------------------------------------------------------------------
-    def start_completing(self, agent_id: str) -> None:
-        """Fetch the rest of a pulled context's partial blocks in the background (called once its
-        restore is done, so that the two do not share the cores, or by a timer)."""
-        with self._completion_lock:
-            keys = [] if self._stopped else self._deferred.pop(agent_id, [])
-        for key in keys:
-            self._completion(key)
-
-    def _complete_later(self, agent_id: str) -> None:
-        later = threading.Timer(COMPLETE_AFTER_S, self.start_completing, [agent_id])
-        later.daemon = True
-        later.start()
-
-    def complete_block(self, key: str) -> Path:
-        """A partial block's rest, now (`BlockStore.complete`, called by its readers): fetched on
-        the reader's thread unless a completion is under way."""
-        with self._completion_lock:
-            future = self._completions.get(key)
-            mine = future is None or future.cancel() or _failed(future)
-            if mine:
-                future = self._completions[key] = Future()
-                future.set_running_or_notify_cancel()  # not cancellable by the next reader
-        if mine:
-            try:
-                future.set_result(self._complete_retrying(key))
-            except Exception as e:  # noqa: BLE001 - handed to every reader waiting on it
-                future.set_exception(e)
-        try:
-            return future.result()
-        except StoreUnavailable as e:
-            raise BlockStoreUnavailable(
-                f"block {key} is partial here and the block store does not answer"
-            ) from e
-
-    def _completion(self, key: str) -> Future:
-        with self._completion_lock:
-            future = self._completions.get(key)
-            if future is None or _failed(future):
-                future = self._completions[key] = self._completer.submit(self._complete_retrying, key)
-            return future
-
-    def _complete_retrying(self, key: str) -> Path:
-        try:
-            for attempt in range(3):
-                try:
-                    return self._complete(key)
-                except StoreUnavailable as e:
-                    self._unreachable(e)
-                    if attempt == 2:
-                        raise
-                    with self._changed:
-                        self._changed.wait_for(lambda: self._closing, timeout=self.retry_s)
-        finally:
-            with self._completion_lock:
-                self._completions.pop(key, None)
-
-    def _complete(self, key: str) -> Path:
-        blocks = self.store.blocks
-        whole, partial = blocks.path(key), blocks.partial_path(key)
-        if whole.exists():
-            partial.unlink(missing_ok=True)
-            return whole
-        temporary = whole.parent / temporary_name(whole.name)
-        try:
-            try:
-                shutil.copyfile(partial, temporary)
-            except FileNotFoundError:
-                if whole.exists():  # completed meanwhile
-                    return whole
-                raise CheckpointError(f"block {key} is neither whole nor partial here") from None
-            size = self.remote.get_block(key, temporary, first=temporary.stat().st_size)
-            if size is None:
-                raise CheckpointError(f"block {key} is missing from the block store")
-            self._verify(key, temporary)
-            os.replace(temporary, whole)
-        finally:
-            temporary.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
-        self.store.block_completed(key)
-        self.downloaded_bytes += size
-        self.completed_blocks += 1
-        return whole
-
     def _verify(self, key: str, path, head: int | None = None) -> None:
         """Check every tensor's digest (of a partial block: those it holds, which must cover its
         head); a damaged object is deleted from the store (content addressed: the next node that
@@ -472,16 +362,12 @@ class RemoteTier:
             "uploaded_bytes": self.uploaded_bytes,
             "uploaded_blocks": self.uploaded_blocks,
             "manifests_uploaded": self.manifests_uploaded,
-            "downloaded_bytes": self.downloaded_bytes,
+            "downloaded_bytes": self.downloaded_bytes + self.partial.downloaded_bytes,
             "downloaded_blocks": self.downloaded_blocks,
-            "completing_blocks": len(self._completions) + sum(map(len, self._deferred.values())),
-            "completed_blocks": self.completed_blocks,
+            "completing_blocks": self.partial.pending(),
+            "completed_blocks": self.partial.completed_blocks,
             "last_pull": None if pull is None else {**pull.__dict__, "seconds": round(pull.seconds, 4)},
         }
-
-
-def _failed(future: Future) -> bool:
-    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def window_start(caches: list) -> Callable[[int], int] | None:

@@ -13,8 +13,9 @@ import pytest
 
 from node.memory.agents import AgentManager
 from node.memory.checkpoint import CheckpointStore
+from node.memory.partial_blocks import COMPLETE_THREADS
 from node.memory.remote_store import ObjectStore
-from node.memory.sync import COMPLETE_THREADS, RemoteTier, window_start
+from node.memory.sync import RemoteTier, window_start
 from node.runtime.generation import SamplingParams
 from tests.seaweedfs import s3_environment, seaweedfs, weed_unusable
 from tests.tiny_models import WINDOW
@@ -164,7 +165,7 @@ def _blocked_completer(tier) -> threading.Event:
     """Hold the tier's background completions until the returned event is set."""
     release = threading.Event()
     for _ in range(COMPLETE_THREADS):
-        tier._completer.submit(release.wait)
+        tier.partial._completer.submit(release.wait)
     return release
 
 
@@ -227,7 +228,7 @@ async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_a
     history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "eta")
     store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
     tier.pull("eta")
-    tier._deferred.clear()  # the node stops before it completes the partial blocks
+    tier.partial._deferred.clear()  # the node stops before it completes the partial blocks
     tier.close()
     store.close()
     partial = sorted((tmp_path / "two" / "blocks").glob("*/*.partial"))
