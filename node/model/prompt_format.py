@@ -20,9 +20,10 @@ from typing import Protocol
 
 QUESTION = "Question:"
 ANSWER = "Answer:"
-# The base model ends its answer by starting the next question or a new section. ("Answer:" is no
-# stop: without worked examples the model may open with "\nAnswer:", which would end the reply empty.)
-DOCUMENT_STOPS = (f"\n{QUESTION}", "\n\n", "\n---")
+# The base model ends its answer by starting the next question (on a new line, or sampled straight
+# after its last word: "Orange, Blue and YellowQuestion:") or a new section. ("Answer:" is no stop:
+# without worked examples the model may open with "\nAnswer:", which would end the reply empty.)
+DOCUMENT_STOPS = (f"\n{QUESTION}", QUESTION, "\n\n", "\n---")
 
 
 class TextTokenizer(Protocol):
