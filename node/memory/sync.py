@@ -50,6 +50,10 @@ TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB 
 CLOSE_TIMEOUT_S = 30.0
 
 
+class _ShortHead(Exception):
+    """A block's first bytes, as many as its manifest gives for its head, do not hold the head."""
+
+
 class _Superseded(Exception):
     """A queued manifest names a block deleted locally since: a newer save replaced it."""
 
@@ -323,7 +327,11 @@ class RemoteTier:
             size = self.remote.get_block(key, temporary, stop=head)
             if size is None:
                 raise CheckpointError(f"block {key} is missing from the block store")
-            self._verify(key, temporary, head)
+            try:
+                self._verify(key, temporary, head)
+            except _ShortHead:  # the manifest's head size is not this block's: take all of it
+                temporary.unlink()
+                return self._download(key)
             os.replace(temporary, target)
             return size
         finally:
@@ -331,21 +339,29 @@ class RemoteTier:
 
     def _verify(self, key: str, path, head: int | None = None) -> None:
         """Check every tensor's digest (of a partial block: those it holds, which must cover its
-        head); a damaged object is deleted from the store (content addressed: the next node that
-        computes this block uploads it again)."""
+        head, else `_ShortHead`); a damaged object is deleted from the store (content addressed:
+        the next node that computes this block uploads it again)."""
         try:
             block = BlockFile(path, key)
-            try:
-                if head is not None and (block.head_bytes() or head + 1) > head:
-                    raise CheckpointCorrupt(f"block {key}: its first {head} bytes do not hold its head")
-                for name in block.present() if head is not None else block.meta["digests"]:
-                    block.tensor(name)
-            finally:
-                block.close()
         except CheckpointCorrupt:
-            self._uploaded.discard(key)
-            self.remote.delete_block(key)
+            if head is not None:  # too few bytes for even the header: the manifest's fault
+                raise _ShortHead(key) from None
+            self._discard(key)
             raise
+        try:
+            if head is not None and (block.head_bytes() or head + 1) > head:
+                raise _ShortHead(key)
+            for name in block.present() if head is not None else block.meta["digests"]:
+                block.tensor(name)
+        except CheckpointCorrupt:
+            self._discard(key)
+            raise
+        finally:
+            block.close()
+
+    def _discard(self, key: str) -> None:
+        self._uploaded.discard(key)
+        self.remote.delete_block(key)
 
     # ---- reporting -----------------------------------------------------------------------
     def status(self) -> dict:

@@ -252,3 +252,22 @@ async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_a
     await three.close()
     assert again.usage.cached_tokens == len(history)  # the pull brought what was missing back
     assert status["downloaded_blocks"] >= 1
+
+
+async def test_a_manifest_whose_head_sizes_fall_short_gets_whole_blocks(tiny_engine, tmp_path, bucket):
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "theta")
+    remote = ObjectStore(bucket)
+    latest = remote.latest_manifest("theta")
+    short = [{**ref, "head": 64} if "head" in ref else ref for ref in latest["blocks"]]
+    assert remote.put_manifest("theta", latest["version"] + 1, {**latest, "blocks": short})
+
+    store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
+    try:
+        pulled = tier.pull("theta")
+        assert pulled.tokens == len(history)
+        assert not list((tmp_path / "two" / "blocks").glob("*/*.partial"))  # taken whole
+        assert store.restore("theta", tiny_engine.make_caches).tokens == history
+        assert remote.has_block(short[0]["key"])  # a wrong manifest is no damaged block
+    finally:
+        tier.close()
+        store.close()
