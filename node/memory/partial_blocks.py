@@ -60,8 +60,8 @@ class PartialBlocks:
         """Complete these partial blocks of a context after its restore (or COMPLETE_AFTER_S)."""
         if not keys:
             return
-        with self._lock:
-            self._deferred[agent_id] = list(keys)
+        with self._lock:  # a newer pull of a context not yet restored adds to the last one's
+            self._deferred.setdefault(agent_id, []).extend(keys)
         later = threading.Timer(COMPLETE_AFTER_S, self.start, [agent_id])
         later.daemon = True
         later.start()
