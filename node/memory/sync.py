@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from node.errors import CheckpointCorrupt, CheckpointError
 from node.memory.blocks import BlockFile, temporary_name
-from node.memory.checkpoint import CheckpointStore
+from node.memory.checkpoint import CheckpointStore, history_layers
 from node.memory.partial_blocks import PartialBlocks
 from node.memory.remote_store import ObjectStore, StoreUnavailable
 
@@ -87,6 +87,7 @@ class RemoteTier:
         self._changed = threading.Condition()
         self._known: dict[str, tuple[int, float]] = {}  # agent -> (version, updated) last seen in the store
         self._uploaded: set[str] = set()  # block keys the store holds
+        self._head_sizes: dict[str, int | None] = {}  # block key -> head size (blocks never change)
         self._pull_locks: dict[str, threading.Lock] = {}
         self._closing = False
         self.reachable: bool | None = None
@@ -207,17 +208,21 @@ class RemoteTier:
         """The manifest with each block's head size (`BlockFile.head_bytes`), for partial pulls."""
         blocks = []
         for ref in manifest["blocks"]:
-            try:
-                block = self.store.blocks.open(ref["key"])
-            except CheckpointError:
-                blocks.append(ref)
-                continue
-            try:
-                head = block.head_bytes()
-            finally:
-                block.close()
+            head = self._head(ref["key"])
             blocks.append(ref if head is None else {**ref, "head": head})
         return {**manifest, "blocks": blocks}
+
+    def _head(self, key: str) -> int | None:
+        if key not in self._head_sizes:
+            try:
+                block = self.store.blocks.open(key)
+            except CheckpointError:
+                return None
+            try:
+                self._head_sizes[key] = block.head_bytes()
+            finally:
+                block.close()
+        return self._head_sizes[key]
 
     def _upload_block(self, agent_id: str, key: str) -> int:
         try:
@@ -288,6 +293,7 @@ class RemoteTier:
         self.store.adopt(manifest)
         self.partial.defer(agent_id, list(heads))
         self._uploaded.update(ref["key"] for ref in manifest["blocks"])
+        self._head_sizes.update((ref["key"], ref["head"]) for ref in manifest["blocks"] if "head" in ref)
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
             time.perf_counter() - started,
@@ -389,7 +395,8 @@ class RemoteTier:
 def window_start(caches: list) -> Callable[[int], int] | None:
     """Where the sliding-window layers of a model with these caches start reading at a context
     length (None: it has no such layers)."""
-    sliding = [cache for cache in caches if cache.history_start(1 << 40) != 0]
+    whole = history_layers(caches)
+    sliding = [cache for i, cache in enumerate(caches) if i not in whole]
     if not sliding:
         return None
     return lambda tokens: min(cache.history_start(tokens) for cache in sliding)

@@ -103,6 +103,8 @@ class _TextStream:
         self.text = ""
         self.emitted = 0
         self.stop_sequence: str | None = None
+        self._begun: int | None = None  # where the reply's first non-blank character is
+        self._searched = 0  # text before this (less a stop's length) holds no stop: settled, searched
         self._settled = ""  # the text of ids[: self._read]
         self._context = 0  # ids[self._context : self._read] are decoded again as context
         self._read = 0
@@ -130,13 +132,19 @@ class _TextStream:
         return self._emit(safe)
 
     def _first_stop(self) -> tuple[int, str] | None:
-        """The earliest stop in the text (a turn stop only where it reaches past leading blanks)."""
-        found = [(i, s) for s in self.stop if (i := self.text.find(s)) >= 0]
-        begun = len(self.text) - len(self.text.lstrip())
-        if begun < len(self.text):
+        """The earliest stop in the text (a turn stop only where it reaches past leading blanks),
+        searched from where the last search's settled text ended."""
+        start = max(0, self._searched - self.holdback)
+        found = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if self._begun is None and self.text.strip():
+            self._begun = len(self.text) - len(self.text.lstrip())
+        if self._begun is not None:
             found += [
-                (i, s) for s in self.turn_stop if (i := self.text.find(s, max(0, begun - len(s) + 1))) >= 0
+                (i, s)
+                for s in self.turn_stop
+                if (i := self.text.find(s, max(start, self._begun - len(s) + 1))) >= 0
             ]
+        self._searched = len(self._settled)
         return min(found, default=None)
 
     def flush(self) -> str:
