@@ -116,6 +116,10 @@ class BlockFile:
         names += [n + ".scale" for n in names if n + ".scale" in self._entries]
         return self._offset + max(self._entry(n)["data_offsets"][1] for n in names)
 
+    def whole_bytes(self) -> int:
+        """The whole block's size (a partial block's file holds fewer)."""
+        return self._offset + max((e["data_offsets"][1] for e in self._entries.values()), default=0)
+
     def present(self) -> list[str]:
         """The tensors this file holds whole (all of them unless it is a partial block)."""
         return [n for n, e in self._entries.items() if self._offset + e["data_offsets"][1] <= self._size]

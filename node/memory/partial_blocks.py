@@ -8,7 +8,7 @@ read that needs a rest sooner (`complete_block`, the block store's `complete` ho
 its own thread, or waits for the completion under way. Partial blocks found at start (a node
 stopped before it completed them) are completed the same way.
 
-Each completion copies the partial file, appends the rest (a ranged GET from the head's end),
+Each completion copies the partial file, appends the rest (the store's `rest` object),
 checks every tensor's digest and renames the whole block into place.
 """
 
@@ -145,7 +145,7 @@ class PartialBlocks:
                 if whole.exists():  # completed meanwhile
                     return whole
                 raise CheckpointError(f"block {key} is neither whole nor partial here") from None
-            size = self.remote.get_block(key, temporary, first=temporary.stat().st_size)
+            size = self.remote.get_rest(key, temporary)
             if size is None:
                 raise CheckpointError(f"block {key} is missing from the block store")
             self._verify(key, temporary)

@@ -13,11 +13,11 @@
   temporary files, every tensor digest is checked, the files are renamed into place and the
   manifest is adopted by the local store. The restore that follows is an ordinary local one.
   A restore reads all of a context's last blocks but only the *head* of the older ones (token ids
-  and the whole-history layers, `blocks`): ~5.5x fewer bytes at 8k tokens of Gemma 3. So a pull
-  fetches just the heads of those blocks (ranged GETs, byte counts from the uploaded manifest) as
-  partial block files, adopts the manifest, and leaves the rest to `partial_blocks` (in the
-  background, or at once for a read that needs it). A pull also brings back any block its local
-  context lacks.
+  and the whole-history layers, `blocks`): ~4.5x fewer bytes at 8k tokens of Gemma 3. The store
+  keeps a block's head and rest apart (`remote_store`; the uploaded manifest gives each block's
+  head size as `split`), so a pull fetches just the heads of those blocks as partial block files,
+  adopts the manifest, and leaves the rests to `partial_blocks` (in the background, or at once for
+  a read that needs it). A pull also brings back any block its local context lacks.
 - A store that does not answer makes neither path fail: uploads stay queued and are retried every
   `retry_s`, pulls find nothing, and `status()` (shown by /health) says so.
 
@@ -48,10 +48,6 @@ RETRY_S = 2.0
 KEEP_VERSIONS = 2
 TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB at fp16)
 CLOSE_TIMEOUT_S = 30.0
-
-
-class _ShortHead(Exception):
-    """A block's first bytes, as many as its manifest gives for its head, do not hold the head."""
 
 
 class _Superseded(Exception):
@@ -87,7 +83,7 @@ class RemoteTier:
         self._changed = threading.Condition()
         self._known: dict[str, tuple[int, float]] = {}  # agent -> (version, updated) last seen in the store
         self._uploaded: set[str] = set()  # block keys the store holds
-        self._head_sizes: dict[str, int | None] = {}  # block key -> head size (blocks never change)
+        self._splits: dict[str, int | None] = {}  # block key -> head size if stored apart (never changes)
         self._pull_locks: dict[str, threading.Lock] = {}
         self._closing = False
         self.reachable: bool | None = None
@@ -201,34 +197,38 @@ class RemoteTier:
         self._uploaded.update(keys)
         self.uploaded_bytes += sum(sent)
         self.uploaded_blocks += sum(1 for size in sent if size)
-        self._put_manifest(agent_id, self._with_heads(manifest))
+        self._put_manifest(agent_id, self._with_splits(manifest))
         self.upload_s += time.perf_counter() - started
 
-    def _with_heads(self, manifest: dict) -> dict:
-        """The manifest with each block's head size (`BlockFile.head_bytes`), for partial pulls."""
+    def _with_splits(self, manifest: dict) -> dict:
+        """The manifest with the head size of each block stored as head and rest, for pulls."""
         blocks = []
         for ref in manifest["blocks"]:
-            head = self._head(ref["key"])
-            blocks.append(ref if head is None else {**ref, "head": head})
+            split = self._split(ref["key"])
+            blocks.append(ref if split is None else {**ref, "split": split})
         return {**manifest, "blocks": blocks}
 
-    def _head(self, key: str) -> int | None:
-        if key not in self._head_sizes:
+    def _split(self, key: str) -> int | None:
+        """The block's head size (`BlockFile.head_bytes`) if it is less than the whole block: then
+        the store keeps head and rest apart."""
+        if key not in self._splits:
             try:
                 block = self.store.blocks.open(key)
             except CheckpointError:
                 return None
             try:
-                self._head_sizes[key] = block.head_bytes()
+                head, whole = block.head_bytes(), block.whole_bytes()
             finally:
                 block.close()
-        return self._head_sizes[key]
+            self._splits[key] = head if head is not None and head < whole else None
+        return self._splits[key]
 
     def _upload_block(self, agent_id: str, key: str) -> int:
+        split = self._split(key)
         try:
-            return self.remote.put_block(key, self.store.blocks.path(key))
+            return self.remote.put_block(key, self.store.blocks.path(key), split)
         except FileNotFoundError:
-            if not self.remote.has_block(key):
+            if not self.remote.has_block(key, split is not None):
                 raise _Superseded(f"block {key} of context {agent_id!r} left the local disk") from None
             return 0
 
@@ -287,13 +287,16 @@ class RemoteTier:
         keys = [key for key in keys if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
+        split = {ref["key"]: "split" in ref for ref in manifest["blocks"]}
         heads = self._heads(manifest, keys)
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
-        sizes = list(self._transfers.map(lambda key: self._download(key, heads.get(key)), keys))
+        sizes = list(self._transfers.map(lambda key: self._download(key, split[key], key in heads), keys))
         self.store.adopt(manifest)
-        self.partial.defer(agent_id, list(heads))
-        self._uploaded.update(ref["key"] for ref in manifest["blocks"])
-        self._head_sizes.update((ref["key"], ref["head"]) for ref in manifest["blocks"] if "head" in ref)
+        self.partial.defer(agent_id, sorted(heads))
+        # blocks stored whole by an older node are uploaded again as head and rest with this
+        # node's next version of the context: only the others are known to be in the store
+        self._uploaded.update(key for key, apart in split.items() if apart)
+        self._splits.update((ref["key"], ref["split"]) for ref in manifest["blocks"] if "split" in ref)
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
             time.perf_counter() - started,
@@ -309,61 +312,52 @@ class RemoteTier:
         )  # fmt: skip
         return pulled
 
-    def _heads(self, manifest: dict, keys: list[str]) -> dict[str, int]:
-        """Of the blocks to fetch, those a restore reads only the head of (every position before
-        the sliding-window layers' window), with their head sizes."""
+    def _heads(self, manifest: dict, keys: list[str]) -> set[str]:
+        """Of the blocks to fetch, those stored as head and rest whose head is all a restore
+        reads (every position before the sliding-window layers' window)."""
         if self.window_start is None:
-            return {}
+            return set()
         window = self.window_start(int(manifest["token_count"]))
         wanted = set(keys)
         return {
-            ref["key"]: int(ref["head"])
+            ref["key"]
             for ref in manifest["blocks"]
-            if ref["key"] in wanted and "head" in ref and ref["start"] + ref["length"] <= window
+            if ref["key"] in wanted and "split" in ref and ref["start"] + ref["length"] <= window
         }
 
-    def _download(self, key: str, head: int | None = None) -> int:
-        """One block (or its first `head` bytes, as a partial block) into the local store, its
-        digests checked before it is renamed into place."""
+    def _download(self, key: str, split: bool, head_only: bool) -> int:
+        """One block (or its head alone, as a partial block) into the local store, its digests
+        checked before it is renamed into place."""
         blocks = self.store.blocks
-        target = blocks.path(key) if head is None else blocks.partial_path(key)
+        target = blocks.partial_path(key) if head_only else blocks.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / temporary_name(target.name)
         try:
-            size = self.remote.get_block(key, temporary, stop=head)
+            size = self.remote.get_block(key, temporary, split, "head" if head_only else "all")
             if size is None:
                 raise CheckpointError(f"block {key} is missing from the block store")
-            try:
-                self._verify(key, temporary, head)
-            except _ShortHead:  # the manifest's head size is not this block's: take all of it
-                temporary.unlink()
-                return self._download(key)
+            self._verify(key, temporary, partial=head_only)
             os.replace(temporary, target)
             return size
         finally:
             temporary.unlink(missing_ok=True)
 
-    def _verify(self, key: str, path, head: int | None = None) -> None:
+    def _verify(self, key: str, path, partial: bool = False) -> None:
         """Check every tensor's digest (of a partial block: those it holds, which must cover its
-        head, else `_ShortHead`); a damaged object is deleted from the store (content addressed:
-        the next node that computes this block uploads it again)."""
+        head); a damaged object is deleted from the store (content addressed: the next node that
+        computes this block uploads it again)."""
         try:
             block = BlockFile(path, key)
-        except CheckpointCorrupt:
-            if head is not None:  # too few bytes for even the header: the manifest's fault
-                raise _ShortHead(key) from None
-            self._discard(key)
-            raise
-        try:
-            if head is not None and (block.head_bytes() or head + 1) > head:
-                raise _ShortHead(key)
-            for name in block.present() if head is not None else block.meta["digests"]:
-                block.tensor(name)
+            try:
+                if partial and (block.head_bytes() or path.stat().st_size + 1) > path.stat().st_size:
+                    raise CheckpointCorrupt(f"block {key}: the store's head holds less than the head")
+                for name in block.present() if partial else block.meta["digests"]:
+                    block.tensor(name)
+            finally:
+                block.close()
         except CheckpointCorrupt:
             self._discard(key)
             raise
-        finally:
-            block.close()
 
     def _discard(self, key: str) -> None:
         self._uploaded.discard(key)

@@ -158,5 +158,6 @@ def test_the_store_holds_every_version_whole(shared):
     for item in objects:
         manifest = httpx.get(f"{weed.endpoint}/agents/{item['Key']}").json()
         for ref in manifest["blocks"]:
-            key = f"failover/blocks/{ref['key'][:2]}/{ref['key']}.safetensors"
-            assert client.head_object(Bucket="agents", Key=key)["ContentLength"] > 0
+            for part in ("head", "rest") if "split" in ref else ("safetensors",):
+                key = f"failover/blocks/{ref['key'][:2]}/{ref['key']}.{part}"
+                assert client.head_object(Bucket="agents", Key=key)["ContentLength"] > 0

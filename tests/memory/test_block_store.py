@@ -124,10 +124,11 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     await one.close()
     remote = ObjectStore(bucket)
     first = remote.latest_manifest("delta")["blocks"][0]
-    key = first["key"]
-    body = bytearray(remote._client.get_object(Bucket="agents", Key=remote.block_key(key))["Body"].read())
-    body[first["head"] - 10] ^= 0xFF  # in the part a pull fetches first (a global layer's values)
-    remote._client.put_object(Bucket="agents", Key=remote.block_key(key), Body=bytes(body))
+    head = remote.block_key(first["key"], "head")  # the part a pull fetches
+    body = bytearray(remote._client.get_object(Bucket="agents", Key=head)["Body"].read())
+    assert len(body) == first["split"]
+    body[-10] ^= 0xFF  # a global layer's values
+    remote._client.put_object(Bucket="agents", Key=head, Body=bytes(body))
 
     two = await _node(tiny_engine, tmp_path / "two", bucket)
     result = await two.generate("delta", prompt + tiny_engine.encode(" more", add_bos=False), GREEDY)
@@ -135,7 +136,7 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     assert result.usage.cached_tokens == 0  # started cold, answered
     CheckpointStore(tmp_path / "two", tiny_engine.info.fingerprint).verify("delta")  # its own, sound
     # the damaged object was deleted, and node two uploaded its own copy of that block
-    assert remote._client.get_object(Bucket="agents", Key=remote.block_key(key))["Body"].read() != bytes(body)
+    assert remote._client.get_object(Bucket="agents", Key=head)["Body"].read() != bytes(body)
 
 
 async def test_a_copy_in_memory_gives_way_to_a_newer_turn_run_elsewhere(tiny_engine, tmp_path, bucket):
@@ -254,20 +255,31 @@ async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_a
     assert status["downloaded_blocks"] >= 1
 
 
-async def test_a_manifest_whose_head_sizes_fall_short_gets_whole_blocks(tiny_engine, tmp_path, bucket):
+async def test_a_context_stored_whole_by_an_older_node_is_pulled_whole_and_stored_apart_again(
+    tiny_engine, tmp_path, bucket
+):
     history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "theta")
-    remote = ObjectStore(bucket)
+    remote, client = ObjectStore(bucket), ObjectStore(bucket)._client
     latest = remote.latest_manifest("theta")
-    short = [{**ref, "head": 64} if "head" in ref else ref for ref in latest["blocks"]]
-    assert remote.put_manifest("theta", latest["version"] + 1, {**latest, "blocks": short})
+    for ref in latest["blocks"]:  # the layout before heads and rests were apart
+        key = ref["key"]
+        body = (tmp_path / "one" / "blocks" / key[:2] / f"{key}.safetensors").read_bytes()
+        client.put_object(Bucket="agents", Key=remote.block_key(key), Body=body)
+        for part in ("head", "rest"):
+            client.delete_object(Bucket="agents", Key=remote.block_key(key, part))
+    older = [{k: v for k, v in ref.items() if k != "split"} for ref in latest["blocks"]]
+    assert remote.put_manifest("theta", latest["version"] + 1, {**latest, "blocks": older})
 
-    store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
-    try:
-        pulled = tier.pull("theta")
-        assert pulled.tokens == len(history)
-        assert not list((tmp_path / "two" / "blocks").glob("*/*.partial"))  # taken whole
-        assert store.restore("theta", tiny_engine.make_caches).tokens == history
-        assert remote.has_block(short[0]["key"])  # a wrong manifest is no damaged block
-    finally:
-        tier.close()
-        store.close()
+    two = await _node(tiny_engine, tmp_path / "two", bucket)
+    result = await two.generate("theta", history + tiny_engine.encode(" and then", add_bos=False), GREEDY)
+    pulled = two.remote.status()["last_pull"]
+    await two.close()
+    assert result.usage.cached_tokens == len(history) and pulled["tokens"] == len(history)
+    assert pulled["bytes_downloaded"] == sum(client.head_object(
+        Bucket="agents", Key=remote.block_key(ref["key"]))["ContentLength"] for ref in older
+    )  # fmt: skip
+    assert not list((tmp_path / "two" / "blocks").glob("*/*.partial"))  # taken whole
+    newest = remote.latest_manifest("theta")["blocks"]
+    assert all("split" in ref for ref in newest)  # this node's version: heads and rests apart
+    for ref in older[:-1]:
+        assert remote.has_block(ref["key"], split=True)
