@@ -16,11 +16,15 @@
         object PUT is atomic, so a node killed mid-upload leaves no torn manifest: at worst blocks
         that nothing names yet.
 
-The client is boto3 (botocore): the AWS SDK itself, kept by AWS, speaks every S3-compatible server
-(SeaweedFS, MinIO, Ceph, R2), reads the standard `AWS_*` variables and config files, and its
-thread-safe clients suit the node's threads (an uploader thread, downloads off the event loop).
-Endpoint and credentials come from `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
-and `AWS_REGION`, as for any AWS tool.
+The client is obstore (Python bindings of Apache Arrow's Rust `object_store`, the storage layer of
+DataFusion, Delta-rs and others): it speaks every S3-compatible server (SeaweedFS, MinIO, Ceph, R2),
+its requests run in Rust without the GIL, and its per-request cost is a fraction of botocore's: a
+resume GETs ~30 objects, and on this 2-core machine 30 770 KB GETs through 8 threads took 24 ms
+with obstore and 62 ms with boto3 (its signing, endpoint rules and parsing in Python, ~1.4 ms of
+CPU each). Endpoint and region come from `AWS_ENDPOINT_URL` and `AWS_REGION`; credentials from
+boto3's session (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profiles, config files, instance
+roles: the chain every AWS tool follows), handed to obstore through its boto3 credential provider.
+boto3 also creates the bucket when it is missing (object_store does not manage buckets).
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import obstore
 
 from node.errors import ConfigError
 from node.memory.agent_ids import agent_dirname
 
 CONNECT_TIMEOUT_S = 2.0
-READ_TIMEOUT_S = 30.0
-CHUNK_BYTES = 1 << 20
+REQUEST_TIMEOUT_S = 30.0
+RETRIES = 1  # a store that does not answer must not hold a restore for long (the node serves locally)
+RETRY_TIMEOUT_S = 5.0
 
 
 class StoreUnavailable(Exception):
@@ -63,9 +71,9 @@ class ObjectStore:
     """Blocks and versioned manifests in one bucket and prefix (every method may raise
     StoreUnavailable; a missing object is None or False, never an error)."""
 
-    def __init__(self, url: str, client=None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = StoreUrl.parse(url)
-        self._client = client or _client()
+        self._store = _object_store(self.url.bucket)
 
     # ---- keys ----------------------------------------------------------------------------
     def _key(self, *parts: str) -> str:
@@ -75,12 +83,16 @@ class ObjectStore:
         """The object of a block: its `head` or `rest`, or all of it (`safetensors`)."""
         return self._key("blocks", key[:2], f"{key}.{part}")
 
-    def _versions_prefix(self, agent_id: str) -> str:
-        return self._key("contexts", agent_dirname(agent_id)) + "/"
+    def _version_key(self, agent_id: str, version: int) -> str:
+        return self._key("contexts", agent_dirname(agent_id), f"{version:012d}.json")
 
     # ---- blocks --------------------------------------------------------------------------
     def has_block(self, key: str, split: bool = False) -> bool:
-        return self._call(self._head, self.block_key(key, "rest" if split else "safetensors"))
+        try:
+            self._call(obstore.head, self._store, self.block_key(key, "rest" if split else "safetensors"))
+        except _Missing:
+            return False
+        return True
 
     def put_block(self, key: str, path: Path, head: int | None = None) -> int:
         """Upload a block file unless the store has it, as head and rest when `head` (the head's
@@ -88,12 +100,10 @@ class ObjectStore:
         split = head is not None
         if self.has_block(key, split):
             return 0
-        body = Path(path).read_bytes()
+        body = memoryview(Path(path).read_bytes())
         parts = {"head": body[:head], "rest": body[head:]} if split else {"safetensors": body}
         for part, data in parts.items():  # the rest last: once it is there, the block is whole
-            self._call(
-                self._client.put_object, Bucket=self.url.bucket, Key=self.block_key(key, part), Body=data
-            )
+            self._call(obstore.put, self._store, self.block_key(key, part), data)
         return len(body)
 
     def get_block(self, key: str, target: Path, split: bool, part: str = "all") -> int | None:
@@ -118,35 +128,26 @@ class ObjectStore:
 
     def delete_block(self, key: str) -> None:
         for part in ("rest", "head", "safetensors"):
-            self._call(self._client.delete_object, Bucket=self.url.bucket, Key=self.block_key(key, part))
+            self._call(obstore.delete, self._store, self.block_key(key, part))
 
     def _get(self, object_key: str, target: Path, mode: str, first: int = 0) -> int | None:
-        extra = {"Range": f"bytes={first}-"} if first else {}
+        options = {"range": {"offset": first}} if first else None
         try:
-            response = self._call(self._client.get_object, Bucket=self.url.bucket, Key=object_key, **extra)
+            data = self._call(lambda: obstore.get(self._store, object_key, options=options).bytes())
         except _Missing:
             return None
-        return self._call(_stream_into, response["Body"], Path(target), mode)
+        with Path(target).open(mode) as handle:
+            return handle.write(data)
 
     # ---- manifests -----------------------------------------------------------------------
     def versions(self, agent_id: str) -> list[int]:
-        prefix = self._versions_prefix(agent_id)
-        found, token = [], None
-        while True:
-            extra = {"ContinuationToken": token} if token else {}
-            try:
-                page = self._call(
-                    self._client.list_objects_v2, Bucket=self.url.bucket, Prefix=prefix, **extra
-                )
-            except _Missing:  # no bucket yet: no versions
-                return []
-            for item in page.get("Contents", []):
-                name = item["Key"][len(prefix) :].removesuffix(".json")
-                if name.isdigit():
-                    found.append(int(name))
-            token = page.get("NextContinuationToken")
-            if not token:
-                return sorted(found)
+        prefix = self._key("contexts", agent_dirname(agent_id)) + "/"
+        try:
+            listed = self._call(lambda: obstore.list(self._store, prefix=prefix).collect())
+        except _Missing:  # no bucket yet: no versions
+            return []
+        names = (item["path"][len(prefix) :].removesuffix(".json") for item in listed)
+        return sorted(int(name) for name in names if name.isdigit())
 
     def latest_manifest(self, agent_id: str) -> dict | None:
         """The highest version of a context's manifest (its `version` field set), or None."""
@@ -157,10 +158,9 @@ class ObjectStore:
         return None
 
     def manifest(self, agent_id: str, version: int) -> dict | None:
-        key = self._versions_prefix(agent_id) + f"{version:012d}.json"
+        key = self._version_key(agent_id, version)
         try:
-            response = self._call(self._client.get_object, Bucket=self.url.bucket, Key=key)
-            manifest = json.loads(self._call(response["Body"].read))
+            manifest = json.loads(bytes(self._call(lambda: obstore.get(self._store, key).bytes())))
         except _Missing:
             return None
         except ValueError:
@@ -170,62 +170,61 @@ class ObjectStore:
 
     def put_manifest(self, agent_id: str, version: int, manifest: dict) -> bool:
         """Write version `version` if no one has; False when that version exists already."""
-        key = self._versions_prefix(agent_id) + f"{version:012d}.json"
         body = json.dumps({**manifest, "version": version}).encode()
         try:
-            self._call(self._client.put_object, Bucket=self.url.bucket, Key=key, Body=body, IfNoneMatch="*")
+            self._call(obstore.put, self._store, self._version_key(agent_id, version), body, mode="create")
         except _Conflict:
             return False
         return True
 
     def delete_versions(self, agent_id: str, versions: list[int]) -> None:
-        prefix = self._versions_prefix(agent_id)
         for version in versions:
-            self._call(self._client.delete_object, Bucket=self.url.bucket, Key=f"{prefix}{version:012d}.json")
+            self._call(obstore.delete, self._store, self._version_key(agent_id, version))
 
     def bytes_stored(self) -> dict:
         """Objects and bytes under the prefix, blocks and manifests apart (for `bench` and tools)."""
         totals = {"blocks": 0, "block_bytes": 0, "manifests": 0, "manifest_bytes": 0}
-        paginator = self._client.get_paginator("list_objects_v2")
-        for page in self._call(lambda: list(paginator.paginate(Bucket=self.url.bucket, Prefix=self._key()))):
-            for item in page.get("Contents", []):
-                kind = "blocks" if "/blocks/" in f"/{item['Key']}" else "manifests"
-                totals[kind] += 1
-                totals[kind.removesuffix("s") + "_bytes"] += item["Size"]
+        prefix = self._key()
+        for item in self._call(lambda: obstore.list(self._store, prefix=prefix or None).collect()):
+            kind = "blocks" if "/blocks/" in f"/{item['path']}" else "manifests"
+            totals[kind] += 1
+            totals[kind.removesuffix("s") + "_bytes"] += item["size"]
         return totals
 
     def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (boto3: object_store does not manage buckets); also
+        the uploader's probe of an unreachable store, so it costs one LIST when the bucket exists."""
         try:
-            self._call(self._client.head_bucket, Bucket=self.url.bucket)
+            self._call(obstore.list_with_delimiter, self._store, prefix=self._key() or None)
+            return
         except _Missing:
-            self._call(self._client.create_bucket, Bucket=self.url.bucket)
-
-    # ---- errors --------------------------------------------------------------------------
-    def _head(self, key: str) -> bool:
-        try:
-            self._client.head_object(Bucket=self.url.bucket, Key=key)
-        except Exception as e:
-            if _code(e) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-        return True
-
-    def _call(self, function, *args, **kwargs):
-        """Run one client call; map 'not found' and 'precondition failed' to local exceptions and
-        everything the network or the server can do wrong to StoreUnavailable."""
+            pass
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return function(*args, **kwargs)
+            _bucket_client().create_bucket(Bucket=self.url.bucket)
         except ClientError as e:
-            code = _code(e)
-            if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-                raise _Missing(code) from e
-            if code in ("412", "PreconditionFailed", "ConditionalRequestConflict"):
-                raise _Conflict(code) from e
+            if _code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # a node beside
+                raise StoreUnavailable(f"{self.url}: {e}") from e
+        except BotoCoreError as e:
             raise StoreUnavailable(f"{self.url}: {e}") from e
-        except (BotoCoreError, OSError) as e:
-            raise StoreUnavailable(f"{self.url}: {e}") from e
+
+    # ---- errors --------------------------------------------------------------------------
+    def _call(self, function, *args, **kwargs):
+        """Run one client call; map 'not found' and 'exists already' to local exceptions and
+        everything the network or the server can do wrong to StoreUnavailable."""
+        from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+
+        try:
+            return function(*args, **kwargs)
+        except (NotFoundError, FileNotFoundError) as e:  # obstore raises the builtin for objects
+            raise _Missing(_first_line(e)) from e
+        except (AlreadyExistsError, PreconditionError, FileExistsError) as e:
+            raise _Conflict(_first_line(e)) from e
+        except (BaseError, OSError) as e:
+            if "<Code>NoSuchBucket</Code>" in str(e):  # S3's error code, in the body obstore quotes
+                raise _Missing(_first_line(e)) from e
+            raise StoreUnavailable(f"{self.url}: {_first_line(e)}") from e
 
 
 class _Missing(StoreUnavailable):
@@ -236,12 +235,8 @@ class _Conflict(Exception):
     pass
 
 
-def _stream_into(body, target: Path, mode: str) -> int:
-    size = 0
-    with target.open(mode) as handle:
-        for chunk in body.iter_chunks(CHUNK_BYTES):
-            size += handle.write(chunk)
-    return size
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _code(error: Exception) -> str:
@@ -249,22 +244,59 @@ def _code(error: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def _client():
-    """A boto3 S3 client from the standard variables, with short connect timeouts and few retries:
-    a store that does not answer must not hold a restore for long (the node serves locally)."""
+def _session():
     import boto3
+
+    return boto3.session.Session()
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _object_store(bucket: str):
+    """An obstore S3 store for the bucket from the standard variables, credentials from boto3's
+    chain (none found: unsigned requests, as to a server without identities), short connect
+    timeouts and one retry."""
+    from obstore.store import S3Store
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    config: dict = {"region": _region()}
+    provider = None
+    if endpoint:
+        config["endpoint"] = endpoint
+        config["virtual_hosted_style_request"] = False  # path style, as S3-compatible servers expect
+    session = _session()
+    if session.get_credentials() is None:
+        config["skip_signature"] = True
+    else:
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        provider = Boto3CredentialProvider(session)
+    return S3Store(
+        bucket,
+        config=config,
+        credential_provider=provider,
+        client_options={
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_S),
+            "timeout": timedelta(seconds=REQUEST_TIMEOUT_S),
+        },
+        retry_config={"max_retries": RETRIES, "retry_timeout": timedelta(seconds=RETRY_TIMEOUT_S)},
+    )
+
+
+def _bucket_client():
     from botocore.config import Config
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
-        retries={"max_attempts": 2, "mode": "standard"},
-        max_pool_connections=32,
+        read_timeout=REQUEST_TIMEOUT_S,
+        retries={"max_attempts": RETRIES + 1, "mode": "standard"},
         s3={"addressing_style": "path"},
-        request_checksum_calculation="when_required",
+        request_checksum_calculation="when_required",  # servers without the newer checksums
         response_checksum_validation="when_required",
     )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client(
-        "s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, region_name=region, config=config
+    return _session().client(
+        "s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, region_name=_region(), config=config
     )

@@ -22,7 +22,7 @@ import pytest
 from tests.a2a_node import a2a_client, final_task, http_client, poll_until, send, start_tiny_node, usage
 from tests.conftest import free_port
 from tests.postgres_cluster import postgres_bin, postgres_cluster
-from tests.seaweedfs import s3_environment, seaweedfs, weed_unusable
+from tests.seaweedfs import s3_client, s3_environment, seaweedfs, weed_unusable
 
 pytestmark = [
     pytest.mark.skipif(weed_unusable() is not None, reason=str(weed_unusable())),
@@ -145,14 +145,8 @@ async def test_a_conversation_resumes_on_other_nodes_when_its_node_dies(start):
 
 def test_the_store_holds_every_version_whole(shared):
     """No torn manifest: every version object in the store parses and names blocks that exist."""
-    import boto3
-
     weed, _ = shared
-    env = s3_environment(weed.endpoint)
-    client = boto3.client(
-        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"],
-    )  # fmt: skip
+    client = s3_client(weed.endpoint)
     objects = client.list_objects_v2(Bucket="agents", Prefix="failover/contexts/").get("Contents", [])
     assert objects
     for item in objects:

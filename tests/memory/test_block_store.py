@@ -17,7 +17,7 @@ from node.memory.partial_blocks import COMPLETE_THREADS
 from node.memory.remote_store import ObjectStore
 from node.memory.sync import RemoteTier, window_start
 from node.runtime.generation import SamplingParams
-from tests.seaweedfs import s3_environment, seaweedfs, weed_unusable
+from tests.seaweedfs import s3_client, s3_environment, seaweedfs, weed_unusable
 from tests.tiny_models import WINDOW
 
 pytestmark = pytest.mark.skipif(weed_unusable() is not None, reason=str(weed_unusable()))
@@ -117,7 +117,7 @@ async def test_an_unreachable_store_leaves_serving_local_and_uploads_later(
     assert ObjectStore(bucket).versions("gamma") == [1]
 
 
-async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bucket):
+async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, weed, bucket):
     prompt = tiny_engine.encode(TEXT * 20)
     one = await _node(tiny_engine, tmp_path / "one", bucket)
     await one.generate("delta", prompt, GREEDY)
@@ -125,10 +125,11 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     remote = ObjectStore(bucket)
     first = remote.latest_manifest("delta")["blocks"][0]
     head = remote.block_key(first["key"], "head")  # the part a pull fetches
-    body = bytearray(remote._client.get_object(Bucket="agents", Key=head)["Body"].read())
+    client = s3_client(weed.endpoint)
+    body = bytearray(client.get_object(Bucket="agents", Key=head)["Body"].read())
     assert len(body) == first["split"]
     body[-10] ^= 0xFF  # a global layer's values
-    remote._client.put_object(Bucket="agents", Key=head, Body=bytes(body))
+    client.put_object(Bucket="agents", Key=head, Body=bytes(body))
 
     two = await _node(tiny_engine, tmp_path / "two", bucket)
     result = await two.generate("delta", prompt + tiny_engine.encode(" more", add_bos=False), GREEDY)
@@ -136,7 +137,7 @@ async def test_a_damaged_block_in_the_store_is_refused(tiny_engine, tmp_path, bu
     assert result.usage.cached_tokens == 0  # started cold, answered
     CheckpointStore(tmp_path / "two", tiny_engine.info.fingerprint).verify("delta")  # its own, sound
     # the damaged object was deleted, and node two uploaded its own copy of that block
-    assert remote._client.get_object(Bucket="agents", Key=head)["Body"].read() != bytes(body)
+    assert client.get_object(Bucket="agents", Key=head)["Body"].read() != bytes(body)
 
 
 async def test_a_copy_in_memory_gives_way_to_a_newer_turn_run_elsewhere(tiny_engine, tmp_path, bucket):
@@ -256,10 +257,10 @@ async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_a
 
 
 async def test_a_context_stored_whole_by_an_older_node_is_pulled_whole_and_stored_apart_again(
-    tiny_engine, tmp_path, bucket
+    tiny_engine, tmp_path, weed, bucket
 ):
     history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "theta")
-    remote, client = ObjectStore(bucket), ObjectStore(bucket)._client
+    remote, client = ObjectStore(bucket), s3_client(weed.endpoint)
     latest = remote.latest_manifest("theta")
     for ref in latest["blocks"]:  # the layout before heads and rests were apart
         key = ref["key"]
