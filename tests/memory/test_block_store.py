@@ -284,3 +284,26 @@ async def test_a_context_stored_whole_by_an_older_node_is_pulled_whole_and_store
     assert all("split" in ref for ref in newest)  # this node's version: heads and rests apart
     for ref in older[:-1]:
         assert remote.has_block(ref["key"], split=True)
+
+
+async def test_the_rest_of_a_block_comes_from_its_rest_object_or_else_from_a_whole_one(
+    tiny_engine, tmp_path, weed, bucket
+):
+    """A partial block left by a node of the former layout (heads were ranges of whole objects)
+    is completed from the whole object."""
+    await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "iota")
+    remote, client = ObjectStore(bucket), s3_client(weed.endpoint)
+    ref = remote.latest_manifest("iota")["blocks"][0]
+    key, head = ref["key"], ref["split"]
+    body = (tmp_path / "one" / "blocks" / key[:2] / f"{key}.safetensors").read_bytes()
+    for layout in ("apart", "whole"):
+        if layout == "whole":
+            client.put_object(Bucket="agents", Key=remote.block_key(key), Body=body)
+            for part in ("head", "rest"):
+                client.delete_object(Bucket="agents", Key=remote.block_key(key, part))
+        target = tmp_path / f"{layout}.partial"
+        target.write_bytes(body[:head])
+        assert remote.get_rest(key, target) == len(body) - head
+        assert target.read_bytes() == body
+    remote.delete_block(key)
+    assert remote.get_rest(key, target) is None and not remote.has_block(key)
