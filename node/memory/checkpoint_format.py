@@ -44,5 +44,10 @@ def block_key(fingerprint: str, parent: str | None, storage: str, tokens: np.nda
     return digest.hexdigest()
 
 
+def is_block_key(value: object) -> bool:
+    """A block key as `block_key` makes them (32 lowercase hex digits): safe as a file name."""
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
 def tensor_digest(array: np.ndarray) -> str:
     return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(array).data)

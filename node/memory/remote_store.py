@@ -30,6 +30,7 @@ boto3 also creates the bucket when it is missing (object_store does not manage b
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,9 @@ import obstore
 
 from node.errors import ConfigError
 from node.memory.agent_ids import agent_dirname
+from node.memory.checkpoint_format import is_block_key
+
+logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 30.0
@@ -149,9 +153,10 @@ class ObjectStore:
         names = (item["path"][len(prefix) :].removesuffix(".json") for item in listed)
         return sorted(int(name) for name in names if name.isdigit())
 
-    def latest_manifest(self, agent_id: str) -> dict | None:
-        """The highest version of a context's manifest (its `version` field set), or None."""
-        for version in reversed(self.versions(agent_id)):
+    def latest_manifest(self, agent_id: str, versions: list[int] | None = None) -> dict | None:
+        """The highest well-formed version of a context's manifest (its `version` field set), or
+        None; `versions`: the context's versions when the caller listed them already."""
+        for version in reversed(self.versions(agent_id) if versions is None else versions):
             manifest = self.manifest(agent_id, version)
             if manifest is not None:
                 return manifest
@@ -165,6 +170,9 @@ class ObjectStore:
             return None
         except ValueError:
             return None  # not ours to trust; an older version still may be
+        if not _well_formed(manifest, agent_id):
+            logger.warning("%s: version %d of context %r is malformed: ignored", self.url, version, agent_id)
+            return None
         manifest["version"] = version
         return manifest
 
@@ -233,6 +241,25 @@ class _Missing(StoreUnavailable):
 
 class _Conflict(Exception):
     pass
+
+
+def _well_formed(manifest: object, agent_id: str) -> bool:
+    """A manifest from the store names this context, block keys that are safe file names and
+    integer positions (anyone with write access to the bucket could have written it)."""
+    if not isinstance(manifest, dict) or manifest.get("agent_id") != agent_id:
+        return False
+    blocks, count = manifest.get("blocks"), manifest.get("token_count")
+    if not isinstance(blocks, list) or not isinstance(count, int):
+        return False
+    if not isinstance(manifest.get("updated"), (int, float)):
+        return False
+    fields = ("start", "length", "split")
+    return all(
+        isinstance(ref, dict)
+        and is_block_key(ref.get("key"))
+        and all(isinstance(ref.get(name, 0), int) and ref.get(name, 0) >= 0 for name in fields)
+        for ref in blocks
+    )
 
 
 def _first_line(error: Exception) -> str:

@@ -235,9 +235,10 @@ class RemoteTier:
     def _put_manifest(self, agent_id: str, manifest: dict) -> None:
         known = self._known.get(agent_id)
         for _ in range(8):
-            if known is None:
-                latest = self.remote.latest_manifest(agent_id)
-                known = (latest["version"], float(latest.get("updated") or 0)) if latest else (0, 0.0)
+            if known is None:  # the highest version number, and the newest state of those readable
+                versions = self.remote.versions(agent_id)
+                latest = self.remote.latest_manifest(agent_id, versions)
+                known = (versions[-1] if versions else 0, float(latest["updated"]) if latest else 0.0)
             version, updated = known
             if updated >= float(manifest["updated"]):
                 return  # the store holds this state or a newer one (written by another node)
@@ -349,8 +350,9 @@ class RemoteTier:
         try:
             block = BlockFile(path, key)
             try:
-                if partial and (block.head_bytes() or path.stat().st_size + 1) > path.stat().st_size:
-                    raise CheckpointCorrupt(f"block {key}: the store's head holds less than the head")
+                head = block.head_bytes()
+                if partial and (head is None or head > path.stat().st_size):
+                    raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
                 for name in block.present() if partial else block.meta["digests"]:
                     block.tensor(name)
             finally:

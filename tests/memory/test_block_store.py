@@ -89,10 +89,28 @@ async def test_nodes_sharing_a_playbook_store_its_blocks_once_and_versions_only_
 async def test_an_older_state_never_replaces_a_newer_one(tiny_engine, tmp_path, bucket):
     remote = ObjectStore(bucket)
     remote.ensure_bucket()
-    manifest = {"agent_id": "beta", "updated": 100.0, "blocks": []}
+    manifest = {"agent_id": "beta", "updated": 100.0, "token_count": 0, "blocks": []}
     assert remote.put_manifest("beta", 1, manifest)
     assert not remote.put_manifest("beta", 1, {**manifest, "updated": 50.0})  # conditional put
     assert remote.latest_manifest("beta")["updated"] == 100.0
+
+
+async def test_a_malformed_version_in_the_store_is_passed_over(tiny_engine, tmp_path, bucket):
+    """Whoever can write to the bucket cannot make a node write outside its cache folder."""
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "kappa")
+    remote = ObjectStore(bucket)
+    latest = remote.latest_manifest("kappa")
+    escape = {**latest["blocks"][0], "key": "../../../../escaped"}
+    bad = {**latest, "updated": latest["updated"] + 1, "blocks": [escape, *latest["blocks"][1:]]}
+    assert remote.put_manifest("kappa", latest["version"] + 1, bad)
+    assert remote.latest_manifest("kappa")["version"] == latest["version"]  # the older, sound one
+
+    two = await _node(tiny_engine, tmp_path / "deep" / "er" / "two", bucket)
+    result = await two.generate("kappa", history + tiny_engine.encode(" next", add_bos=False), GREEDY)
+    await two.close()
+    assert result.usage.cached_tokens == len(history)
+    assert not list(tmp_path.rglob("escaped*"))
+    assert remote.latest_manifest("kappa")["version"] == latest["version"] + 2  # written past it
 
 
 async def test_an_unreachable_store_leaves_serving_local_and_uploads_later(
