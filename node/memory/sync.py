@@ -8,7 +8,8 @@
   context coalesce (only the newest is uploaded). `enqueue` waits only while more than
   `max_pending_bytes` of blocks are queued and the store is taking uploads (back-pressure, not
   loss); `close` flushes what is queued, within a deadline.
-- Before a context that is not in memory is used, `pull` asks the store for its newest version;
+- Before a context is used, `pull` asks the store for its newest version
+  (a LIST; the manifest is fetched only when that version is not one this node wrote or took);
   if it is newer than the local manifest (or there is none), the missing blocks are downloaded to
   temporary files, every tensor digest is checked, the files are renamed into place and the
   manifest is adopted by the local store. The restore that follows is an ordinary local one.
@@ -267,14 +268,19 @@ class RemoteTier:
 
     def _pull(self, agent_id: str) -> Pull | None:
         started = time.perf_counter()
-        latest = self.remote.latest_manifest(agent_id)
-        self.reachable = True
-        if latest is not None and latest.get("model_fingerprint") != self.store.fingerprint:
-            latest = None
         try:
             local = self.store.manifest(agent_id)
         except CheckpointError:
             local = None
+        versions = self.remote.versions(agent_id)
+        self.reachable = True
+        known = self._known.get(agent_id)
+        if versions and known and versions[-1] == known[0] and local and float(local["updated"]) >= known[1]:
+            latest = None  # the store's newest version is one this node wrote or took: one LIST a turn
+        else:
+            latest = self.remote.latest_manifest(agent_id, versions)
+        if latest is not None and latest.get("model_fingerprint") != self.store.fingerprint:
+            latest = None
         newer = latest is not None and (
             local is None or float(local.get("updated") or 0) < float(latest.get("updated") or 0)
         )
