@@ -110,10 +110,12 @@ class ObjectStore:
             self._call(obstore.put, self._store, self.block_key(key, part), data)
         return len(body)
 
-    def get_block(self, key: str, target: Path, split: bool, part: str = "all") -> int | None:
-        """Download a block into `target` (a temporary path the caller verifies): `all` of it, or
-        of a block stored as head and rest (`split`) its `head` alone; None if absent."""
-        parts = ("head", "rest") if split and part == "all" else (part if split else "safetensors",)
+    def get_block(self, key: str, target: Path, split: bool, head_only: bool = False) -> int | None:
+        """Download a block into `target` (a temporary path the caller verifies): all of it, or
+        of a block stored as head and rest (`split`) its head alone; None if absent."""
+        parts = ("head",) if head_only else ("head", "rest") if split else ("safetensors",)
+        if head_only and not split:
+            raise ValueError(f"block {key} is stored whole: it has no head object")
         size = 0
         for i, name in enumerate(parts):
             got = self._get(self.block_key(key, name), target, "ab" if i else "wb")

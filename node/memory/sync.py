@@ -340,7 +340,7 @@ class RemoteTier:
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / temporary_name(target.name)
         try:
-            size = self.remote.get_block(key, temporary, split, "head" if head_only else "all")
+            size = self.remote.get_block(key, temporary, split, head_only)
             if size is None:
                 raise CheckpointError(f"block {key} is missing from the block store")
             self._verify(key, temporary, partial=head_only)
