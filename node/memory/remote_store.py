@@ -235,6 +235,10 @@ class ObjectStore:
             if "<Code>NoSuchBucket</Code>" in str(e):  # S3's error code, in the body obstore quotes
                 raise _Missing(_first_line(e)) from e
             raise StoreUnavailable(f"{self.url}: {_first_line(e)}") from e
+        except BaseException as e:  # a panic in the Rust client (pyo3's PanicException)
+            if type(e).__name__ != "PanicException":
+                raise
+            raise StoreUnavailable(f"{self.url}: the object store client failed: {_first_line(e)}") from e
 
 
 class _Missing(StoreUnavailable):
@@ -290,6 +294,8 @@ def _object_store(bucket: str):
     from obstore.store import S3Store
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+    if endpoint and not (urlsplit(endpoint).scheme in ("http", "https") and urlsplit(endpoint).hostname):
+        raise ConfigError(f"AWS_ENDPOINT_URL is http(s)://HOST[:PORT], not {endpoint!r}")
     config: dict = {"region": _region()}
     provider = None
     if endpoint:
