@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import obstore
+from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
 
 from node.errors import ConfigError
 from node.memory.agent_ids import agent_dirname
@@ -223,8 +224,6 @@ class ObjectStore:
     def _call(self, function, *args, **kwargs):
         """Run one client call; map 'not found' and 'exists already' to local exceptions and
         everything the network or the server can do wrong to StoreUnavailable."""
-        from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
-
         try:
             return function(*args, **kwargs)
         except (NotFoundError, FileNotFoundError) as e:  # obstore raises the builtin for objects
@@ -294,7 +293,8 @@ def _object_store(bucket: str):
     from obstore.store import S3Store
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    if endpoint and not (urlsplit(endpoint).scheme in ("http", "https") and urlsplit(endpoint).hostname):
+    parts = urlsplit(endpoint or "")
+    if endpoint and not (parts.scheme in ("http", "https") and parts.hostname):
         raise ConfigError(f"AWS_ENDPOINT_URL is http(s)://HOST[:PORT], not {endpoint!r}")
     config: dict = {"region": _region()}
     provider = None
@@ -313,7 +313,7 @@ def _object_store(bucket: str):
         config=config,
         credential_provider=provider,
         client_options={
-            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "allow_http": parts.scheme == "http",
             "connect_timeout": timedelta(seconds=CONNECT_TIMEOUT_S),
             "timeout": timedelta(seconds=REQUEST_TIMEOUT_S),
         },
