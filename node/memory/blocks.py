@@ -71,12 +71,8 @@ class BlockFile:
     def __init__(self, path: Path, key: str, scratch: Scratch | None = None, complete=None) -> None:
         """`complete` (for a partial block file): called when a read needs bytes past the file's
         end; returns the path of the whole block once it is there."""
-        self.path, self.key, self._scratch, self._complete = path, key, scratch, complete
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise _corrupt(key, f"block {key} is unreadable: {e}") from e
-        self._size = os.fstat(self._fd).st_size
+        self.key, self._scratch, self._complete = key, scratch, complete
+        self._open(path)
         try:
             (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
             header = json.loads(os.pread(self._fd, size, 8))
@@ -124,17 +120,20 @@ class BlockFile:
         """The tensors this file holds whole (all of them unless it is a partial block)."""
         return [n for n, e in self._entries.items() if self._offset + e["data_offsets"][1] <= self._size]
 
+    def _open(self, path: Path) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
+        self.path, self._size = path, os.fstat(self._fd).st_size
+
     def _ensure_whole(self, stop: int) -> None:
         if self._offset + stop <= self._size or self._complete is None:
             return
         path = self._complete(self.key)
         os.close(self._fd)
-        self.path, self._complete = path, None
-        try:
-            self._fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
-        self._size = os.fstat(self._fd).st_size
+        self._complete = None
+        self._open(path)
 
     def tensor(self, name: str, *, fresh: bool = False) -> np.ndarray:
         entry = self._entry(name)

@@ -294,16 +294,16 @@ class RemoteTier:
         keys = [key for key in keys if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
-        split = {ref["key"]: "split" in ref for ref in manifest["blocks"]}
-        heads = self._heads(manifest, keys)
+        apart = {ref["key"]: ref["split"] for ref in manifest["blocks"] if "split" in ref}  # head size
+        heads = self._heads(manifest, keys, apart)
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
-        sizes = list(self._transfers.map(lambda key: self._download(key, split[key], key in heads), keys))
+        sizes = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
         self.store.adopt(manifest)
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
         # node's next version of the context: only the others are known to be in the store
-        self._uploaded.update(key for key, apart in split.items() if apart)
-        self._splits.update((ref["key"], ref["split"]) for ref in manifest["blocks"] if "split" in ref)
+        self._uploaded.update(apart)
+        self._splits.update(apart)
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
             time.perf_counter() - started,
@@ -319,9 +319,9 @@ class RemoteTier:
         )  # fmt: skip
         return pulled
 
-    def _heads(self, manifest: dict, keys: list[str]) -> set[str]:
-        """Of the blocks to fetch, those stored as head and rest whose head is all a restore
-        reads (every position before the sliding-window layers' window)."""
+    def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
+        """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
+        restore reads (every position before the sliding-window layers' window)."""
         if self.window_start is None:
             return set()
         window = self.window_start(int(manifest["token_count"]))
@@ -329,7 +329,7 @@ class RemoteTier:
         return {
             ref["key"]
             for ref in manifest["blocks"]
-            if ref["key"] in wanted and "split" in ref and ref["start"] + ref["length"] <= window
+            if ref["key"] in wanted and ref["key"] in apart and ref["start"] + ref["length"] <= window
         }
 
     def _download(self, key: str, split: bool, head_only: bool) -> int:
