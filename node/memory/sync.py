@@ -294,7 +294,7 @@ class RemoteTier:
         keys = [key for key in keys if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
-        apart = {ref["key"]: ref["split"] for ref in manifest["blocks"] if "split" in ref}  # head size
+        apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
         sizes = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
@@ -318,6 +318,13 @@ class RemoteTier:
             pulled.seconds * 1000,
         )  # fmt: skip
         return pulled
+
+    def objects(self, manifest: dict) -> list[str]:
+        """The objects a pull of this version fetches before the restore on a node holding none of
+        its blocks (the bench's transfer floor)."""
+        keys, apart = list(dict.fromkeys(ref["key"] for ref in manifest["blocks"])), _apart(manifest)
+        heads = self._heads(manifest, keys, apart)
+        return [name for key in keys for name in self.remote.block_objects(key, key in apart, key in heads)]
 
     def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
         """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
@@ -392,6 +399,11 @@ class RemoteTier:
             "completed_blocks": self.partial.completed_blocks,
             "last_pull": None if pull is None else {**pull.__dict__, "seconds": round(pull.seconds, 4)},
         }
+
+
+def _apart(manifest: dict) -> dict[str, int]:
+    """The blocks a manifest says are stored as head and rest: key -> head bytes."""
+    return {ref["key"]: ref["split"] for ref in manifest["blocks"] if "split" in ref}
 
 
 def window_start(caches: list) -> Callable[[int], int] | None:
