@@ -22,6 +22,7 @@ class Profile:
     resume_sessions: int
     system_tokens: int  # each scenario-4 agent's system prompt
     cold_conversion: bool  # scenario 0: convert the model from scratch in a throwaway cache
+    store_sizes: tuple[int, ...] = ()  # scenario 9: contexts resumed from the object store
 
 
 QUICK = Profile(
@@ -39,6 +40,7 @@ QUICK = Profile(
     resume_sessions=5,
     system_tokens=256,
     cold_conversion=False,
+    store_sizes=(2048, 8192),
 )
 
 FULL = replace(
@@ -50,6 +52,7 @@ FULL = replace(
     resume_context=2048,
     system_tokens=512,
     cold_conversion=True,
+    store_sizes=(2048, 8192, 32000),  # 32k: the model's context is 32,768 with the generated token
 )
 
 

@@ -1,10 +1,10 @@
 """Scenario 9: the shared block store (issue 16) on S3-compatible storage.
 
-For each context size of the profile (2k and up): the context's cold prefill (scenario 3's
-contexts), its restore from the local disk, its upload to the object store (write-back), and its
-resume on nodes that have none of it (three, one after the other): pull (the heads of the older
-blocks and the last blocks whole, digests checked, renamed into place) plus the local restore that
-follows; the rest of the blocks arrives in the background. Beside it, the transfer's own floor:
+For each of the profile's store sizes (2k and 8k; 32k in the full profile): the context's cold
+prefill (scenario 3's contexts where it has them), its restore from the local disk, its upload to
+the object store (write-back), and its resume on nodes that have none of it (three, one after the
+other): pull (the heads of the older blocks and the last blocks whole, digests checked, renamed
+into place) plus the local restore that follows; the rest of the blocks arrives in the background. Beside it, the transfer's own floor:
 the pull's GETs into memory alone, and the same GETs with the local restore running beside them.
 Then three nodes commit the same 2k-token playbook and upload it: the bytes in the store against
 one node's bytes on disk.
@@ -160,6 +160,7 @@ def _resume(bench: Bench, built: dict, url: str, node: int) -> dict:
         "tokens": restored.tokens,
         "resume_s": round(pulled.seconds + restored.seconds, 4),
         "pull_s": round(pulled.seconds, 4),
+        "pull_phases_s": pulled.phases,
         "restore_s": round(restored.seconds, 4),
         "bytes": pulled.bytes_downloaded,
         "bytes_with_background": whole,
@@ -197,7 +198,7 @@ def _shared_playbook(bench: Bench, url: str) -> dict:
 
 
 async def run(bench: Bench) -> Outcome:
-    sizes = [s for s in bench.profile.context_sizes if s >= 2048]
+    sizes = bench.profile.store_sizes
     try:
         with _object_store(bench) as (url, endpoint):
             rows = []

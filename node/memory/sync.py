@@ -63,6 +63,7 @@ class Pull:
     blocks_downloaded: int
     bytes_downloaded: int
     seconds: float
+    phases: dict  # seconds: "manifest" (LIST and GET), "transfer" (GETs, writes, digests), "adopt"
 
 
 class RemoteTier:
@@ -290,6 +291,7 @@ class RemoteTier:
         manifest = latest if newer else local
         if manifest is None:
             return None
+        decided = time.perf_counter()
         keys = list(dict.fromkeys(ref["key"] for ref in manifest["blocks"]))
         keys = [key for key in keys if not self.store.blocks.held(key)]
         if not newer and not keys:
@@ -298,15 +300,22 @@ class RemoteTier:
         heads = self._heads(manifest, keys, apart)
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
         sizes = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
+        transferred = time.perf_counter()
         self.store.adopt(manifest)
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
         # node's next version of the context: only the others are known to be in the store
         self._uploaded.update(apart)
         self._splits.update(apart)
+        ended = time.perf_counter()
+        phases = {
+            "manifest": decided - started,
+            "transfer": transferred - decided,
+            "adopt": ended - transferred,
+        }
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
-            time.perf_counter() - started,
+            ended - started, {name: round(seconds, 4) for name, seconds in phases.items()},
         )  # fmt: skip
         self.downloaded_bytes += pulled.bytes_downloaded
         self.downloaded_blocks += pulled.blocks_downloaded

@@ -21,7 +21,7 @@ def test_store_scenario_resumes_on_fresh_nodes_and_measures_the_transfer_floor(
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # the bench starts its own SeaweedFS
     options = BenchOptions(
-        profile=dataclasses.replace(TINY, context_sizes=(2048,)),
+        profile=dataclasses.replace(TINY, store_sizes=(2048,)),
         model=str(tiny_gguf),
         scenarios=("store",),
         json_path=tmp_path / "bench.json",
