@@ -148,6 +148,7 @@ def _resume(bench: Bench, built: dict, url: str, node: int) -> dict:
     the upload, the next ones after the one before completed its blocks)."""
     engine, agent_id = bench.engine, built["agent_id"]
     target, puller = _tier(bench.work_dir / f"store-pull-{built['tokens']}-{node}", engine, url)
+    target.open_for_serving()  # as a node starting up does: its lock, its (empty) prefix index
     started = time.perf_counter()
     pulled = puller.pull(agent_id)
     restored = target.restore(agent_id, engine.make_caches)
@@ -155,6 +156,7 @@ def _resume(bench: Bench, built: dict, url: str, node: int) -> dict:
     completed_s = time.perf_counter() - started
     whole = puller.status()["downloaded_bytes"]
     puller.close()
+    target.close()
     assert pulled is not None
     return {
         "tokens": restored.tokens,

@@ -232,15 +232,18 @@ class CheckpointStore:
                     self._index_manifest(manifest)
             return self._index
 
-    def _index_manifest(self, manifest: dict) -> None:
-        agent_id = manifest.get("agent_id")
+    def _index_manifest(self, manifest: dict, tokens: dict[str, np.ndarray] | None = None) -> None:
+        agent_id, known = manifest.get("agent_id"), tokens or {}
         try:
             self._check_manifest(agent_id, manifest)
             path = [BlockRef.from_dict(ref) for ref in manifest["blocks"]]
             with OpenBlocks(self.blocks) as files:
-                self._index.set_path(
-                    agent_id, path, lambda ref: files[ref.key].tokens()[: ref.length].tolist()
-                )
+
+                def tokens_of(ref: BlockRef) -> list[int]:
+                    held = known.get(ref.key)
+                    return (files[ref.key].tokens() if held is None else held)[: ref.length].tolist()
+
+                self._index.set_path(agent_id, path, tokens_of)
         except (CheckpointError, KeyError, TypeError, ValueError) as e:
             logger.warning("context %s is not usable: %s", manifest.get("path"), e)
             return
@@ -403,10 +406,11 @@ class CheckpointStore:
                 self._sizes.pop(key, None)
             self.blocks.delete(key)
 
-    def adopt(self, manifest: dict) -> None:
+    def adopt(self, manifest: dict, tokens: dict[str, np.ndarray] | None = None) -> None:
         """Take a newer version of a context written elsewhere (the shared block store), whose
         blocks are on this disk already (whole or partial): its manifest replaces ours and the
-        index follows."""
+        index follows. `tokens`: the token ids of blocks the caller has read (a pull checked them
+        as they arrived), so the index need not read them again."""
         agent_id = manifest["agent_id"]
         self._check_manifest(agent_id, manifest)
         missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.held(ref["key"])]
@@ -417,7 +421,7 @@ class CheckpointStore:
             self.index()
             for ref in manifest["blocks"]:
                 self._sizes[ref["key"]] = self.blocks.size(ref["key"])
-            self._index_manifest(manifest)
+            self._index_manifest(manifest, tokens)
 
     def block_completed(self, key: str) -> None:
         """A partial block's rest arrived (its size counts in full toward the disk budget)."""

@@ -37,8 +37,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
+
 from node.errors import CheckpointCorrupt, CheckpointError
-from node.memory.blocks import BlockFile, temporary_name
+from node.memory.blocks import BlockFile, Scratch, temporary_name
 from node.memory.checkpoint import CheckpointStore, history_layers
 from node.memory.partial_blocks import PartialBlocks
 from node.memory.remote_store import ObjectStore, StoreUnavailable
@@ -299,9 +301,9 @@ class RemoteTier:
         apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
-        sizes = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
+        fetched = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
         transferred = time.perf_counter()
-        self.store.adopt(manifest)
+        self.store.adopt(manifest, {key: tokens for key, (_, tokens) in zip(keys, fetched, strict=True)})
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
         # node's next version of the context: only the others are known to be in the store
@@ -314,7 +316,8 @@ class RemoteTier:
             "adopt": ended - transferred,
         }
         pulled = Pull(
-            agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys), sum(sizes),
+            agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys),
+            sum(size for size, _ in fetched),
             ended - started, {name: round(seconds, 4) for name, seconds in phases.items()},
         )  # fmt: skip
         self.downloaded_bytes += pulled.bytes_downloaded
@@ -348,9 +351,9 @@ class RemoteTier:
             if ref["key"] in wanted and ref["key"] in apart and ref["start"] + ref["length"] <= window
         }
 
-    def _download(self, key: str, split: bool, head_only: bool) -> int:
+    def _download(self, key: str, split: bool, head_only: bool) -> tuple[int, np.ndarray]:
         """One block (or its head alone, as a partial block) into the local store, its digests
-        checked before it is renamed into place."""
+        checked before it is renamed into place: its size and token ids."""
         blocks = self.store.blocks
         target = blocks.partial_path(key) if head_only else blocks.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -359,24 +362,25 @@ class RemoteTier:
             size = self.remote.get_block(key, temporary, split, head_only)
             if size is None:
                 raise CheckpointError(f"block {key} is missing from the block store")
-            self._verify(key, temporary, partial=head_only)
+            tokens = self._verify(key, temporary, partial=head_only)
             os.replace(temporary, target)
-            return size
+            return size, tokens
         finally:
             temporary.unlink(missing_ok=True)
 
-    def _verify(self, key: str, path, partial: bool = False) -> None:
+    def _verify(self, key: str, path, partial: bool = False) -> np.ndarray:
         """Check every tensor's digest (of a partial block: those it holds, which must cover its
-        head); a damaged object is deleted from the store (content addressed: the next node that
-        computes this block uploads it again)."""
+        head) and return the block's token ids; a damaged object is deleted from the store (content
+        addressed: the next node that computes this block uploads it again)."""
         try:
-            block = BlockFile(path, key)
+            block = BlockFile(path, key, Scratch())
             try:
                 head = block.head_bytes()
                 if partial and (head is None or head > path.stat().st_size):
                     raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
                 for name in block.present() if partial else block.meta["digests"]:
                     block.tensor(name)
+                return block.tokens()
             finally:
                 block.close()
         except CheckpointCorrupt:

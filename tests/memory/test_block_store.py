@@ -60,6 +60,8 @@ async def test_a_context_run_on_one_node_resumes_on_another_from_the_store(tiny_
 
     two = await _node(tiny_engine, tmp_path / "two", bucket)
     assert await two.metadata("alpha") == {"turn": 1}  # pulled before it is read
+    # the prefix index took the pulled blocks' token ids from the pull's checks
+    assert two.store.longest_prefix(history).length == len(history)
     follow_up = history + tiny_engine.encode(" and the dog", add_bos=False)
     second = await two.generate("alpha", follow_up, GREEDY)
     status = two.remote.status()
