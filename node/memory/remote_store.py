@@ -176,7 +176,7 @@ class ObjectStore:
     def manifest(self, agent_id: str, version: int) -> dict | None:
         key = self._version_key(agent_id, version)
         try:
-            manifest = json.loads(bytes(self._call(lambda: obstore.get(self._store, key).bytes())))
+            manifest = json.loads(bytes(self.read(key)))
         except _Missing:
             return None
         except ValueError:

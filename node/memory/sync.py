@@ -196,7 +196,7 @@ class RemoteTier:
         started = time.perf_counter()
         if self.reachable is not True:
             self.remote.ensure_bucket()
-        keys = list(dict.fromkeys(r["key"] for r in manifest["blocks"] if r["key"] not in self._uploaded))
+        keys = [key for key in _keys(manifest) if key not in self._uploaded]
         sent = list(self._transfers.map(lambda key: self._upload_block(agent_id, key), keys))
         self._uploaded.update(keys)
         self.uploaded_bytes += sum(sent)
@@ -294,8 +294,7 @@ class RemoteTier:
         if manifest is None:
             return None
         decided = time.perf_counter()
-        keys = list(dict.fromkeys(ref["key"] for ref in manifest["blocks"]))
-        keys = [key for key in keys if not self.store.blocks.held(key)]
+        keys = [key for key in _keys(manifest) if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
         apart = _apart(manifest)
@@ -334,7 +333,7 @@ class RemoteTier:
     def objects(self, manifest: dict) -> list[str]:
         """The objects a pull of this version fetches before the restore on a node holding none of
         its blocks (the bench's transfer floor)."""
-        keys, apart = list(dict.fromkeys(ref["key"] for ref in manifest["blocks"])), _apart(manifest)
+        keys, apart = _keys(manifest), _apart(manifest)
         heads = self._heads(manifest, keys, apart)
         return [name for key in keys for name in self.remote.block_objects(key, key in apart, key in heads)]
 
@@ -379,8 +378,9 @@ class RemoteTier:
                 if partial and (head is None or head > path.stat().st_size):
                     raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
                 for name in block.present() if partial else block.meta["digests"]:
-                    block.tensor(name)
-                return block.tokens()
+                    if name != "tokens":
+                        block.tensor(name)
+                return block.tokens()  # checked too
             finally:
                 block.close()
         except CheckpointCorrupt:
@@ -412,6 +412,11 @@ class RemoteTier:
             "completed_blocks": self.partial.completed_blocks,
             "last_pull": None if pull is None else {**pull.__dict__, "seconds": round(pull.seconds, 4)},
         }
+
+
+def _keys(manifest: dict) -> list[str]:
+    """A manifest's block keys, each once, in order."""
+    return list(dict.fromkeys(ref["key"] for ref in manifest["blocks"]))
 
 
 def _apart(manifest: dict) -> dict[str, int]:
