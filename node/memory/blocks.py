@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,26 +69,40 @@ class BlockFile:
     new memory.
     """
 
-    def __init__(self, path: Path, key: str, scratch: Scratch | None = None, complete=None) -> None:
-        """`complete` (for a partial block file): called when a read needs bytes past the file's
-        end; returns the path of the whole block once it is there."""
+    def __init__(
+        self, path: Path | None, key: str, scratch: Scratch | None = None, complete=None, data=None
+    ) -> None:
+        """`complete` (for a partial block): called when a read needs bytes past its end; returns
+        the path of the whole block once it is there. `data`: the block's bytes in memory (a pull
+        that has not written its file yet) instead of the file at `path`."""
         self.key, self._scratch, self._complete = key, scratch, complete
-        self._open(path)
+        self._fd: int | None = None
+        if data is None:
+            self._open(path)
+        else:
+            self.path, self._data, self._size = None, memoryview(data).cast("B"), len(data)
         try:
-            (size,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-            header = json.loads(os.pread(self._fd, size, 8))
+            (size,) = struct.unpack("<Q", self._read_bytes(0, 8))
+            header = json.loads(self._read_bytes(8, size))
             self._offset = 8 + size
             self.meta = json.loads(header.pop("__metadata__")["node"])
             self._entries = header
         except (OSError, ValueError, KeyError, struct.error) as e:
-            os.close(self._fd)
+            self.close()
             raise _corrupt(key, f"block {key} is unreadable: {e}") from e
         if self.meta.get("key") != key:
-            os.close(self._fd)
-            raise _corrupt(key, f"block file {path.name} holds block {self.meta.get('key')!r}")
+            self.close()
+            raise _corrupt(key, f"block file {path and path.name} holds block {self.meta.get('key')!r}")
+
+    def _read_bytes(self, offset: int, nbytes: int) -> bytes:
+        if self._fd is None:
+            return bytes(self._data[offset : offset + nbytes])
+        return os.pread(self._fd, nbytes, offset)
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     @property
     def length(self) -> int:
@@ -112,6 +127,10 @@ class BlockFile:
         names += [n + ".scale" for n in names if n + ".scale" in self._entries]
         return self._offset + max(self._entry(n)["data_offsets"][1] for n in names)
 
+    def held_bytes(self) -> int:
+        """Bytes this file (or buffer) holds: fewer than `whole_bytes` for a partial block."""
+        return self._size
+
     def whole_bytes(self) -> int:
         """The whole block's size (a partial block's file holds fewer)."""
         return self._offset + max((e["data_offsets"][1] for e in self._entries.values()), default=0)
@@ -125,13 +144,13 @@ class BlockFile:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
-        self.path, self._size = path, os.fstat(self._fd).st_size
+        self.path, self._data, self._size = path, None, os.fstat(self._fd).st_size
 
     def _ensure_whole(self, stop: int) -> None:
         if self._offset + stop <= self._size or self._complete is None:
             return
         path = self._complete(self.key)
-        os.close(self._fd)
+        self.close()
         self._complete = None
         self._open(path)
 
@@ -140,11 +159,16 @@ class BlockFile:
         start, stop = entry["data_offsets"]
         self._ensure_whole(stop)
         nbytes = stop - start
-        buffer = (
-            memoryview(bytearray(nbytes)) if fresh or self._scratch is None else self._scratch.get(nbytes)
-        )
         try:
-            read = os.preadv(self._fd, [buffer], self._offset + start)
+            if self._fd is None:  # in memory: read in place
+                buffer = self._data[self._offset + start : self._offset + stop]
+                read = len(buffer)
+                if fresh:
+                    buffer = memoryview(bytearray(buffer))
+            else:
+                buffer = self._scratch.get(nbytes) if self._scratch is not None and not fresh else None
+                buffer = memoryview(bytearray(nbytes)) if buffer is None else buffer
+                read = os.preadv(self._fd, [buffer], self._offset + start)
             dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
             if read != nbytes:
                 raise ValueError(f"{read} of {nbytes} bytes")
@@ -183,6 +207,10 @@ class BlockStore:
         # Set by the shared store's tier: brings a partial block's rest, returns the whole block's
         # path (raises CheckpointError when it cannot).
         self.complete: Callable[[str], Path] | None = None
+        # Blocks a pull brought into memory whose files are not written yet (`hold`, `land`):
+        # key -> (bytes, partial). They read like files; nothing on disk names them until landed.
+        self._held: dict[str, tuple[bytes, bool]] = {}
+        self._landing = threading.Lock()
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -191,13 +219,17 @@ class BlockStore:
         return self.root / key[:2] / f"{key}.safetensors.partial"
 
     def exists(self, key: str) -> bool:
-        return self.path(key).exists()
+        held = self._held.get(key)
+        return (held is not None and not held[1]) or self.path(key).exists()
 
     def held(self, key: str) -> bool:
-        """Whole, or in part with its rest on the way."""
-        return self.path(key).exists() or self.partial_path(key).exists()
+        """Whole, or in part with its rest on the way (on disk or still in memory)."""
+        return key in self._held or self.path(key).exists() or self.partial_path(key).exists()
 
     def size(self, key: str) -> int:
+        held = self._held.get(key)
+        if held is not None:
+            return len(held[0])
         for path in (self.path(key), self.partial_path(key)):
             with contextlib.suppress(FileNotFoundError):
                 return path.stat().st_size
@@ -206,12 +238,17 @@ class BlockStore:
     def whole_path(self, key: str) -> Path:
         """The whole block's file, its rest fetched first if it is partial (for readers that
         read files by path)."""
+        self.land(key)
         path = self.path(key)
         if not path.exists() and self.partial_path(key).exists():
             return self._rest(key)
         return path
 
     def open(self, key: str, scratch: Scratch | None = None) -> BlockFile:
+        held = self._held.get(key)
+        if held is not None:
+            data, partial = held
+            return BlockFile(None, key, scratch, self._rest if partial else None, data=data)
         path = self.path(key)
         if path.exists():
             return BlockFile(path, key, scratch)
@@ -226,7 +263,37 @@ class BlockStore:
                 f"block {key} is partial here and its rest is in the shared block store: serve with "
                 "--block-store to read it"
             )
+        self.land(key)
         return self.complete(key)
+
+    def hold(self, key: str, data: bytes, partial: bool) -> None:
+        """A block (or its head: `partial`) checked in memory, readable at once; `land` writes it."""
+        if not self.held(key):
+            self._held[key] = (data, partial)
+
+    def land(self, key: str) -> None:
+        """Write a block held in memory to its file (fsynced, renamed into place), then drop it
+        from memory; nothing to do for a block on disk."""
+        if key not in self._held:
+            return
+        with self._landing:
+            held = self._held.get(key)
+            if held is None:
+                return
+            data, partial = held
+            target = self.partial_path(key) if partial else self.path(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.parent / temporary_name(target.name)
+            try:
+                with temporary.open("wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, target)
+            finally:
+                temporary.unlink(missing_ok=True)
+            fsync_path(target.parent)
+            self._held.pop(key, None)
 
     def partial_keys(self) -> list[str]:
         return [
@@ -277,7 +344,9 @@ class BlockStore:
         return target.stat().st_size
 
     def delete(self, key: str) -> int:
-        size = 0
+        with self._landing:  # not while it is being written
+            held = self._held.pop(key, None)
+        size = 0 if held is None else len(held[0])
         for path in (self.path(key), self.partial_path(key)):
             try:
                 size += path.stat().st_size

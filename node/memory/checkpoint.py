@@ -22,6 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from node.model import kv_cache
 
 logger = logging.getLogger(__name__)
 LEGACY_FOLDER = "agents"  # format 1: one folder of segments per agent
+LAND_AFTER_S = 1.0  # a context adopted in memory is written after its restore, or this long after
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class CheckpointStore:
         self._guard = threading.RLock()
         self._lock: FileLock | None = None
         self.evicted = 0
+        # Contexts adopted with their blocks in memory (`adopt(arrived=...)`), manifests not yet
+        # written: agent -> manifest. `land` writes the blocks, then the manifest.
+        self._arrivals: dict[str, dict] = {}
+        self._landing = threading.RLock()
+        self._lander: ThreadPoolExecutor | None = None
 
     # ---- ownership of the folder ---------------------------------------------------------
     def open_for_serving(self) -> None:
@@ -129,6 +136,9 @@ class CheckpointStore:
         self.collect_garbage()
 
     def close(self) -> None:
+        self.land()
+        if self._lander is not None:
+            self._lander.shutdown()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -148,9 +158,12 @@ class CheckpointStore:
         return self.root / "contexts" / f"{agent_dirname(validate_agent_id(agent_id))}.json"
 
     def exists(self, agent_id: str) -> bool:
-        return self.manifest_path(agent_id).exists()
+        return agent_id in self._arrivals or self.manifest_path(agent_id).exists()
 
     def manifest(self, agent_id: str) -> dict | None:
+        arrived = self._arrivals.get(agent_id)
+        if arrived is not None:
+            return dict(arrived)
         path = self.manifest_path(agent_id)
         try:
             manifest = json.loads(path.read_text())
@@ -199,6 +212,7 @@ class CheckpointStore:
 
     def list_agents(self) -> list[dict]:
         """Every stored context with its bytes (`bytes_on_disk` counts shared blocks in full)."""
+        self.land()
         sizes = dict(self.blocks.stored())
         listed = []
         for manifest in self._manifests():
@@ -337,6 +351,9 @@ class CheckpointStore:
         `pacer` (the writer's `Pacer`, optional) is told before each block is written and how
         long each took, to give way to decoding."""
         written = 0
+        self.land(plan.agent_id)  # a pulled version on its way to disk goes first
+        for ref in plan.manifest["blocks"]:
+            self.blocks.land(ref["key"])  # blocks on disk before the manifest naming them
         with OpenBlocks(self.blocks) as files:
             for block in plan.new_blocks:
                 if block.rows is None:
@@ -406,22 +423,71 @@ class CheckpointStore:
                 self._sizes.pop(key, None)
             self.blocks.delete(key)
 
-    def adopt(self, manifest: dict, tokens: dict[str, np.ndarray] | None = None) -> None:
+    def adopt(
+        self,
+        manifest: dict,
+        tokens: dict[str, np.ndarray] | None = None,
+        arrived: dict[str, tuple[bytes, bool]] | None = None,
+    ) -> None:
         """Take a newer version of a context written elsewhere (the shared block store), whose
-        blocks are on this disk already (whole or partial): its manifest replaces ours and the
-        index follows. `tokens`: the token ids of blocks the caller has read (a pull checked them
-        as they arrived), so the index need not read them again."""
+        blocks are on this disk already (whole or partial) or `arrived` in memory (key -> (bytes,
+        partial), checked by the caller): its manifest replaces ours and the index follows.
+        `tokens`: the token ids of blocks the caller has read (a pull checked them as they
+        arrived), so the index need not read them again.
+
+        With blocks in memory the context is usable at once, read from memory; its files and
+        manifest are written behind (`land`: after its restore, before any later save of it, at
+        the latest LAND_AFTER_S later). A crash before that leaves the previous version intact."""
         agent_id = manifest["agent_id"]
         self._check_manifest(agent_id, manifest)
+        for key, (data, partial) in (arrived or {}).items():
+            self.blocks.hold(key, data, partial)
         missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.held(ref["key"])]
         if missing:
             raise CheckpointCorrupt(f"context {agent_id!r} names blocks not on disk: {missing[:3]}")
-        self._write_manifest(agent_id, {k: v for k, v in manifest.items() if k != "version"})
+        manifest = {k: v for k, v in manifest.items() if k != "version"}
+        with self._landing:
+            if arrived:
+                self._arrivals[agent_id] = manifest
+            else:
+                self._arrivals.pop(agent_id, None)
+                self._write_manifest(agent_id, manifest)
         with self._guard:
             self.index()
             for ref in manifest["blocks"]:
                 self._sizes[ref["key"]] = self.blocks.size(ref["key"])
             self._index_manifest(manifest, tokens)
+        if arrived:
+            later = threading.Timer(LAND_AFTER_S, self._land_quietly, [agent_id])
+            later.daemon = True
+            later.start()
+
+    def land(self, agent_id: str | None = None) -> None:
+        """Write what `adopt` took in memory: the context's blocks, then its manifest (every such
+        context if `agent_id` is None)."""
+        with self._landing:
+            for arrived in [agent_id] if agent_id is not None else list(self._arrivals):
+                manifest = self._arrivals.get(arrived)
+                if manifest is None:
+                    continue
+                for ref in manifest["blocks"]:
+                    self.blocks.land(ref["key"])
+                self._write_manifest(arrived, manifest)
+                del self._arrivals[arrived]
+
+    def _land_quietly(self, agent_id: str) -> None:
+        try:
+            self.land(agent_id)
+        except OSError as e:  # retried by the next save, restore or close
+            logger.warning("context %r pulled from the block store is not on disk yet: %s", agent_id, e)
+
+    def _land_soon(self, agent_id: str) -> None:
+        with self._landing:
+            if agent_id not in self._arrivals:
+                return
+            if self._lander is None:
+                self._lander = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-landing")
+        self._lander.submit(self._land_quietly, agent_id)
 
     def block_completed(self, key: str) -> None:
         """A partial block's rest arrived (its size counts in full toward the disk budget)."""
@@ -537,6 +603,7 @@ class CheckpointStore:
         restored = self.restore_path(path, make_caches, position)
         with self._guard:
             self._used[agent_id] = time.time()
+        self._land_soon(agent_id)
         if self.on_restore is not None:
             self.on_restore(agent_id)
         return Restored(
@@ -589,6 +656,7 @@ class CheckpointStore:
 
     def quarantine(self, agent_id: str, reason: str) -> Path | None:
         """Set a context that failed verification aside (its blocks stay for other contexts)."""
+        self.land(agent_id)
         source = self.manifest_path(agent_id)
         if not source.exists():
             return None
@@ -619,7 +687,8 @@ class CheckpointStore:
 
     def delete(self, agent_id: str) -> bool:
         path = self.manifest_path(agent_id)
-        existed = path.exists()
+        with self._landing:
+            existed = self._arrivals.pop(agent_id, None) is not None or path.exists()
         path.unlink(missing_ok=True)
         with self._guard:
             orphans = self.index().remove(agent_id)

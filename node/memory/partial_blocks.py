@@ -133,6 +133,7 @@ class PartialBlocks:
 
     def _complete(self, key: str) -> Path:
         blocks = self.store.blocks
+        blocks.land(key)  # a head pulled into memory goes to its file first
         whole, partial = blocks.path(key), blocks.partial_path(key)
         if whole.exists():
             partial.unlink(missing_ok=True)

@@ -111,16 +111,16 @@ class ObjectStore:
             self._call(obstore.put, self._store, self.block_key(key, part), data)
         return len(body)
 
-    def get_block(self, key: str, target: Path, split: bool, head_only: bool = False) -> int | None:
-        """Download a block into `target` (a temporary path the caller verifies): all of it, or
-        of a block stored as head and rest (`split`) its head alone; None if absent."""
-        size = 0
-        for i, name in enumerate(self.block_objects(key, split, head_only)):
-            got = self._get(name, target, "ab" if i else "wb")
-            if got is None:
+    def read_block(self, key: str, split: bool, head_only: bool = False):
+        """A block's bytes in memory (a buffer, for the caller to verify): all of it, or of a block
+        stored as head and rest (`split`) its head alone; None if absent."""
+        parts = []
+        for name in self.block_objects(key, split, head_only):
+            try:
+                parts.append(self.read(name))
+            except _Missing:
                 return None
-            size += got
-        return size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def block_objects(self, key: str, split: bool, head_only: bool = False) -> list[str]:
         """The objects holding a block (`split`: stored as head and rest), or its head alone."""

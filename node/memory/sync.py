@@ -10,9 +10,11 @@
   loss); `close` flushes what is queued, within a deadline.
 - Before a context is used, `pull` asks the store for its newest version
   (a LIST; the manifest is fetched only when that version is not one this node wrote or took);
-  if it is newer than the local manifest (or there is none), the missing blocks are downloaded to
-  temporary files, every tensor digest is checked, the files are renamed into place and the
-  manifest is adopted by the local store. The restore that follows is an ordinary local one.
+  if it is newer than the local manifest (or there is none), the missing blocks are downloaded
+  into memory, every tensor digest is checked there, and the local store adopts the manifest with
+  those blocks in memory (`CheckpointStore.adopt`): the restore that follows reads them from
+  memory, and their files, then the manifest, are written behind it (a crash before that leaves
+  the previous version, and the next pull fetches the context again).
   A restore reads all of a context's last blocks but only the *head* of the older ones (token ids
   and the whole-history layers, `blocks`): ~4.5x fewer bytes at 8k tokens of Gemma 3. The store
   keeps a block's head and rest apart (`remote_store`; the uploaded manifest gives each block's
@@ -29,7 +31,6 @@ a state older than the store's newest one, so a late upload cannot undo a newer 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.errors import CheckpointCorrupt, CheckpointError
-from node.memory.blocks import BlockFile, Scratch, temporary_name
+from node.memory.blocks import BlockFile, Scratch
 from node.memory.checkpoint import CheckpointStore, history_layers
 from node.memory.partial_blocks import PartialBlocks
 from node.memory.remote_store import ObjectStore, StoreUnavailable
@@ -65,7 +66,7 @@ class Pull:
     blocks_downloaded: int
     bytes_downloaded: int
     seconds: float
-    phases: dict  # seconds: "manifest" (LIST and GET), "transfer" (GETs, writes, digests), "adopt"
+    phases: dict  # seconds: "manifest" (LIST and GET), "transfer" (GETs, digests), "adopt"
 
 
 class RemoteTier:
@@ -302,7 +303,11 @@ class RemoteTier:
         keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
         fetched = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
         transferred = time.perf_counter()
-        self.store.adopt(manifest, {key: tokens for key, (_, tokens) in zip(keys, fetched, strict=True)})
+        self.store.adopt(
+            manifest,
+            {key: tokens for key, (_, tokens) in zip(keys, fetched, strict=True)},
+            {key: (data, key in heads) for key, (data, _) in zip(keys, fetched, strict=True)},
+        )
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
         # node's next version of the context: only the others are known to be in the store
@@ -316,7 +321,7 @@ class RemoteTier:
         }
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys),
-            sum(size for size, _ in fetched),
+            sum(len(data) for data, _ in fetched),
             ended - started, {name: round(seconds, 4) for name, seconds in phases.items()},
         )  # fmt: skip
         self.downloaded_bytes += pulled.bytes_downloaded
@@ -350,32 +355,24 @@ class RemoteTier:
             if ref["key"] in wanted and ref["key"] in apart and ref["start"] + ref["length"] <= window
         }
 
-    def _download(self, key: str, split: bool, head_only: bool) -> tuple[int, np.ndarray]:
-        """One block (or its head alone, as a partial block) into the local store, its digests
-        checked before it is renamed into place: its size and token ids."""
-        blocks = self.store.blocks
-        target = blocks.partial_path(key) if head_only else blocks.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.parent / temporary_name(target.name)
-        try:
-            size = self.remote.get_block(key, temporary, split, head_only)
-            if size is None:
-                raise CheckpointError(f"block {key} is missing from the block store")
-            tokens = self._verify(key, temporary, partial=head_only)
-            os.replace(temporary, target)
-            return size, tokens
-        finally:
-            temporary.unlink(missing_ok=True)
+    def _download(self, key: str, split: bool, head_only: bool) -> tuple[object, np.ndarray]:
+        """One block (or its head alone, as a partial block) into memory, its digests checked:
+        its bytes and token ids."""
+        data = self.remote.read_block(key, split, head_only)
+        if data is None:
+            raise CheckpointError(f"block {key} is missing from the block store")
+        return data, self._verify(key, data=data, partial=head_only)
 
-    def _verify(self, key: str, path, partial: bool = False) -> np.ndarray:
-        """Check every tensor's digest (of a partial block: those it holds, which must cover its
-        head) and return the block's token ids; a damaged object is deleted from the store (content
-        addressed: the next node that computes this block uploads it again)."""
+    def _verify(self, key: str, path=None, partial: bool = False, data=None) -> np.ndarray:
+        """Check every tensor's digest of a block file, or of its bytes in memory (`data`; of a
+        partial block: those it holds, which must cover its head) and return the block's token
+        ids; a damaged object is deleted from the store (content addressed: the next node that
+        computes this block uploads it again)."""
         try:
-            block = BlockFile(path, key, Scratch())
+            block = BlockFile(path, key, Scratch(), data=data)
             try:
                 head = block.head_bytes()
-                if partial and (head is None or head > path.stat().st_size):
+                if partial and (head is None or head > block.held_bytes()):
                     raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
                 for name in block.present() if partial else block.meta["digests"]:
                     if name != "tokens":

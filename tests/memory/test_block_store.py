@@ -4,6 +4,10 @@ nodes, an outage (serving from local disk, retried) and a corrupted object refus
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -221,13 +225,19 @@ async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_th
         pulled = tier.pull("zeta")
         older = [ref["key"] for ref in refs if ref["start"] + ref["length"] <= len(history) - WINDOW]
         assert len(older) >= 2 and pulled.tokens == len(history)
-        assert all(store.blocks.partial_path(key).exists() for key in older)
         assert pulled.bytes_downloaded < total - len(older) * 4096  # heads only, for those
+        # the pulled blocks are read from memory: nothing is on disk before the restore
+        assert not store.manifest_path("zeta").exists()
+        assert not list((tmp_path / "two" / "blocks").rglob("*.safetensors*"))
+        assert all(store.blocks.held(ref["key"]) for ref in refs)
         # the restore needs no block's rest: same tokens and caches as the source's
         resumed = store.restore("zeta", tiny_engine.make_caches)
         assert resumed.tokens == whole.tokens == history
         for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
             assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+        # behind the restore the blocks land, the older ones as their heads, then the manifest
+        _wait(lambda: store.manifest_path("zeta").exists())
+        assert all(store.blocks.partial_path(key).exists() for key in older)
         assert tier.status()["completing_blocks"] == len(older)  # queued behind the held completer
         # a read of an older position needs a partial block's rest: the reader fetches it now
         early = len(history) // 3
@@ -243,6 +253,57 @@ async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_th
     assert sum(store.blocks.size(ref["key"]) for ref in refs) == total
     store.verify("zeta")
     store.close()
+
+
+PULL_THEN_HANG = """
+import sys, threading
+from pathlib import Path
+from node.memory import checkpoint
+from node.memory.checkpoint import CheckpointStore
+from node.memory.remote_store import ObjectStore
+from node.memory.sync import RemoteTier, window_start
+from node.model.engine import Engine
+checkpoint.LAND_AFTER_S = 3600.0  # no restore follows: the pulled context stays in memory
+engine = Engine.load(sys.argv[1], progress=lambda m: None, cache_root=sys.argv[2])
+store = CheckpointStore(Path(sys.argv[3]), engine.info.fingerprint)
+store.open_for_serving()
+tier = RemoteTier(store, ObjectStore(sys.argv[4]), window_start=window_start(engine.make_caches()))
+print(tier.pull("theta").tokens, flush=True)
+threading.Event().wait()
+"""
+
+
+def _pull_in_a_process_then_kill(gguf, model_cache, root: Path, bucket: str) -> int:
+    """Tokens a node process pulled (held in memory) before it was SIGKILLed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", PULL_THEN_HANG, str(gguf), str(model_cache), str(root), bucket],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    try:
+        return int(process.stdout.readline())
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+async def test_a_node_killed_before_a_pulled_context_is_on_disk_pulls_it_again(
+    tiny_gguf, model_cache, tiny_engine, tmp_path, bucket
+):
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "theta")
+    root = tmp_path / "two"
+    assert _pull_in_a_process_then_kill(tiny_gguf, model_cache, root, bucket) == len(history)
+    # nothing names the blocks that were only in memory: no manifest, no block files
+    assert not list(root.rglob("*.json")) and not list((root / "blocks").rglob("*.safetensors*"))
+    store, tier = _pulling_store(tiny_engine, root, bucket)
+    try:
+        assert store.manifest("theta") is None
+        assert tier.pull("theta").tokens == len(history)
+        assert store.restore("theta", tiny_engine.make_caches).tokens == history
+    finally:
+        tier.close()
+        store.close()
+    assert store.manifest_path("theta").exists()  # landed by the close at the latest
+    store.verify("theta")
 
 
 async def test_partial_blocks_outlive_a_restart_and_missing_blocks_are_fetched_again(
