@@ -204,6 +204,7 @@ def _shared_playbook(bench: Bench, url: str) -> dict:
         "playbook_tokens": len(playbook),
         "bytes_per_node": local,
         "block_bytes_in_store": stored["block_bytes"],
+        "pack_bytes_in_store": stored["pack_bytes"],
         "manifest_bytes_in_store": stored["manifest_bytes"],
         "copies": round(stored["block_bytes"] / local, 3),
     }
@@ -243,6 +244,8 @@ async def run(bench: Bench) -> Outcome:
         else eight["prefill_vs_resume"] >= PREFILL_VS_RESUME_TARGET,
         "playbook_stored_once": shared["copies"] <= 1.0,
     }
+    from node.memory.sync import PACK_BLOCKS
+
     notes = [
         (
             f"object store {endpoint}; store resume = pull (download into memory, digests checked) + the "
@@ -262,7 +265,9 @@ async def run(bench: Bench) -> Outcome:
         (
             f"{shared['nodes']} nodes committed one {shared['playbook_tokens']}-token playbook: "
             f"{shared['block_bytes_in_store'] / 1e6:.1f} MB of blocks in the store, "
-            f"{shared['bytes_per_node'] / 1e6:.1f} MB on each node's disk ({shared['copies']} copies)"
+            f"{shared['bytes_per_node'] / 1e6:.1f} MB on each node's disk ({shared['copies']} copies), and "
+            f"{shared['pack_bytes_in_store'] / 1e6:.1f} MB of packs (the older blocks' heads, one object per "
+            f"{PACK_BLOCKS} blocks: fewer GETs per pull), written once too"
         ),
     ]
     return Outcome({"sizes": rows, "shared_playbook": shared, "targets": targets}, table, notes)

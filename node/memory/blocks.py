@@ -266,6 +266,18 @@ class BlockStore:
         self.land(key)
         return self.complete(key)
 
+    def head(self, key: str, nbytes: int) -> bytes:
+        """A block's first `nbytes` (its head), from memory or its file, whole or partial."""
+        held = self._held.get(key)
+        if held is not None:
+            return bytes(memoryview(held[0])[:nbytes])
+        for path in (self.path(key), self.partial_path(key)):
+            with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
+                data = handle.read(nbytes)
+                if len(data) == nbytes:
+                    return data
+        raise FileNotFoundError(f"block {key} holds no {nbytes}-byte head here")
+
     def hold(self, key: str, data: bytes, partial: bool) -> None:
         """A block (or its head: `partial`) checked in memory, readable at once; `land` writes it."""
         if not self.held(key):

@@ -18,9 +18,12 @@
   A restore reads all of a context's last blocks but only the *head* of the older ones (token ids
   and the whole-history layers, `blocks`): ~4.5x fewer bytes at 8k tokens of Gemma 3. The store
   keeps a block's head and rest apart (`remote_store`; the uploaded manifest gives each block's
-  head size as `split`), so a pull fetches just the heads of those blocks as partial block files,
+  head size as `split`), so a pull fetches just the heads of those blocks as partial blocks,
   adopts the manifest, and leaves the rests to `partial_blocks` (in the background, or at once for
-  a read that needs it). A pull also brings back any block its local context lacks.
+  a read that needs it). The uploader also packs the heads of each run of PACK_BLOCKS full blocks
+  into one object and names the packs in the manifest; a pull reads those heads from their pack
+  (one GET for eight; from their own objects if the pack is missing or damaged, which is then
+  deleted). A pull also brings back any block its local context lacks.
 - A store that does not answer makes neither path fail: uploads stay queued and are retried every
   `retry_s`, pulls find nothing, and `status()` (shown by /health) says so.
 
@@ -30,6 +33,7 @@ a state older than the store's newest one, so a late upload cannot undo a newer 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -43,6 +47,7 @@ import numpy as np
 from node.errors import CheckpointCorrupt, CheckpointError
 from node.memory.blocks import BlockFile, Scratch
 from node.memory.checkpoint import CheckpointStore, history_layers
+from node.memory.checkpoint_format import BLOCK_TOKENS
 from node.memory.partial_blocks import PartialBlocks
 from node.memory.remote_store import ObjectStore, StoreUnavailable
 
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 MAX_PENDING_BYTES = 1 << 30
 RETRY_S = 2.0
 KEEP_VERSIONS = 2
+PACK_BLOCKS = 8  # older blocks whose heads one object holds (`remote_store`: fewer GETs per pull)
 TRANSFER_THREADS = 8  # parallel block uploads or downloads (blocks are ~4.7 MB at fp16)
 CLOSE_TIMEOUT_S = 30.0
 
@@ -88,7 +94,10 @@ class RemoteTier:
         self._changed = threading.Condition()
         self._known: dict[str, tuple[int, float]] = {}  # agent -> (version, updated) last seen in the store
         self._uploaded: set[str] = set()  # block keys the store holds
-        self._splits: dict[str, int | None] = {}  # block key -> head size if stored apart (never changes)
+        self._splits: dict[str, int | None] = {}
+        self._packed: set[str] = (
+            set()
+        )  # packs (by their last block) the store holds  # block key -> head size if stored apart (never changes)
         self._pull_locks: dict[str, threading.Lock] = {}
         self._closing = False
         self.reachable: bool | None = None
@@ -98,6 +107,10 @@ class RemoteTier:
         self.upload_s = 0.0
         self.last_pull: Pull | None = None
         self._transfers = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="block-store-transfer")
+        started = threading.Barrier(TRANSFER_THREADS + 1)  # a pull (a failover) finds them running:
+        for _ in range(TRANSFER_THREADS):  # spawning 8 under load held its first GETs back ~10 ms
+            self._transfers.submit(started.wait)
+        started.wait()
         self.partial = PartialBlocks(store, remote, self._verify, self._unreachable, retry_s)
         self._thread = threading.Thread(target=self._loop, name="block-store-uploader", daemon=True)
         self._thread.start()
@@ -202,8 +215,22 @@ class RemoteTier:
         self._uploaded.update(keys)
         self.uploaded_bytes += sum(sent)
         self.uploaded_blocks += sum(1 for size in sent if size)
-        self._put_manifest(agent_id, self._with_splits(manifest))
+        self._put_manifest(agent_id, self._with_packs(agent_id, self._with_splits(manifest)))
         self.upload_s += time.perf_counter() - started
+
+    def _with_packs(self, agent_id: str, manifest: dict) -> dict:
+        """The manifest naming the packs of its older blocks' heads (`remote_store`), each packed
+        and uploaded first if this node has not seen it in the store."""
+        for group in _groups(manifest):
+            last = group[-1]["key"]
+            if last not in self._packed:
+                try:
+                    heads = [self.store.blocks.head(ref["key"], ref["split"]) for ref in group]
+                except FileNotFoundError:
+                    raise _Superseded(f"a block of context {agent_id!r} left the local disk") from None
+                self.uploaded_bytes += self.remote.put_pack(last, heads)
+                self._packed.add(last)
+        return {**manifest, "packs": [group[-1]["key"] for group in _groups(manifest)]}
 
     def _with_splits(self, manifest: dict) -> dict:
         """The manifest with the head size of each block stored as head and rest, for pulls."""
@@ -300,13 +327,23 @@ class RemoteTier:
             return None
         apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
-        keys.sort(key=lambda key: key in heads)  # whole blocks first: the longest transfers
-        fetched = list(self._transfers.map(lambda key: self._download(key, key in apart, key in heads), keys))
+        packs = _packed_groups(manifest, heads)
+        packed = {key for group in packs for key in group}
+        singles = [key for key in keys if key not in packed]
+
+        def download(key: str) -> list[tuple[str, object, np.ndarray]]:
+            return [(key, *self._download(key, key in apart, key in heads))]
+
+        # the longest first: whole blocks (head and rest), then packs, then single heads
+        jobs = [functools.partial(download, key) for key in singles if key not in heads]
+        jobs += [functools.partial(self._download_pack, group, apart) for group in packs]
+        jobs += [functools.partial(download, key) for key in singles if key in heads]
+        fetched = [block for blocks in self._transfers.map(lambda job: job(), jobs) for block in blocks]
         transferred = time.perf_counter()
         self.store.adopt(
             manifest,
-            {key: tokens for key, (_, tokens) in zip(keys, fetched, strict=True)},
-            {key: (data, key in heads) for key, (data, _) in zip(keys, fetched, strict=True)},
+            {key: tokens for key, _, tokens in fetched},
+            {key: (data, key in heads) for key, data, _ in fetched},
         )
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
@@ -321,7 +358,7 @@ class RemoteTier:
         }
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys),
-            sum(len(data) for data, _ in fetched),
+            sum(len(data) for _, data, _ in fetched),
             ended - started, {name: round(seconds, 4) for name, seconds in phases.items()},
         )  # fmt: skip
         self.downloaded_bytes += pulled.bytes_downloaded
@@ -340,7 +377,14 @@ class RemoteTier:
         its blocks (the bench's transfer floor)."""
         keys, apart = _keys(manifest), _apart(manifest)
         heads = self._heads(manifest, keys, apart)
-        return [name for key in keys for name in self.remote.block_objects(key, key in apart, key in heads)]
+        packs = _packed_groups(manifest, heads)
+        packed = {key for group in packs for key in group}
+        return [self.remote.pack_key(group[-1]) for group in packs] + [
+            name
+            for key in keys
+            if key not in packed
+            for name in self.remote.block_objects(key, key in apart, key in heads)
+        ]
 
     def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
         """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
@@ -355,6 +399,26 @@ class RemoteTier:
             if ref["key"] in wanted and ref["key"] in apart and ref["start"] + ref["length"] <= window
         }
 
+    def _download_pack(self, group: list[str], apart: dict[str, int]) -> list[tuple[str, object, np.ndarray]]:
+        """The heads of a pack's blocks from its one object, each checked as a partial block; from
+        their own objects if the pack is missing or damaged (a damaged pack is deleted)."""
+        data = self.remote.read_pack(group[-1])
+        if data is not None:
+            view, offset, unpacked = memoryview(data), 0, []
+            try:
+                for key in group:
+                    head = view[offset : offset + apart[key]]
+                    offset += len(head)
+                    unpacked.append((key, head, self._check(key, data=head, partial=True)))
+                if offset == len(view):
+                    return unpacked
+                raise CheckpointCorrupt(f"pack {group[-1]} holds {len(view)} bytes, its heads {offset}")
+            except CheckpointCorrupt as e:
+                logger.warning("a pack of block heads in the block store is damaged, deleted: %s", e)
+                self._packed.discard(group[-1])
+                self.remote.delete_pack(group[-1])
+        return [(key, *self._download(key, True, True)) for key in group]
+
     def _download(self, key: str, split: bool, head_only: bool) -> tuple[object, np.ndarray]:
         """One block (or its head alone, as a partial block) into memory, its digests checked:
         its bytes and token ids."""
@@ -364,25 +428,29 @@ class RemoteTier:
         return data, self._verify(key, data=data, partial=head_only)
 
     def _verify(self, key: str, path=None, partial: bool = False, data=None) -> np.ndarray:
-        """Check every tensor's digest of a block file, or of its bytes in memory (`data`; of a
-        partial block: those it holds, which must cover its head) and return the block's token
-        ids; a damaged object is deleted from the store (content addressed: the next node that
-        computes this block uploads it again)."""
+        """`_check`, and a damaged object is deleted from the store (content addressed: the next
+        node that computes this block uploads it again)."""
         try:
-            block = BlockFile(path, key, Scratch(), data=data)
-            try:
-                head = block.head_bytes()
-                if partial and (head is None or head > block.held_bytes()):
-                    raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
-                for name in block.present() if partial else block.meta["digests"]:
-                    if name != "tokens":
-                        block.tensor(name)
-                return block.tokens()  # checked too
-            finally:
-                block.close()
+            return self._check(key, path, partial, data)
         except CheckpointCorrupt:
             self._discard(key)
             raise
+
+    @staticmethod
+    def _check(key: str, path=None, partial: bool = False, data=None) -> np.ndarray:
+        """Check every tensor's digest of a block file, or of its bytes in memory (`data`; of a
+        partial block: those it holds, which must cover its head) and return its token ids."""
+        block = BlockFile(path, key, Scratch(), data=data)
+        try:
+            head = block.head_bytes()
+            if partial and (head is None or head > block.held_bytes()):
+                raise CheckpointCorrupt(f"block {key}: the head object in the store is short")
+            for name in block.present() if partial else block.meta["digests"]:
+                if name != "tokens":
+                    block.tensor(name)
+            return block.tokens()  # checked too
+        finally:
+            block.close()
 
     def _discard(self, key: str) -> None:
         self._uploaded.discard(key)
@@ -414,6 +482,22 @@ class RemoteTier:
 def _keys(manifest: dict) -> list[str]:
     """A manifest's block keys, each once, in order."""
     return list(dict.fromkeys(ref["key"] for ref in manifest["blocks"]))
+
+
+def _groups(manifest: dict) -> list[list[dict]]:
+    """The block refs of a manifest (with head sizes: `split`) that packs hold: each run of
+    PACK_BLOCKS full blocks from position 0 stored as head and rest."""
+    refs = manifest["blocks"]
+    groups = [refs[i : i + PACK_BLOCKS] for i in range(0, len(refs) - PACK_BLOCKS + 1, PACK_BLOCKS)]
+    return [g for g in groups if all("split" in ref and ref["length"] == BLOCK_TOKENS for ref in g)]
+
+
+def _packed_groups(manifest: dict, heads: set[str]) -> list[list[str]]:
+    """The block keys of the packs a manifest names whose blocks a pull wants as heads, each pack
+    in order."""
+    named = set(manifest.get("packs") or ())
+    keys = ([ref["key"] for ref in group] for group in _groups(manifest) if group[-1]["key"] in named)
+    return [group for group in keys if heads.issuperset(group)]
 
 
 def _apart(manifest: dict) -> dict[str, int]:

@@ -19,7 +19,7 @@ from node.memory.agents import AgentManager
 from node.memory.checkpoint import CheckpointStore
 from node.memory.partial_blocks import COMPLETE_THREADS
 from node.memory.remote_store import ObjectStore
-from node.memory.sync import RemoteTier, window_start
+from node.memory.sync import PACK_BLOCKS, RemoteTier, window_start
 from node.runtime.generation import SamplingParams
 from tests.seaweedfs import s3_client, s3_environment, seaweedfs, weed_unusable
 from tests.tiny_models import WINDOW
@@ -202,9 +202,9 @@ def _pulling_store(engine, root: Path, bucket: str) -> tuple[CheckpointStore, Re
     return store, RemoteTier(store, ObjectStore(bucket), window_start=window_start(engine.make_caches()))
 
 
-async def _uploaded_context(engine, root: Path, bucket: str, agent_id: str) -> list[int]:
+async def _uploaded_context(engine, root: Path, bucket: str, agent_id: str, repeats: int = 40) -> list[int]:
     one = await _node(engine, root, bucket)
-    await one.generate(agent_id, engine.encode(TEXT * 40), GREEDY)
+    await one.generate(agent_id, engine.encode(TEXT * repeats), GREEDY)
     history = await one.tokens(agent_id)
     await one.close()
     return history
@@ -255,13 +255,56 @@ async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_th
     store.close()
 
 
+async def test_a_pull_reads_the_heads_of_eight_older_blocks_from_one_pack(
+    tiny_engine, tmp_path, weed, bucket
+):
+    history = await _uploaded_context(tiny_engine, tmp_path / "one", bucket, "iota", repeats=55)
+    remote, client = ObjectStore(bucket), s3_client(weed.endpoint)
+    manifest = remote.latest_manifest("iota")
+    group = [ref["key"] for ref in manifest["blocks"][:PACK_BLOCKS]]
+    assert len(manifest["blocks"]) > PACK_BLOCKS and manifest["packs"] == [group[-1]]
+    assert remote.bytes_stored()["packs"] == 1
+    whole = CheckpointStore(tmp_path / "one", tiny_engine.info.fingerprint).restore(
+        "iota", tiny_engine.make_caches
+    )
+
+    def resumes_on(root: Path) -> None:
+        store, tier = _pulling_store(tiny_engine, root, bucket)
+        try:
+            assert tier.pull("iota").tokens == len(history)
+            resumed = store.restore("iota", tiny_engine.make_caches)
+            assert resumed.tokens == history
+            for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
+                assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+        finally:
+            tier.close()
+            store.close()
+
+    heads = {
+        key: client.get_object(Bucket="agents", Key=remote.block_key(key, "head"))["Body"].read()
+        for key in group
+    }
+    for key in group:  # the pull can read these heads from the pack alone
+        client.delete_object(Bucket="agents", Key=remote.block_key(key, "head"))
+    resumes_on(tmp_path / "two")
+    for key, body in heads.items():
+        client.put_object(Bucket="agents", Key=remote.block_key(key, "head"), Body=body)
+    # a damaged pack: the pull reads the heads from their own objects, and the pack is deleted
+    pack = bytearray(client.get_object(Bucket="agents", Key=remote.pack_key(group[-1]))["Body"].read())
+    assert bytes(pack) == b"".join(heads.values())
+    pack[-10] ^= 0xFF
+    client.put_object(Bucket="agents", Key=remote.pack_key(group[-1]), Body=bytes(pack))
+    resumes_on(tmp_path / "three")
+    assert remote.read_pack(group[-1]) is None
+
+
 PULL_THEN_HANG = """
 import sys, threading
 from pathlib import Path
 from node.memory import checkpoint
 from node.memory.checkpoint import CheckpointStore
 from node.memory.remote_store import ObjectStore
-from node.memory.sync import RemoteTier, window_start
+from node.memory.sync import PACK_BLOCKS, RemoteTier, window_start
 from node.model.engine import Engine
 checkpoint.LAND_AFTER_S = 3600.0  # no restore follows: the pulled context stays in memory
 engine = Engine.load(sys.argv[1], progress=lambda m: None, cache_root=sys.argv[2])
