@@ -77,6 +77,7 @@ class BlockFile:
         that has not written its file yet) instead of the file at `path`."""
         self.key, self._scratch, self._complete = key, scratch, complete
         self._fd: int | None = None
+        self._checked: set[str] = set()  # tensors of a block in memory whose digests matched
         if data is None:
             self._open(path)
         else:
@@ -93,6 +94,20 @@ class BlockFile:
         if self.meta.get("key") != key:
             self.close()
             raise _corrupt(key, f"block file {path and path.name} holds block {self.meta.get('key')!r}")
+
+    def reader(self, scratch: Scratch | None = None, complete=None) -> BlockFile:
+        """Another reader of this block in memory, sharing its parsed header and its checks."""
+        if self._fd is not None:
+            raise ValueError("only a block in memory is shared between readers")
+        other = object.__new__(BlockFile)
+        other.__dict__.update(self.__dict__)
+        other._scratch, other._complete = scratch, complete
+        return other
+
+    @property
+    def buffer(self) -> memoryview:
+        """The bytes of a block in memory."""
+        return self._data
 
     def _read_bytes(self, offset: int, nbytes: int) -> bytes:
         if self._fd is None:
@@ -175,8 +190,12 @@ class BlockFile:
             array = np.frombuffer(buffer, dtype).reshape(entry["shape"])
         except (OSError, KeyError, ValueError, TypeError) as e:
             raise _corrupt(self.key, f"block {self.key} tensor {name} is unreadable: {e}") from e
+        if name in self._checked:  # in memory, unchanged since (a file may change under us)
+            return array
         if tensor_digest(array) != self.meta["digests"].get(name):
             raise _corrupt(self.key, f"block {self.key} tensor {name} fails its digest")
+        if self._fd is None:
+            self._checked.add(name)
         return array
 
     def tokens(self) -> np.ndarray:
@@ -208,8 +227,8 @@ class BlockStore:
         # path (raises CheckpointError when it cannot).
         self.complete: Callable[[str], Path] | None = None
         # Blocks a pull brought into memory whose files are not written yet (`hold`, `land`):
-        # key -> (bytes, partial). They read like files; nothing on disk names them until landed.
-        self._held: dict[str, tuple[bytes, bool]] = {}
+        # key -> (block, partial). They read like files; nothing on disk names them until landed.
+        self._held: dict[str, tuple[BlockFile, bool]] = {}
         self._landing = threading.Lock()
 
     def path(self, key: str) -> Path:
@@ -229,7 +248,7 @@ class BlockStore:
     def size(self, key: str) -> int:
         held = self._held.get(key)
         if held is not None:
-            return len(held[0])
+            return held[0].held_bytes()
         for path in (self.path(key), self.partial_path(key)):
             with contextlib.suppress(FileNotFoundError):
                 return path.stat().st_size
@@ -247,8 +266,8 @@ class BlockStore:
     def open(self, key: str, scratch: Scratch | None = None) -> BlockFile:
         held = self._held.get(key)
         if held is not None:
-            data, partial = held
-            return BlockFile(None, key, scratch, self._rest if partial else None, data=data)
+            block, partial = held
+            return block.reader(scratch, self._rest if partial else None)
         path = self.path(key)
         if path.exists():
             return BlockFile(path, key, scratch)
@@ -270,7 +289,7 @@ class BlockStore:
         """A block's first `nbytes` (its head), from memory or its file, whole or partial."""
         held = self._held.get(key)
         if held is not None:
-            return bytes(memoryview(held[0])[:nbytes])
+            return bytes(held[0].buffer[:nbytes])
         for path in (self.path(key), self.partial_path(key)):
             with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
                 data = handle.read(nbytes)
@@ -278,10 +297,10 @@ class BlockStore:
                     return data
         raise FileNotFoundError(f"block {key} holds no {nbytes}-byte head here")
 
-    def hold(self, key: str, data: bytes, partial: bool) -> None:
+    def hold(self, key: str, block: BlockFile, partial: bool) -> None:
         """A block (or its head: `partial`) checked in memory, readable at once; `land` writes it."""
         if not self.held(key):
-            self._held[key] = (data, partial)
+            self._held[key] = (block, partial)
 
     def land(self, key: str) -> None:
         """Write a block held in memory to its file (fsynced, renamed into place), then drop it
@@ -292,13 +311,13 @@ class BlockStore:
             held = self._held.get(key)
             if held is None:
                 return
-            data, partial = held
+            block, partial = held
             target = self.partial_path(key) if partial else self.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             temporary = target.parent / temporary_name(target.name)
             try:
                 with temporary.open("wb") as handle:
-                    handle.write(data)
+                    handle.write(block.buffer)
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(temporary, target)
@@ -358,7 +377,7 @@ class BlockStore:
     def delete(self, key: str) -> int:
         with self._landing:  # not while it is being written
             held = self._held.pop(key, None)
-        size = 0 if held is None else len(held[0])
+        size = 0 if held is None else held[0].held_bytes()
         for path in (self.path(key), self.partial_path(key)):
             try:
                 size += path.stat().st_size

@@ -40,7 +40,7 @@ from node.errors import (
     DiskBudgetExceeded,
 )
 from node.memory.agent_ids import agent_dirname, validate_agent_id
-from node.memory.blocks import BlockStore, OpenBlocks, temporary_name
+from node.memory.blocks import BlockFile, BlockStore, OpenBlocks, temporary_name
 from node.memory.checkpoint_format import BLOCK_TOKENS, DEFAULT_STORAGE, FORMAT_VERSION, STORAGES, block_key
 from node.memory.prefix_index import BlockRef, PrefixIndex, PrefixMatch
 from node.model import kv_cache
@@ -427,10 +427,10 @@ class CheckpointStore:
         self,
         manifest: dict,
         tokens: dict[str, np.ndarray] | None = None,
-        arrived: dict[str, tuple[bytes, bool]] | None = None,
+        arrived: dict[str, tuple[BlockFile, bool]] | None = None,
     ) -> None:
         """Take a newer version of a context written elsewhere (the shared block store), whose
-        blocks are on this disk already (whole or partial) or `arrived` in memory (key -> (bytes,
+        blocks are on this disk already (whole or partial) or `arrived` in memory (key -> (block,
         partial), checked by the caller): its manifest replaces ours and the index follows.
         `tokens`: the token ids of blocks the caller has read (a pull checked them as they
         arrived), so the index need not read them again.
@@ -440,8 +440,8 @@ class CheckpointStore:
         the latest LAND_AFTER_S later). A crash before that leaves the previous version intact."""
         agent_id = manifest["agent_id"]
         self._check_manifest(agent_id, manifest)
-        for key, (data, partial) in (arrived or {}).items():
-            self.blocks.hold(key, data, partial)
+        for key, (block, partial) in (arrived or {}).items():
+            self.blocks.hold(key, block, partial)
         missing = [ref["key"] for ref in manifest["blocks"] if not self.blocks.held(ref["key"])]
         if missing:
             raise CheckpointCorrupt(f"context {agent_id!r} names blocks not on disk: {missing[:3]}")

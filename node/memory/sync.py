@@ -331,7 +331,7 @@ class RemoteTier:
         packed = {key for group in packs for key in group}
         singles = [key for key in keys if key not in packed]
 
-        def download(key: str) -> list[tuple[str, object, np.ndarray]]:
+        def download(key: str) -> list[tuple[str, BlockFile, np.ndarray]]:
             return [(key, *self._download(key, key in apart, key in heads))]
 
         # the longest first: whole blocks (head and rest), then packs, then single heads
@@ -343,7 +343,7 @@ class RemoteTier:
         self.store.adopt(
             manifest,
             {key: tokens for key, _, tokens in fetched},
-            {key: (data, key in heads) for key, data, _ in fetched},
+            {key: (block, key in heads) for key, block, _ in fetched},
         )
         self.partial.defer(agent_id, sorted(heads))
         # blocks stored whole by an older node are uploaded again as head and rest with this
@@ -358,7 +358,7 @@ class RemoteTier:
         }
         pulled = Pull(
             agent_id, int(manifest.get("version") or 0), int(manifest["token_count"]), len(keys),
-            sum(len(data) for _, data, _ in fetched),
+            sum(block.held_bytes() for _, block, _ in fetched),
             ended - started, {name: round(seconds, 4) for name, seconds in phases.items()},
         )  # fmt: skip
         self.downloaded_bytes += pulled.bytes_downloaded
@@ -399,7 +399,9 @@ class RemoteTier:
             if ref["key"] in wanted and ref["key"] in apart and ref["start"] + ref["length"] <= window
         }
 
-    def _download_pack(self, group: list[str], apart: dict[str, int]) -> list[tuple[str, object, np.ndarray]]:
+    def _download_pack(
+        self, group: list[str], apart: dict[str, int]
+    ) -> list[tuple[str, BlockFile, np.ndarray]]:
         """The heads of a pack's blocks from its one object, each checked as a partial block; from
         their own objects if the pack is missing or damaged (a damaged pack is deleted)."""
         data = self.remote.read_pack(group[-1])
@@ -409,7 +411,7 @@ class RemoteTier:
                 for key in group:
                     head = view[offset : offset + apart[key]]
                     offset += len(head)
-                    unpacked.append((key, head, self._check(key, data=head, partial=True)))
+                    unpacked.append((key, *self._check(key, data=head, partial=True)))
                 if offset == len(view):
                     return unpacked
                 raise CheckpointCorrupt(f"pack {group[-1]} holds {len(view)} bytes, its heads {offset}")
@@ -419,15 +421,15 @@ class RemoteTier:
                 self.remote.delete_pack(group[-1])
         return [(key, *self._download(key, True, True)) for key in group]
 
-    def _download(self, key: str, split: bool, head_only: bool) -> tuple[object, np.ndarray]:
+    def _download(self, key: str, split: bool, head_only: bool) -> tuple[BlockFile, np.ndarray]:
         """One block (or its head alone, as a partial block) into memory, its digests checked:
-        its bytes and token ids."""
+        the block and its token ids."""
         data = self.remote.read_block(key, split, head_only)
         if data is None:
             raise CheckpointError(f"block {key} is missing from the block store")
-        return data, self._verify(key, data=data, partial=head_only)
+        return self._verify(key, data=data, partial=head_only)
 
-    def _verify(self, key: str, path=None, partial: bool = False, data=None) -> np.ndarray:
+    def _verify(self, key: str, path=None, partial: bool = False, data=None) -> tuple[BlockFile, np.ndarray]:
         """`_check`, and a damaged object is deleted from the store (content addressed: the next
         node that computes this block uploads it again)."""
         try:
@@ -437,10 +439,11 @@ class RemoteTier:
             raise
 
     @staticmethod
-    def _check(key: str, path=None, partial: bool = False, data=None) -> np.ndarray:
+    def _check(key: str, path=None, partial: bool = False, data=None) -> tuple[BlockFile, np.ndarray]:
         """Check every tensor's digest of a block file, or of its bytes in memory (`data`; of a
-        partial block: those it holds, which must cover its head) and return its token ids."""
-        block = BlockFile(path, key, Scratch(), data=data)
+        partial block: those it holds, which must cover its head): the block (closed; one in
+        memory stays readable) and its token ids."""
+        block = BlockFile(path, key, Scratch() if data is None else None, data=data)
         try:
             head = block.head_bytes()
             if partial and (head is None or head > block.held_bytes()):
@@ -448,7 +451,7 @@ class RemoteTier:
             for name in block.present() if partial else block.meta["digests"]:
                 if name != "tokens":
                     block.tensor(name)
-            return block.tokens()  # checked too
+            return block, block.tokens()  # checked too
         finally:
             block.close()
 
