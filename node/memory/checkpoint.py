@@ -139,6 +139,7 @@ class CheckpointStore:
         self.land()
         if self._lander is not None:
             self._lander.shutdown()
+            self._lander = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None
