@@ -160,6 +160,7 @@ class BlockFile:
         except OSError as e:
             raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
         self.path, self._data, self._size = path, None, os.fstat(self._fd).st_size
+        self._checked = set()  # a file is checked on every read
 
     def _ensure_whole(self, stop: int) -> None:
         if self._offset + stop <= self._size or self._complete is None:

@@ -452,6 +452,8 @@ class CheckpointStore:
                 self._arrivals[agent_id] = manifest
             else:
                 self._arrivals.pop(agent_id, None)
+                for ref in manifest["blocks"]:
+                    self.blocks.land(ref["key"])  # held for another context: on disk first
                 self._write_manifest(agent_id, manifest)
         with self._guard:
             self.index()

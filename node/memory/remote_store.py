@@ -122,14 +122,18 @@ class ObjectStore:
     def pack_key(self, last: str) -> str:
         return self._key("packs", last[:2], f"{last}.heads")
 
+    def has_pack(self, last: str) -> bool:
+        try:
+            self._call(obstore.head, self._store, self.pack_key(last))
+        except _Missing:
+            return False
+        return True
+
     def put_pack(self, last: str, heads: list) -> int:
         """Upload the heads of a pack's blocks (in order) as one object unless the store has it;
         returns the bytes sent."""
-        try:
-            self._call(obstore.head, self._store, self.pack_key(last))
+        if self.has_pack(last):
             return 0
-        except _Missing:
-            pass
         body = b"".join(heads)
         self._call(obstore.put, self._store, self.pack_key(last), body)
         return len(body)

@@ -94,10 +94,11 @@ class RemoteTier:
         self._changed = threading.Condition()
         self._known: dict[str, tuple[int, float]] = {}  # agent -> (version, updated) last seen in the store
         self._uploaded: set[str] = set()  # block keys the store holds
-        self._splits: dict[str, int | None] = {}
-        self._packed: set[str] = (
-            set()
-        )  # packs (by their last block) the store holds  # block key -> head size if stored apart (never changes)
+        self._splits: dict[str, int | None] = {}  # block key -> head size if stored apart (never changes)
+        self._packed: set[str] = set()  # packs (by their last block) the store holds
+        # blocks whose bytes here are the store's (this node uploaded them, or pulled them): two
+        # nodes computing one prefix store one copy under its key, their floats may differ
+        self._as_stored: set[str] = set()
         self._pull_locks: dict[str, threading.Lock] = {}
         self._closing = False
         self.reachable: bool | None = None
@@ -219,18 +220,24 @@ class RemoteTier:
         self.upload_s += time.perf_counter() - started
 
     def _with_packs(self, agent_id: str, manifest: dict) -> dict:
-        """The manifest naming the packs of its older blocks' heads (`remote_store`), each packed
-        and uploaded first if this node has not seen it in the store."""
+        """The manifest naming the packs of its older blocks' heads (`remote_store`) that the
+        store holds, each packed and uploaded first where this node's copies of its blocks are the
+        store's (a pack's heads must match the rests in the store)."""
+        named = []
         for group in _groups(manifest):
             last = group[-1]["key"]
             if last not in self._packed:
-                try:
-                    heads = [self.store.blocks.head(ref["key"], ref["split"]) for ref in group]
-                except FileNotFoundError:
-                    raise _Superseded(f"a block of context {agent_id!r} left the local disk") from None
-                self.uploaded_bytes += self.remote.put_pack(last, heads)
+                if all(ref["key"] in self._as_stored for ref in group):
+                    try:
+                        heads = [self.store.blocks.head(ref["key"], ref["split"]) for ref in group]
+                    except FileNotFoundError:
+                        raise _Superseded(f"a block of context {agent_id!r} left the local disk") from None
+                    self.uploaded_bytes += self.remote.put_pack(last, heads)
+                elif not self.remote.has_pack(last):
+                    continue
                 self._packed.add(last)
-        return {**manifest, "packs": [group[-1]["key"] for group in _groups(manifest)]}
+            named.append(last)
+        return {**manifest, "packs": named}
 
     def _with_splits(self, manifest: dict) -> dict:
         """The manifest with the head size of each block stored as head and rest, for pulls."""
@@ -258,7 +265,10 @@ class RemoteTier:
     def _upload_block(self, agent_id: str, key: str) -> int:
         split = self._split(key)
         try:
-            return self.remote.put_block(key, self.store.blocks.path(key), split)
+            sent = self.remote.put_block(key, self.store.blocks.path(key), split)
+            if sent:
+                self._as_stored.add(key)
+            return sent
         except FileNotFoundError:
             if not self.remote.has_block(key, split is not None):
                 raise _Superseded(f"block {key} of context {agent_id!r} left the local disk") from None
@@ -340,6 +350,7 @@ class RemoteTier:
         jobs += [functools.partial(download, key) for key in singles if key in heads]
         fetched = [block for blocks in self._transfers.map(lambda job: job(), jobs) for block in blocks]
         transferred = time.perf_counter()
+        self._as_stored.update(key for key, _, _ in fetched)
         self.store.adopt(
             manifest,
             {key: tokens for key, _, tokens in fetched},
@@ -413,6 +424,7 @@ class RemoteTier:
                     offset += len(head)
                     unpacked.append((key, *self._check(key, data=head, partial=True)))
                 if offset == len(view):
+                    self._packed.add(group[-1])  # in the store: this node need not upload it
                     return unpacked
                 raise CheckpointCorrupt(f"pack {group[-1]} holds {len(view)} bytes, its heads {offset}")
             except CheckpointCorrupt as e:

@@ -296,6 +296,12 @@ async def test_a_pull_reads_the_heads_of_eight_older_blocks_from_one_pack(
     client.put_object(Bucket="agents", Key=remote.pack_key(group[-1]), Body=bytes(pack))
     resumes_on(tmp_path / "three")
     assert remote.read_pack(group[-1]) is None
+    # a node that computed the same blocks itself (another context, same tokens: same keys), after
+    # another node stored them, packs none of its own (its floats may differ from the stored
+    # blocks' rests) and names no pack the store lacks
+    assert await _uploaded_context(tiny_engine, tmp_path / "four", bucket, "kappa", repeats=55) == history
+    assert remote.latest_manifest("kappa")["blocks"][: len(group)] == manifest["blocks"][: len(group)]
+    assert remote.read_pack(group[-1]) is None and remote.latest_manifest("kappa")["packs"] == []
 
 
 PULL_THEN_HANG = """
