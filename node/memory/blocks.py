@@ -11,7 +11,9 @@ block are all that a context's older blocks must provide, and a node pulling a c
 shared store (`node.memory.sync`) fetches that much of them first, as a *partial* block file
 (`<key>.safetensors.partial`), and the rest in the background. A read that needs more of a partial
 block than it holds waits for the rest (`BlockStore.complete`). Partial blocks survive a restart
-(the tier completes them then); they count as stored blocks.
+(the tier completes them then); they count as stored blocks. Blocks a pull brought are held in
+memory first (`BlockStore.hold`: read from there at once, the digests checked on arrival) and
+written to their files behind the restore (`land`).
 """
 
 from __future__ import annotations
