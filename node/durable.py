@@ -13,3 +13,17 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish(target: Path, data, temporary: Path) -> None:
+    """Write `data` to `temporary`, flush it, rename it over `target` and flush the folder: a
+    reader finds the old file or the whole new one, after a crash too."""
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    fsync_path(target.parent)

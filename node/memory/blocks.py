@@ -30,7 +30,7 @@ from typing import Self
 
 import numpy as np
 
-from node.durable import fsync_path
+from node.durable import fsync_path, publish
 from node.errors import BlockStoreUnavailable, CheckpointCorrupt
 from node.memory.checkpoint_format import tensor_digest
 from node.memory.kv_codec import decode_into, encode
@@ -317,16 +317,7 @@ class BlockStore:
             block, partial = held
             target = self.partial_path(key) if partial else self.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.parent / temporary_name(target.name)
-            try:
-                with temporary.open("wb") as handle:
-                    handle.write(block.buffer)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, target)
-            finally:
-                temporary.unlink(missing_ok=True)
-            fsync_path(target.parent)
+            publish(target, block.buffer, target.parent / temporary_name(target.name))
             self._held.pop(key, None)
 
     def partial_keys(self) -> list[str]:

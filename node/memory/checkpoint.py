@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -30,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 from filelock import FileLock, Timeout
 
-from node.durable import fsync_path
+from node.durable import publish
 from node.errors import (
     CacheLocked,
     CheckpointCorrupt,
@@ -225,16 +224,7 @@ class CheckpointStore:
 
     def _write_manifest(self, agent_id: str, manifest: dict) -> None:
         target = self.manifest_path(agent_id)
-        temporary = target.parent / temporary_name(target.name)
-        try:
-            with temporary.open("wb") as handle:
-                handle.write(json.dumps(manifest).encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        fsync_path(target.parent)
+        publish(target, json.dumps(manifest).encode(), target.parent / temporary_name(target.name))
 
     # ---- the index -----------------------------------------------------------------------
     def index(self) -> PrefixIndex:
