@@ -19,6 +19,7 @@ written to their files behind the restore (`land`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import struct
@@ -101,8 +102,7 @@ class BlockFile:
         """Another reader of this block in memory, sharing its parsed header and its checks."""
         if self._fd is not None:
             raise ValueError("only a block in memory is shared between readers")
-        other = object.__new__(BlockFile)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other._scratch, other._complete = scratch, complete
         return other
 

@@ -136,9 +136,10 @@ class CheckpointStore:
 
     def close(self) -> None:
         self.land()
-        if self._lander is not None:
-            self._lander.shutdown()
-            self._lander = None
+        with self._guard:
+            lander, self._lander = self._lander, None
+        if lander is not None:
+            lander.shutdown()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -475,12 +476,13 @@ class CheckpointStore:
             logger.warning("context %r pulled from the block store is not on disk yet: %s", agent_id, e)
 
     def _land_soon(self, agent_id: str) -> None:
-        with self._landing:
-            if agent_id not in self._arrivals:
-                return
+        """Land a context on a thread of its own (a restore must not wait behind a landing)."""
+        if agent_id not in self._arrivals:
+            return
+        with self._guard:
             if self._lander is None:
                 self._lander = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-landing")
-        self._lander.submit(self._land_quietly, agent_id)
+            self._lander.submit(self._land_quietly, agent_id)
 
     def block_completed(self, key: str) -> None:
         """A partial block's rest arrived (its size counts in full toward the disk budget)."""

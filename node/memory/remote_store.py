@@ -101,8 +101,11 @@ class ObjectStore:
 
     # ---- blocks --------------------------------------------------------------------------
     def has_block(self, key: str, split: bool = False) -> bool:
+        return self._exists(self.block_key(key, "rest" if split else "safetensors"))
+
+    def _exists(self, object_key: str) -> bool:
         try:
-            self._call(obstore.head, self._store, self.block_key(key, "rest" if split else "safetensors"))
+            self._call(obstore.head, self._store, object_key)
         except _Missing:
             return False
         return True
@@ -123,11 +126,7 @@ class ObjectStore:
         return self._key("packs", last[:2], f"{last}.heads")
 
     def has_pack(self, last: str) -> bool:
-        try:
-            self._call(obstore.head, self._store, self.pack_key(last))
-        except _Missing:
-            return False
-        return True
+        return self._exists(self.pack_key(last))
 
     def put_pack(self, last: str, heads: list) -> int:
         """Upload the heads of a pack's blocks (in order) as one object unless the store has it;
@@ -140,10 +139,7 @@ class ObjectStore:
 
     def read_pack(self, last: str):
         """A pack's bytes in memory (a buffer), or None if it is absent."""
-        try:
-            return self.read(self.pack_key(last))
-        except _Missing:
-            return None
+        return self.read(self.pack_key(last))
 
     def delete_pack(self, last: str) -> None:
         self._call(obstore.delete, self._store, self.pack_key(last))
@@ -153,10 +149,10 @@ class ObjectStore:
         stored as head and rest (`split`) its head alone; None if absent."""
         parts = []
         for name in self.block_objects(key, split, head_only):
-            try:
-                parts.append(self.read(name))
-            except _Missing:
+            part = self.read(name)
+            if part is None:
                 return None
+            parts.append(part)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def block_objects(self, key: str, split: bool, head_only: bool = False) -> list[str]:
@@ -179,17 +175,20 @@ class ObjectStore:
             self._call(obstore.delete, self._store, self.block_key(key, part))
 
     def _get(self, object_key: str, target: Path, mode: str, first: int = 0) -> int | None:
-        try:
-            data = self.read(object_key, first)
-        except _Missing:
+        data = self.read(object_key, first)
+        if data is None:
             return None
         with Path(target).open(mode) as handle:
             return handle.write(data)
 
     def read(self, object_key: str, first: int = 0):
-        """An object's bytes (from offset `first`) in memory, as obstore's buffer."""
+        """An object's bytes (from offset `first`) in memory, as obstore's buffer; None if it is
+        absent."""
         options = {"range": {"offset": first}} if first else None
-        return self._call(lambda: obstore.get(self._store, object_key, options=options).bytes())
+        try:
+            return self._call(lambda: obstore.get(self._store, object_key, options=options).bytes())
+        except _Missing:
+            return None
 
     # ---- manifests -----------------------------------------------------------------------
     def versions(self, agent_id: str) -> list[int]:
@@ -211,11 +210,11 @@ class ObjectStore:
         return None
 
     def manifest(self, agent_id: str, version: int) -> dict | None:
-        key = self._version_key(agent_id, version)
-        try:
-            manifest = json.loads(bytes(self.read(key)))
-        except _Missing:
+        body = self.read(self._version_key(agent_id, version))
+        if body is None:
             return None
+        try:
+            manifest = json.loads(bytes(body))
         except ValueError:
             return None  # not ours to trust; an older version still may be
         if not _well_formed(manifest, agent_id):

@@ -335,11 +335,7 @@ class RemoteTier:
         keys = [key for key in _keys(manifest) if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
-        apart = _apart(manifest)
-        heads = self._heads(manifest, keys, apart)
-        packs = _packed_groups(manifest, heads)
-        packed = {key for group in packs for key in group}
-        singles = [key for key in keys if key not in packed]
+        apart, heads, packs, singles = self._transfer_plan(manifest, keys)
 
         def download(key: str) -> list[tuple[str, BlockFile, np.ndarray]]:
             return [(key, *self._download(key, key in apart, key in heads))]
@@ -386,16 +382,22 @@ class RemoteTier:
     def objects(self, manifest: dict) -> list[str]:
         """The objects a pull of this version fetches before the restore on a node holding none of
         its blocks (the bench's transfer floor)."""
-        keys, apart = _keys(manifest), _apart(manifest)
+        apart, heads, packs, singles = self._transfer_plan(manifest, _keys(manifest))
+        return [self.remote.pack_key(group[-1]) for group in packs] + [
+            name for key in singles for name in self.remote.block_objects(key, key in apart, key in heads)
+        ]
+
+    def _transfer_plan(
+        self, manifest: dict, keys: list[str]
+    ) -> tuple[dict[str, int], set[str], list[list[str]], list[str]]:
+        """What a pull of these blocks fetches: which are stored apart (key -> head bytes), which
+        as their heads alone, the packs holding some of those heads, and the blocks fetched from
+        their own objects."""
+        apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
         packs = _packed_groups(manifest, heads)
         packed = {key for group in packs for key in group}
-        return [self.remote.pack_key(group[-1]) for group in packs] + [
-            name
-            for key in keys
-            if key not in packed
-            for name in self.remote.block_objects(key, key in apart, key in heads)
-        ]
+        return apart, heads, packs, [key for key in keys if key not in packed]
 
     def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
         """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
