@@ -16,11 +16,12 @@ def fsync_path(path: Path) -> None:
 
 
 def publish(target: Path, data, temporary: Path) -> None:
-    """Write `data` to `temporary`, flush it, rename it over `target` and flush the folder: a
-    reader finds the old file or the whole new one, after a crash too."""
+    """Write `data` (bytes, or a list of buffers one after the other) to `temporary`, flush it,
+    rename it over `target` and flush the folder: a reader finds the old file or the whole new
+    one, after a crash too."""
     try:
         with temporary.open("wb") as handle:
-            handle.write(data)
+            handle.writelines(data if isinstance(data, list) else [data])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)

@@ -84,7 +84,7 @@ class BlockFile:
         if data is None:
             self._open(path)
         else:
-            self.path, self._data, self._size = None, memoryview(data).cast("B"), len(data)
+            self.path, self._parts, self._size = None, [memoryview(data).cast("B")], len(data)
         try:
             (size,) = struct.unpack("<Q", self._read_bytes(0, 8))
             header = json.loads(self._read_bytes(8, size))
@@ -106,14 +106,34 @@ class BlockFile:
         other._scratch, other._complete = scratch, complete
         return other
 
+    def joined(self, rest) -> BlockFile:
+        """This partial block in memory and the bytes that follow its end: the whole block,
+        without a copy, sharing the header and the digests checked so far."""
+        if self._fd is not None:
+            raise ValueError("only a block in memory is joined to its rest")
+        whole = copy.copy(self)
+        whole._parts = [*self._parts, memoryview(rest).cast("B")]
+        whole._size = self._size + len(rest)
+        whole._checked = set(self._checked)
+        return whole
+
     @property
-    def buffer(self) -> memoryview:
-        """The bytes of a block in memory."""
-        return self._data
+    def buffers(self) -> list[memoryview]:
+        """The bytes of a block in memory, in order (one buffer, or a head and its rest)."""
+        return self._parts
+
+    def _in_memory(self, start: int, stop: int) -> memoryview:
+        """Bytes [start, stop) of a block in memory, in place (a tensor lies within one part)."""
+        base = 0
+        for part in self._parts:
+            if start < base + len(part):
+                return part[start - base : stop - base]
+            base += len(part)
+        return memoryview(b"")
 
     def _read_bytes(self, offset: int, nbytes: int) -> bytes:
         if self._fd is None:
-            return bytes(self._data[offset : offset + nbytes])
+            return bytes(self._in_memory(offset, offset + nbytes))
         return os.pread(self._fd, nbytes, offset)
 
     def close(self) -> None:
@@ -161,7 +181,7 @@ class BlockFile:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise _corrupt(self.key, f"block {self.key} is unreadable: {e}") from e
-        self.path, self._data, self._size = path, None, os.fstat(self._fd).st_size
+        self.path, self._parts, self._size = path, [], os.fstat(self._fd).st_size
         self._checked = set()  # a file is checked on every read
 
     def _ensure_whole(self, stop: int) -> None:
@@ -179,7 +199,7 @@ class BlockFile:
         nbytes = stop - start
         try:
             if self._fd is None:  # in memory: read in place
-                buffer = self._data[self._offset + start : self._offset + stop]
+                buffer = self._in_memory(self._offset + start, self._offset + stop)
                 read = len(buffer)
                 if fresh:
                     buffer = memoryview(bytearray(buffer))
@@ -292,7 +312,7 @@ class BlockStore:
         """A block's first `nbytes` (its head), from memory or its file, whole or partial."""
         held = self._held.get(key)
         if held is not None:
-            return bytes(held[0].buffer[:nbytes])
+            return bytes(held[0].buffers[0][:nbytes])
         for path in (self.path(key), self.partial_path(key)):
             with contextlib.suppress(FileNotFoundError), path.open("rb") as handle:
                 data = handle.read(nbytes)
@@ -317,7 +337,7 @@ class BlockStore:
             block, partial = held
             target = self.partial_path(key) if partial else self.path(key)
             target.parent.mkdir(parents=True, exist_ok=True)
-            publish(target, block.buffer, target.parent / temporary_name(target.name))
+            publish(target, block.buffers, target.parent / temporary_name(target.name))
             self._held.pop(key, None)
 
     def partial_keys(self) -> list[str]:

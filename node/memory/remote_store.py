@@ -162,6 +162,10 @@ class ObjectStore:
         parts = ("head",) if head_only else ("head", "rest") if split else ("safetensors",)
         return [self.block_key(key, part) for part in parts]
 
+    def read_rest(self, key: str):
+        """The rest of a block stored as head and rest, in memory; None if absent."""
+        return self.read(self.block_key(key, "rest"))
+
     def get_rest(self, key: str, target: Path) -> int | None:
         """Append the rest of a block to `target`, which holds its head: the `rest` object, or for
         a block stored whole (uploaded before heads and rests were apart) a ranged GET."""

@@ -23,7 +23,9 @@
   a read that needs it). The uploader also packs the heads of each run of PACK_BLOCKS full blocks
   into one object and names the packs in the manifest; a pull reads those heads from their pack
   (one GET for eight; from their own objects if the pack is missing or damaged, which is then
-  deleted). A pull also brings back any block its local context lacks.
+  deleted), and of the blocks of a pack it needs whole (the window's) just their rests, each
+  joined in memory to its head from the pack. A pull also brings back any block its local
+  context lacks.
 - A store that does not answer makes neither path fail: uploads stay queued and are retried every
   `retry_s`, pulls find nothing, and `status()` (shown by /health) says so.
 
@@ -39,8 +41,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,6 +76,16 @@ class Pull:
     bytes_downloaded: int
     seconds: float
     phases: dict  # seconds: "manifest" (LIST and GET), "transfer" (GETs, digests), "adopt"
+
+
+class TransferPlan(NamedTuple):
+    """What a pull of some blocks fetches."""
+
+    apart: dict[str, int]  # the blocks stored as head and rest: key -> head bytes
+    heads: set[str]  # those fetched as their heads alone (partial blocks)
+    packs: list[list[str]]  # the packs read, each its blocks' keys in order
+    rests: list[str]  # blocks of those packs fetched whole: their rest objects
+    singles: list[str]  # the blocks fetched from their own objects
 
 
 class RemoteTier:
@@ -335,15 +348,18 @@ class RemoteTier:
         keys = [key for key in _keys(manifest) if not self.store.blocks.held(key)]
         if not newer and not keys:
             return None
-        apart, heads, packs, singles = self._transfer_plan(manifest, keys)
+        plan = self._transfer_plan(manifest, keys)
+        apart, heads = plan.apart, plan.heads
 
         def download(key: str) -> list[tuple[str, BlockFile, np.ndarray]]:
             return [(key, *self._download(key, key in apart, key in heads))]
 
-        # the longest first: whole blocks (head and rest), then packs, then single heads
-        jobs = [functools.partial(download, key) for key in singles if key not in heads]
-        jobs += [functools.partial(self._download_pack, group, apart) for group in packs]
-        jobs += [functools.partial(download, key) for key in singles if key in heads]
+        # the rests of packed blocks wanted whole first (their packs' jobs wait for them), then the
+        # longest first: whole blocks (head and rest), packs, single heads
+        rests = {key: self._transfers.submit(self.remote.read_rest, key) for key in plan.rests}
+        jobs = [functools.partial(download, key) for key in plan.singles if key not in heads]
+        jobs += [functools.partial(self._download_pack, group, apart, rests) for group in plan.packs]
+        jobs += [functools.partial(download, key) for key in plan.singles if key in heads]
         fetched = [block for blocks in self._transfers.map(lambda job: job(), jobs) for block in blocks]
         transferred = time.perf_counter()
         self._as_stored.update(key for key, _, _ in fetched)
@@ -382,22 +398,29 @@ class RemoteTier:
     def objects(self, manifest: dict) -> list[str]:
         """The objects a pull of this version fetches before the restore on a node holding none of
         its blocks (the bench's transfer floor)."""
-        apart, heads, packs, singles = self._transfer_plan(manifest, _keys(manifest))
-        return [self.remote.pack_key(group[-1]) for group in packs] + [
-            name for key in singles for name in self.remote.block_objects(key, key in apart, key in heads)
-        ]
+        plan = self._transfer_plan(manifest, _keys(manifest))
+        return (
+            [self.remote.pack_key(group[-1]) for group in plan.packs]
+            + [self.remote.block_key(key, "rest") for key in plan.rests]
+            + [
+                name
+                for key in plan.singles
+                for name in self.remote.block_objects(key, key in plan.apart, key in plan.heads)
+            ]
+        )
 
-    def _transfer_plan(
-        self, manifest: dict, keys: list[str]
-    ) -> tuple[dict[str, int], set[str], list[list[str]], list[str]]:
-        """What a pull of these blocks fetches: which are stored apart (key -> head bytes), which
-        as their heads alone, the packs holding some of those heads, and the blocks fetched from
-        their own objects."""
+    def _transfer_plan(self, manifest: dict, keys: list[str]) -> TransferPlan:
         apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
-        packs = _packed_groups(manifest, heads)
-        packed = {key for group in packs for key in group}
-        return apart, heads, packs, [key for key in keys if key not in packed]
+        packs = _packed_groups(manifest, keys)
+        packed = [key for group in packs for key in group]
+        return TransferPlan(
+            apart,
+            heads,
+            packs,
+            [key for key in packed if key not in heads],
+            [key for key in keys if key not in set(packed)],
+        )
 
     def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
         """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
@@ -413,8 +436,30 @@ class RemoteTier:
         }
 
     def _download_pack(
-        self, group: list[str], apart: dict[str, int]
+        self, group: list[str], apart: dict[str, int], rests: dict[str, Future]
     ) -> list[tuple[str, BlockFile, np.ndarray]]:
+        """A pack's blocks: their heads from the pack, each checked as a partial block, and joined
+        to their rests where the pull fetches a block whole (`rests`: the rests' GETs under way)."""
+        return [
+            (key, self._joined(key, block, rests[key]) if key in rests else block, tokens)
+            for key, block, tokens in self._pack_heads(group, apart)
+        ]
+
+    def _joined(self, key: str, head: BlockFile, rest: Future) -> BlockFile:
+        """A block's checked head and its rest (once fetched): the whole block, its rest's
+        digests checked (a damaged rest: the block is deleted from the store)."""
+        data = rest.result()
+        if data is None:
+            raise CheckpointError(f"block {key} is missing from the block store")
+        block = head.joined(data)
+        try:
+            block.verify()  # the head's tensors are checked already
+        except CheckpointCorrupt:
+            self._discard(key)
+            raise
+        return block
+
+    def _pack_heads(self, group: list[str], apart: dict[str, int]) -> list[tuple[str, BlockFile, np.ndarray]]:
         """The heads of a pack's blocks from its one object, each checked as a partial block; from
         their own objects if the pack is missing or damaged (a damaged pack is deleted)."""
         data = self.remote.read_pack(group[-1])
@@ -509,12 +554,12 @@ def _groups(manifest: dict) -> list[list[dict]]:
     return [g for g in groups if all("split" in ref and ref["length"] == BLOCK_TOKENS for ref in g)]
 
 
-def _packed_groups(manifest: dict, heads: set[str]) -> list[list[str]]:
-    """The block keys of the packs a manifest names whose blocks a pull wants as heads, each pack
+def _packed_groups(manifest: dict, wanted: list[str]) -> list[list[str]]:
+    """The block keys of the packs a manifest names all of whose blocks a pull fetches, each pack
     in order."""
-    named = set(manifest.get("packs") or ())
+    named, wanted = set(manifest.get("packs") or ()), set(wanted)
     keys = ([ref["key"] for ref in group] for group in _groups(manifest) if group[-1]["key"] in named)
-    return [group for group in keys if heads.issuperset(group)]
+    return [group for group in keys if wanted.issuperset(group)]
 
 
 def _apart(manifest: dict) -> dict[str, int]:

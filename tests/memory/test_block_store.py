@@ -17,6 +17,7 @@ import pytest
 
 from node.memory.agents import AgentManager
 from node.memory.checkpoint import CheckpointStore
+from node.memory.checkpoint_format import BLOCK_TOKENS
 from node.memory.partial_blocks import COMPLETE_THREADS
 from node.memory.remote_store import ObjectStore
 from node.memory.sync import PACK_BLOCKS, RemoteTier, window_start
@@ -202,9 +203,13 @@ def _pulling_store(engine, root: Path, bucket: str) -> tuple[CheckpointStore, Re
     return store, RemoteTier(store, ObjectStore(bucket), window_start=window_start(engine.make_caches()))
 
 
-async def _uploaded_context(engine, root: Path, bucket: str, agent_id: str, repeats: int = 40) -> list[int]:
+async def _uploaded_context(
+    engine, root: Path, bucket: str, agent_id: str, repeats: int = 40, tokens: int | None = None
+) -> list[int]:
+    """A context run on a node and uploaded: its history (the prompt TEXT * repeats, cut to
+    `tokens` if given, and what the model generated)."""
     one = await _node(engine, root, bucket)
-    await one.generate(agent_id, engine.encode(TEXT * repeats), GREEDY)
+    await one.generate(agent_id, engine.encode(TEXT * repeats)[:tokens], GREEDY)
     history = await one.tokens(agent_id)
     await one.close()
     return history
@@ -302,6 +307,42 @@ async def test_a_pull_reads_the_heads_of_eight_older_blocks_from_one_pack(
     assert await _uploaded_context(tiny_engine, tmp_path / "four", bucket, "kappa", repeats=55) == history
     assert remote.latest_manifest("kappa")["blocks"][: len(group)] == manifest["blocks"][: len(group)]
     assert remote.read_pack(group[-1]) is None and remote.latest_manifest("kappa")["packs"] == []
+
+
+async def test_a_pack_holding_blocks_of_the_window_gives_their_heads_and_their_rests_come_apart(
+    tiny_engine, tmp_path, weed, bucket
+):
+    # PACK_BLOCKS full blocks and a few tokens: the last packed block is in the window (read whole)
+    history = await _uploaded_context(
+        tiny_engine, tmp_path / "one", bucket, "lambda", repeats=200, tokens=PACK_BLOCKS * BLOCK_TOKENS - 2
+    )
+    assert PACK_BLOCKS * BLOCK_TOKENS < len(history) < PACK_BLOCKS * BLOCK_TOKENS + WINDOW
+    remote, client = ObjectStore(bucket), s3_client(weed.endpoint)
+    manifest = remote.latest_manifest("lambda")
+    group = [ref["key"] for ref in manifest["blocks"][:PACK_BLOCKS]]
+    assert manifest["packs"] == [group[-1]]
+    store, tier = _pulling_store(tiny_engine, tmp_path / "two", bucket)
+    release = _blocked_completer(tier)
+    try:
+        objects = tier.objects(manifest)
+        assert objects[:2] == [remote.pack_key(group[-1]), remote.block_key(group[-1], "rest")]
+        assert not any(remote.block_key(key, "head") in objects for key in group)
+        for key in group:  # the heads come from the pack alone
+            client.delete_object(Bucket="agents", Key=remote.block_key(key, "head"))
+        assert tier.pull("lambda").tokens == len(history)
+        # the other heads wait (behind the held completer) for their rests; the last came whole
+        assert tier.status()["completing_blocks"] == PACK_BLOCKS - 1
+        resumed = store.restore("lambda", tiny_engine.make_caches)
+        whole = CheckpointStore(tmp_path / "one", tiny_engine.info.fingerprint).restore(
+            "lambda", tiny_engine.make_caches
+        )
+        assert resumed.tokens == history
+        for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
+            assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+    finally:
+        release.set()
+        tier.close()
+        store.close()
 
 
 PULL_THEN_HANG = """
