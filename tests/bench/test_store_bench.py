@@ -33,7 +33,13 @@ def test_store_scenario_resumes_on_fresh_nodes_and_measures_the_transfer_floor(
     (record,) = json.loads((tmp_path / "bench.json").read_text())["scenarios"]
     assert record["status"] == "ok", record["results"].get("error")
     (row,) = record["results"]["sizes"]
-    assert row["tokens"] == 2048 and len(row["store_resumes"]) == 3
+    assert row["tokens"] == 2048 and len(row["store_resumes"]) == 5
+    # each resume is compared with the local restore run just before it
+    paired = sorted(r["resume_vs_local"] for r in row["store_resumes"])
+    assert row["resume_vs_local"] == paired[2]
+    for r in row["store_resumes"]:  # (the JSON rounds the seconds to 0.1 ms)
+        assert r["resume_vs_local"] == pytest.approx(r["resume_s"] / r["local_restore_s"], rel=0.05, abs=0.1)
+    assert row["best_local_restore_s"] <= row["local_restore_s"]
     for resumed in row["store_resumes"]:  # where each pull's time went
         phases = resumed["pull_phases_s"]
         assert set(phases) == {"manifest", "transfer", "adopt"}
