@@ -3,9 +3,10 @@
 For each of the profile's store sizes (2k and 8k; 32k in the full profile): the context's cold
 prefill (scenario 3's contexts where it has them), its restore from the local disk, its upload to
 the object store (write-back), and its resume on nodes that have none of it (five, one after the
-other, each compared with a local restore run just before it): pull (the heads of the older blocks and the last blocks whole into memory, digests
-checked) plus the restore that follows (from those blocks in memory; their files are written
-behind it); the rest of the blocks arrives in the background. Beside it, the transfer's own floor: the pull's GETs into memory alone, and the same
+other, each compared with a local restore run just before it): pull (the heads of the older blocks
+and the last blocks whole into memory, digests checked) plus the restore that follows (from those
+blocks in memory; their files are written behind it); the rest of the blocks arrives in the
+background. Beside it, the transfer's own floor: the pull's GETs into memory alone, and the same
 GETs with the local restore running beside them. Then three nodes commit the same 2k-token
 playbook and upload it: the bytes in the store against one node's bytes on disk.
 

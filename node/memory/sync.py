@@ -413,14 +413,9 @@ class RemoteTier:
         apart = _apart(manifest)
         heads = self._heads(manifest, keys, apart)
         packs = _packed_groups(manifest, keys)
-        packed = [key for group in packs for key in group]
-        return TransferPlan(
-            apart,
-            heads,
-            packs,
-            [key for key in packed if key not in heads],
-            [key for key in keys if key not in set(packed)],
-        )
+        packed = {key for group in packs for key in group}
+        rests = [key for group in packs for key in group if key not in heads]
+        return TransferPlan(apart, heads, packs, rests, [key for key in keys if key not in packed])
 
     def _heads(self, manifest: dict, keys: list[str], apart: dict[str, int]) -> set[str]:
         """Of the blocks to fetch, those stored as head and rest (`apart`) whose head is all a
