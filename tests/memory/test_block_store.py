@@ -197,6 +197,13 @@ def _blocked_completer(tier) -> threading.Event:
     return release
 
 
+def _same_caches(mine: list, theirs: list) -> bool:
+    return all(
+        mx.array_equal(a.keys, b.keys) and mx.array_equal(a.values, b.values)
+        for a, b in zip(mine, theirs, strict=True)
+    )
+
+
 def _pulling_store(engine, root: Path, bucket: str) -> tuple[CheckpointStore, RemoteTier]:
     store = CheckpointStore(root, engine.info.fingerprint)
     store.open_for_serving()
@@ -238,8 +245,7 @@ async def test_a_pull_fetches_the_heads_of_older_blocks_first_and_the_rest_in_th
         # the restore needs no block's rest: same tokens and caches as the source's
         resumed = store.restore("zeta", tiny_engine.make_caches)
         assert resumed.tokens == whole.tokens == history
-        for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
-            assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+        assert _same_caches(resumed.caches, whole.caches)
         # behind the restore the blocks land, the older ones as their heads, then the manifest
         _wait(lambda: store.manifest_path("zeta").exists())
         assert all(store.blocks.partial_path(key).exists() for key in older)
@@ -279,8 +285,7 @@ async def test_a_pull_reads_the_heads_of_eight_older_blocks_from_one_pack(
             assert tier.pull("iota").tokens == len(history)
             resumed = store.restore("iota", tiny_engine.make_caches)
             assert resumed.tokens == history
-            for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
-                assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+            assert _same_caches(resumed.caches, whole.caches)
         finally:
             tier.close()
             store.close()
@@ -337,8 +342,7 @@ async def test_a_pack_holding_blocks_of_the_window_gives_their_heads_and_their_r
             "lambda", tiny_engine.make_caches
         )
         assert resumed.tokens == history
-        for mine, theirs in zip(resumed.caches, whole.caches, strict=True):
-            assert mx.array_equal(mine.keys, theirs.keys) and mx.array_equal(mine.values, theirs.values)
+        assert _same_caches(resumed.caches, whole.caches)
     finally:
         release.set()
         tier.close()
