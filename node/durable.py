@@ -15,13 +15,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def publish(target: Path, data, temporary: Path) -> None:
-    """Write `data` (bytes, or a list of buffers one after the other) to `temporary`, flush it,
-    rename it over `target` and flush the folder: a reader finds the old file or the whole new
-    one, after a crash too."""
+def publish(target: Path, parts: list, temporary: Path) -> None:
+    """Write `parts` (buffers, one after the other) to `temporary`, flush it, rename it over
+    `target` and flush the folder: a reader finds the old file or the whole new one, after a crash
+    too."""
     try:
         with temporary.open("wb") as handle:
-            handle.writelines(data if isinstance(data, list) else [data])
+            handle.writelines(parts)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)

@@ -77,14 +77,16 @@ class BlockFile:
     ) -> None:
         """`complete` (for a partial block): called when a read needs bytes past its end; returns
         the path of the whole block once it is there. `data`: the block's bytes in memory (a pull
-        that has not written its file yet) instead of the file at `path`."""
+        that has not written its file yet; a buffer, or a list of buffers one after the other, such
+        as a head and its rest) instead of the file at `path`."""
         self.key, self._scratch, self._complete = key, scratch, complete
         self._fd: int | None = None
         self._checked: set[str] = set()  # tensors of a block in memory whose digests matched
         if data is None:
             self._open(path)
         else:
-            self.path, self._parts, self._size = None, [memoryview(data).cast("B")], len(data)
+            self.path, self._parts = None, [memoryview(part).cast("B") for part in _listed(data)]
+            self._size = sum(len(part) for part in self._parts)
         try:
             (size,) = struct.unpack("<Q", self._read_bytes(0, 8))
             header = json.loads(self._read_bytes(8, size))
@@ -105,17 +107,6 @@ class BlockFile:
         other = copy.copy(self)
         other._scratch, other._complete = scratch, complete
         return other
-
-    def joined(self, rest) -> BlockFile:
-        """This partial block in memory and the bytes that follow its end: the whole block,
-        without a copy, sharing the header and the digests checked so far."""
-        if self._fd is not None:
-            raise ValueError("only a block in memory is joined to its rest")
-        whole = copy.copy(self)
-        whole._parts = [*self._parts, memoryview(rest).cast("B")]
-        whole._size = self._size + len(rest)
-        whole._checked = set(self._checked)
-        return whole
 
     @property
     def buffers(self) -> list[memoryview]:
@@ -241,6 +232,10 @@ class BlockFile:
         out = np.empty((hi - lo, *self.shape(name)[1:]), np.float32)
         self.decode_rows(name, lo, hi, out)
         return out
+
+
+def _listed(data) -> list:
+    return data if isinstance(data, list) else [data]
 
 
 class BlockStore:

@@ -225,7 +225,7 @@ class CheckpointStore:
 
     def _write_manifest(self, agent_id: str, manifest: dict) -> None:
         target = self.manifest_path(agent_id)
-        publish(target, json.dumps(manifest).encode(), target.parent / temporary_name(target.name))
+        publish(target, [json.dumps(manifest).encode()], target.parent / temporary_name(target.name))
 
     # ---- the index -----------------------------------------------------------------------
     def index(self) -> PrefixIndex:
@@ -439,13 +439,9 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"context {agent_id!r} names blocks not on disk: {missing[:3]}")
         manifest = {k: v for k, v in manifest.items() if k != "version"}
         with self._landing:
-            if arrived:
-                self._arrivals[agent_id] = manifest
-            else:
-                self._arrivals.pop(agent_id, None)
-                for ref in manifest["blocks"]:
-                    self.blocks.land(ref["key"])  # held for another context: on disk first
-                self._write_manifest(agent_id, manifest)
+            self._arrivals[agent_id] = manifest
+            if not arrived:  # on disk at once (its blocks first: some may be held for another context)
+                self.land(agent_id)
         with self._guard:
             self.index()
             for ref in manifest["blocks"]:

@@ -144,16 +144,16 @@ class ObjectStore:
     def delete_pack(self, last: str) -> None:
         self._call(obstore.delete, self._store, self.pack_key(last))
 
-    def read_block(self, key: str, split: bool, head_only: bool = False):
-        """A block's bytes in memory (a buffer, for the caller to verify): all of it, or of a block
-        stored as head and rest (`split`) its head alone; None if absent."""
+    def read_block(self, key: str, split: bool, head_only: bool = False) -> list | None:
+        """A block's bytes in memory (its objects' buffers in order, for the caller to verify):
+        all of it, or of a block stored as head and rest (`split`) its head alone; None if absent."""
         parts = []
         for name in self.block_objects(key, split, head_only):
             part = self.read(name)
             if part is None:
                 return None
             parts.append(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
     def block_objects(self, key: str, split: bool, head_only: bool = False) -> list[str]:
         """The objects holding a block (`split`: stored as head and rest), or its head alone."""

@@ -436,23 +436,17 @@ class RemoteTier:
         """A pack's blocks: their heads from the pack, each checked as a partial block, and joined
         to their rests where the pull fetches a block whole (`rests`: the rests' GETs under way)."""
         return [
-            (key, self._joined(key, block, rests[key]) if key in rests else block, tokens)
+            (key, *self._joined(key, block, rests[key])) if key in rests else (key, block, tokens)
             for key, block, tokens in self._pack_heads(group, apart)
         ]
 
-    def _joined(self, key: str, head: BlockFile, rest: Future) -> BlockFile:
-        """A block's checked head and its rest (once fetched): the whole block, its rest's
-        digests checked (a damaged rest: the block is deleted from the store)."""
+    def _joined(self, key: str, head: BlockFile, rest: Future) -> tuple[BlockFile, np.ndarray]:
+        """A block's checked head and its rest (once fetched) as the whole block in memory, not
+        copied, its digests checked (`_verify`)."""
         data = rest.result()
         if data is None:
             raise CheckpointError(f"block {key} is missing from the block store")
-        block = head.joined(data)
-        try:
-            block.verify()  # the head's tensors are checked already
-        except CheckpointCorrupt:
-            self._discard(key)
-            raise
-        return block
+        return self._verify(key, data=[*head.buffers, data])
 
     def _pack_heads(self, group: list[str], apart: dict[str, int]) -> list[tuple[str, BlockFile, np.ndarray]]:
         """The heads of a pack's blocks from its one object, each checked as a partial block; from
