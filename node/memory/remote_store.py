@@ -49,6 +49,7 @@ import obstore
 from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
 
 from node.errors import ConfigError
+from node.heap import freeze_long_lived
 from node.memory.agent_ids import agent_dirname
 from node.memory.checkpoint_format import is_block_key
 
@@ -364,6 +365,7 @@ def _object_store(bucket: str):
         from obstore.auth.boto3 import Boto3CredentialProvider
 
         provider = Boto3CredentialProvider(session)
+    freeze_long_lived()  # boto3's objects (`node.heap`)
     return S3Store(
         bucket,
         config=config,

@@ -30,6 +30,7 @@ from mlx_lm.utils import dequantize_model, load_model
 
 from node.config import switch_on
 from node.errors import ModelSpecError
+from node.heap import freeze_long_lived
 from node.model import blas, cpu_kernels, int8_weights, kv_cache
 from node.model.kv_cache import make_caches
 from node.model.prompt_format import prompt_format
@@ -150,7 +151,9 @@ class Engine:
             instruction_tuned=bool(tokenizer.chat_template),
             kernels=kernels,
         )
-        return cls(model, tokenizer, info)
+        engine = cls(model, tokenizer, info)
+        freeze_long_lived()  # the libraries' and the model's objects (`node.heap`)
+        return engine
 
     @staticmethod
     def _stop_token_ids(tokenizer: TextTokenizer) -> frozenset[int]:

@@ -26,6 +26,7 @@ from node.a2a.task_stores import TaskStores
 from node.anthropic.api import anthropic_routes
 from node.anthropic.chat import ChatService
 from node.config import NodeConfig, disk_budget_for
+from node.heap import freeze_long_lived
 from node.network.node_network import Network
 from node.openai.api import openai_routes
 from node.server.guards import (
@@ -61,6 +62,7 @@ def create_app(config: NodeConfig, manager=None) -> Starlette:
                 await warm_up(runtime, agents.executors.values())
                 await seen.warmed_up()
                 await network.start()
+                freeze_long_lived()  # what the start built lives as long as the node (`node.heap`)
                 yield
         finally:
             runtime.stop_all()
