@@ -73,19 +73,24 @@ class BlockFile:
     """
 
     def __init__(
-        self, path: Path | None, key: str, scratch: Scratch | None = None, complete=None, data=None
+        self,
+        path: Path | None,
+        key: str,
+        scratch: Scratch | None = None,
+        complete=None,
+        data: list | None = None,
     ) -> None:
         """`complete` (for a partial block): called when a read needs bytes past its end; returns
         the path of the whole block once it is there. `data`: the block's bytes in memory (a pull
-        that has not written its file yet; a buffer, or a list of buffers one after the other, such
-        as a head and its rest) instead of the file at `path`."""
+        that has not written its file yet: a list of buffers one after the other, such as a head
+        and its rest) instead of the file at `path`."""
         self.key, self._scratch, self._complete = key, scratch, complete
         self._fd: int | None = None
         self._checked: set[str] = set()  # tensors of a block in memory whose digests matched
         if data is None:
             self._open(path)
         else:
-            self.path, self._parts = None, [memoryview(part).cast("B") for part in _listed(data)]
+            self.path, self._parts = None, [memoryview(part).cast("B") for part in data]
             self._size = sum(len(part) for part in self._parts)
         try:
             (size,) = struct.unpack("<Q", self._read_bytes(0, 8))
@@ -232,10 +237,6 @@ class BlockFile:
         out = np.empty((hi - lo, *self.shape(name)[1:]), np.float32)
         self.decode_rows(name, lo, hi, out)
         return out
-
-
-def _listed(data) -> list:
-    return data if isinstance(data, list) else [data]
 
 
 class BlockStore:

@@ -458,7 +458,7 @@ class RemoteTier:
                 for key in group:
                     head = view[offset : offset + apart[key]]
                     offset += len(head)
-                    unpacked.append((key, *self._check(key, data=head, partial=True)))
+                    unpacked.append((key, *self._check(key, data=[head], partial=True)))
                 if offset == len(view):
                     self._packed.add(group[-1])  # in the store: this node need not upload it
                     return unpacked
@@ -487,7 +487,9 @@ class RemoteTier:
             raise
 
     @staticmethod
-    def _check(key: str, path=None, partial: bool = False, data=None) -> tuple[BlockFile, np.ndarray]:
+    def _check(
+        key: str, path=None, partial: bool = False, data: list | None = None
+    ) -> tuple[BlockFile, np.ndarray]:
         """Check every tensor's digest of a block file, or of its bytes in memory (`data`; of a
         partial block: those it holds, which must cover its head): the block (closed; one in
         memory stays readable) and its token ids."""
